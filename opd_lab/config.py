@@ -1,0 +1,396 @@
+"""Structured-config schemas of every Hydra group (no torch import here).
+
+Each group has a ``base_<group>`` schema in Hydra's ConfigStore; the YAML files under ``conf/<group>/`` start
+with ``defaults: [base_<group>]`` and hold values only. Hydra rejects unknown keys and wrong types at
+composition; closed choices are Enums (OmegaConf lists the allowed values); ranges are checked in
+``__post_init__``, which runs when :func:`to_run_config` turns the composed config into these dataclasses,
+before any model is loaded. Every error names the field (dotted path) and what is allowed.
+
+Symbols follow ``METHODS.md``: ``tau`` (gate temperature), ``top_k`` (K), ``reuse`` (R), ``gamma`` (γ),
+``clip_eps`` (ε), ``dual_clip`` (c).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value is out of range; the message names the field and the allowed values."""
+
+
+def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}={value!r} is invalid: allowed {allowed}")
+
+
+# --------------------------------------------------------------------------------------------------- loss
+class SpecialMask(str, Enum):
+    none = "none"
+    first = "first"
+    all = "all"
+
+
+class Support(str, Enum):
+    teacher = "teacher"
+    student = "student"
+    union = "union"
+
+
+@dataclass
+class LossConfig:
+    """Fields shared by every loss: which sampled tokens are masked (m_t = 0) as special tokens."""
+
+    name: str = MISSING
+    mask_special: SpecialMask = SpecialMask.first
+    special_tokens: list[str] = field(default_factory=lambda: ["<", "think", "<|im_end|>"])
+
+    def _validate(self) -> None:
+        pass
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+
+@dataclass
+class SampledTokenLossConfig(LossConfig):
+    """PPO-style sampled-token OPD: A_t from r_t = log q − log π_old, clip ε, dual clip c, discount γ."""
+
+    name: str = "sampled_token"
+    clip_eps: float = 0.2
+    dual_clip: float = 3.0
+    gamma: float = 0.0
+    clip_log_ratio: float | None = 5.0
+
+    def _validate(self) -> None:
+        _check(self.name == "sampled_token", "loss.name", self.name, "'sampled_token' for this schema")
+        _check(0.0 < self.clip_eps < 1.0, "loss.clip_eps", self.clip_eps, "0 < clip_eps < 1")
+        _check(self.dual_clip > 1.0, "loss.dual_clip", self.dual_clip, "dual_clip > 1")
+        _check(0.0 <= self.gamma <= 1.0, "loss.gamma", self.gamma, "0 <= gamma <= 1")
+        _check(
+            self.clip_log_ratio is None or self.clip_log_ratio > 0,
+            "loss.clip_log_ratio",
+            self.clip_log_ratio,
+            "null or > 0",
+        )
+
+
+@dataclass
+class LSMLossConfig(LossConfig):
+    """Teacher top-K local support matching: reverse KL of π̂_θ and q̂ renormalised on the support S_t."""
+
+    name: str = "lsm"
+    top_k: int = 32
+    renormalise: bool = True
+    support: Support = Support.teacher
+    add_sampled_token: bool = False
+    tail: bool = False
+
+    def _validate(self) -> None:
+        _check(self.name == "lsm", "loss.name", self.name, "'lsm' for this schema")
+        _check(self.top_k >= 1, "loss.top_k", self.top_k, "an integer >= 1 (and <= the vocabulary size)")
+        _check(
+            not (self.tail and self.renormalise),
+            "loss.tail",
+            self.tail,
+            "true only with loss.renormalise=false (the tail bucket replaces renormalisation)",
+        )
+
+
+# --------------------------------------------------------------------------------------------------- gate
+class GateKind(str, Enum):
+    none = "none"
+    token = "token"
+    sequence = "sequence"
+    block = "block"
+    span = "span"
+
+
+@dataclass
+class GateConfig:
+    """Blockwise policy-drift gate g_t = exp(−τ·|m_G|), normalised to unit mean over the step."""
+
+    kind: GateKind = GateKind.none
+    block_size: int = 64
+    tau: float = 1.0
+    clip_min: float | None = None
+    clip_max: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.block_size >= 1, "gate.block_size", self.block_size, "an integer >= 1")
+        _check(self.tau >= 0.0, "gate.tau", self.tau, "tau >= 0")
+        lo = 0.0 if self.clip_min is None else self.clip_min
+        hi = float("inf") if self.clip_max is None else self.clip_max
+        _check(0.0 <= lo < hi, "gate.clip_min/clip_max", (self.clip_min, self.clip_max), "0 <= clip_min < clip_max")
+
+
+# ------------------------------------------------------------------------------------------------ rollout
+class Engine(str, Enum):
+    hf = "hf"
+    vllm = "vllm"
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling, batch layout and the reuse count R (optimisation passes per rollout batch)."""
+
+    engine: Engine = Engine.hf
+    n_prompts: int = 8
+    n_samples: int = 4
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_tokens: int = 256
+    reuse: int = 2
+    mini_batch_size: int = 16
+
+    @property
+    def batch_size(self) -> int:
+        return self.n_prompts * self.n_samples
+
+    def __post_init__(self) -> None:
+        for name in ("n_prompts", "n_samples", "max_tokens", "reuse", "mini_batch_size"):
+            _check(getattr(self, name) >= 1, f"rollout.{name}", getattr(self, name), "an integer >= 1")
+        _check(self.temperature > 0, "rollout.temperature", self.temperature, "temperature > 0")
+        _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "0 < top_p <= 1")
+        _check(
+            self.batch_size % self.mini_batch_size == 0,
+            "rollout.mini_batch_size",
+            self.mini_batch_size,
+            f"a divisor of the rollout batch n_prompts*n_samples={self.batch_size}",
+        )
+
+
+# -------------------------------------------------------------------------------------------------- model
+@dataclass
+class EmbeddedModelSize:
+    """A Qwen3Config shape for an embedded model."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+
+
+@dataclass
+class PrepareConfig:
+    """How the embedded tokenizer, teacher and student are built (the cache key is a hash of this)."""
+
+    seed: int = 0
+    teacher: EmbeddedModelSize = field(default_factory=EmbeddedModelSize)
+    student: EmbeddedModelSize = field(default_factory=EmbeddedModelSize)
+    teacher_steps: int = 1000
+    student_steps: int = 150
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("teacher_steps", "student_steps", "batch_size", "threads"):
+            _check(getattr(self, name) >= 1, f"model.prepare.{name}", getattr(self, name), "an integer >= 1")
+        _check(self.lr > 0, "model.prepare.lr", self.lr, "lr > 0")
+
+
+@dataclass
+class ModelConfig:
+    """Student/teacher pair: hub ids or local ``save_pretrained`` folders, or ``embedded`` (built locally)."""
+
+    name: str = MISSING
+    student: str = MISSING
+    teacher: str = MISSING
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    prepare: PrepareConfig | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.dtype in ("float32", "bfloat16", "float16"),
+            "model.dtype",
+            self.dtype,
+            "one of float32, bfloat16, float16",
+        )
+        is_embedded = self.student == "embedded" or self.teacher == "embedded"
+        _check(
+            not is_embedded or self.prepare is not None,
+            "model.prepare",
+            self.prepare,
+            "a PrepareConfig when student/teacher is 'embedded'",
+        )
+
+
+# --------------------------------------------------------------------------------------------------- task
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+
+
+@dataclass
+class ArithTaskConfig(TaskConfig):
+    """Embedded multi-operand addition (see ``opd_lab.tasks.arith``)."""
+
+    name: str = "arith"
+    min_operands: int = 3
+    max_operands: int = 4
+    min_digits: int = 2
+    max_digits: int = 4
+    n_eval: int = 64
+    eval_seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _check(2 <= self.min_operands <= self.max_operands, "task.min_operands/max_operands",
+               (self.min_operands, self.max_operands), "2 <= min_operands <= max_operands")
+        _check(1 <= self.min_digits <= self.max_digits, "task.min_digits/max_digits",
+               (self.min_digits, self.max_digits), "1 <= min_digits <= max_digits")
+        _check(self.n_eval >= 1, "task.n_eval", self.n_eval, "an integer >= 1")
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+@dataclass
+class TrainerConfig:
+    """Optimisation: ``steps`` rollout batches, each giving reuse × (batch / mini_batch_size) AdamW updates."""
+
+    steps: int = 40
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "trainer.steps", self.steps, "an integer >= 0")
+        _check(self.lr > 0, "trainer.lr", self.lr, "lr > 0")
+        _check(self.weight_decay >= 0, "trainer.weight_decay", self.weight_decay, ">= 0")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "trainer.beta1/beta2", (self.beta1, self.beta2),
+               "values in [0, 1)")
+        _check(self.warmup_steps >= 0, "trainer.warmup_steps", self.warmup_steps, ">= 0")
+        _check(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip", self.grad_clip, "null or > 0")
+        _check(self.grad_accum >= 1, "trainer.grad_accum", self.grad_accum, "an integer >= 1")
+        _check(self.device == "cpu" or self.device.startswith("cuda"), "trainer.device", self.device,
+               "'cpu' or 'cuda[:i]'")
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+@dataclass
+class EvalConfig:
+    """pass@k on the held-out split with n samples per problem (unbiased estimator)."""
+
+    n_samples: int = 8
+    ks: list[int] = field(default_factory=lambda: [1, 8])
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int = 1234
+    every: int = 0
+    baselines: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.n_samples >= 1, "eval.n_samples", self.n_samples, "an integer >= 1")
+        _check(len(self.ks) > 0 and all(1 <= k <= self.n_samples for k in self.ks), "eval.ks", self.ks,
+               f"a non-empty list of k with 1 <= k <= eval.n_samples={self.n_samples}")
+        _check(self.temperature > 0, "eval.temperature", self.temperature, "temperature > 0")
+        _check(0 < self.top_p <= 1, "eval.top_p", self.top_p, "0 < top_p <= 1")
+        _check(self.every >= 0, "eval.every", self.every, "0 (only at the end) or a step interval >= 1")
+
+
+# ------------------------------------------------------------------------------------------------- logger
+class WandbMode(str, Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.offline
+    project: str = "opd-lab"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True
+
+
+# ------------------------------------------------------------------------------------------------- root
+@dataclass
+class Config:
+    loss: Any = MISSING
+    gate: GateConfig = MISSING
+    rollout: RolloutConfig = MISSING
+    model: ModelConfig = MISSING
+    task: Any = MISSING
+    trainer: TrainerConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cache_dir: str = "${oc.env:OPD_LAB_CACHE,${oc.env:HOME}/.cache/opd_lab}"
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
+def register_configs() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="loss", name="base_loss_sampled_token", node=SampledTokenLossConfig)
+    cs.store(group="loss", name="base_loss_lsm", node=LSMLossConfig)
+    cs.store(group="gate", name="base_gate", node=GateConfig)
+    cs.store(group="rollout", name="base_rollout", node=RolloutConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="task", name="base_task_arith", node=ArithTaskConfig)
+    cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
+    cs.store(group="logger", name="base_logger", node=LoggerConfig)
+
+
+def to_run_config(cfg: DictConfig) -> Config:
+    """Turn a composed config into validated dataclasses; range errors become :class:`ConfigError`.
+
+    Also runs the cross-group checks that no single schema can make.
+    """
+    try:
+        run = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as e:  # OmegaConf wraps errors raised by __post_init__
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        msg = getattr(e, "msg", None) or str(e)
+        raise ConfigError(msg.split("\n")[0]) from None
+    assert isinstance(run, Config)
+    for name in ("loss", "task"):
+        _check(is_dataclass(getattr(run, name)), name, getattr(run, name), "an option of the config group")
+    mb = run.rollout.mini_batch_size
+    _check(
+        run.trainer.grad_accum <= mb,
+        "trainer.grad_accum",
+        run.trainer.grad_accum,
+        f"<= rollout.mini_batch_size={mb} (each micro-batch holds at least one sequence)",
+    )
+    return run
+
+
+def as_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config dataclass to ``{'a.b': value}`` (Enums as their values) for logging."""
+    out: dict[str, Any] = {}
+    if is_dataclass(obj):
+        for f in fields(obj):
+            out.update(as_flat_dict(getattr(obj, f.name), f"{prefix}{f.name}."))
+        return out
+    key = prefix[:-1]
+    out[key] = obj.value if isinstance(obj, Enum) else obj
+    return out

@@ -1,0 +1,80 @@
+"""pass@k with the unbiased estimator, and held-out evaluation of a model through a rollout engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from opd_lab.rollout.base import RolloutEngine, SamplingSpec
+from opd_lab.tasks import Problem, grade, user_message
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k = 1 − C(n−c, k) / C(n, k) for n samples with c correct (n ≥ k).
+
+    Computed as the stable product 1 − Π_{i=n−c+1}^{n} (1 − k/i), which avoids huge binomials.
+    """
+    if not (0 <= c <= n) or not (1 <= k <= n):
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+@dataclass
+class EvalResult:
+    """Per-problem table and the aggregate metrics of one evaluation."""
+
+    per_problem: pd.DataFrame
+    metrics: dict[str, float]
+
+
+def encode_prompts(tokenizer, problems: list[Problem]) -> list[list[int]]:
+    """Chat-template token ids (with the generation prompt) for each problem."""
+    out = []
+    for p in problems:
+        ids = tokenizer.apply_chat_template(user_message(p), tokenize=True, add_generation_prompt=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        out.append(list(ids))
+    return out
+
+
+def evaluate(
+    engine: RolloutEngine,
+    tokenizer,
+    problems: list[Problem],
+    n_samples: int,
+    ks: list[int],
+    temperature: float,
+    top_p: float,
+    max_tokens: int,
+    seed: int,
+) -> EvalResult:
+    """Sample ``n_samples`` responses per problem, grade them, and report pass@k for each k.
+
+    Metrics: ``pass@k`` (mean over problems), ``truncated_frac`` (responses that hit ``max_tokens`` without
+    an end token; they count as wrong), ``mean_response_len``.
+    """
+    spec = SamplingSpec(n=n_samples, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    batch = engine.generate(encode_prompts(tokenizer, problems), spec)
+    lengths = batch.response_mask_B_T.sum(-1).tolist()
+    rows = []
+    for j, p in enumerate(problems):
+        idx = range(j * n_samples, (j + 1) * n_samples)
+        correct = [(not bool(batch.truncated_B[i])) and grade(batch.response_text[i], p) for i in idx]
+        trunc = sum(int(batch.truncated_B[i]) for i in idx)
+        row = {"question": p.question, "answer": p.answer, "n": n_samples, "correct": sum(correct),
+               "truncated": trunc, "mean_len": sum(lengths[i] for i in idx) / n_samples}
+        for k in ks:
+            row[f"pass@{k}"] = pass_at_k(n_samples, sum(correct), k)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    metrics = {f"pass@{k}": float(df[f"pass@{k}"].mean()) for k in ks}
+    metrics["truncated_frac"] = float(df["truncated"].sum() / (n_samples * len(problems)))
+    metrics["mean_response_len"] = float(df["mean_len"].mean())
+    return EvalResult(df, metrics)

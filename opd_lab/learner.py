@@ -1,0 +1,300 @@
+"""The OPD learner: rollout → π_old and teacher scores → R passes of gated loss over mini-batches → step.
+
+One optimizer update (:func:`optimizer_update`) computes, for every micro-batch of its mini-batch, the current
+log-probs, the drift δ_t = log π_θ − log π_old, the raw gate and the per-token loss, and back-propagates the
+*unnormalised* sum Σ m g ℓ. The token-mean and the gate's unit-mean normalisation are scalars over the whole
+update, so they are applied to the accumulated gradient at the end:
+
+    loss = Σ m ĝ ℓ / Σ m,  ĝ = g · Σ m / Σ m g   ⇒   loss = Σ m g ℓ / Σ m g
+
+which makes the update independent of how the mini-batch is split into micro-batches. With a gate clip the
+normaliser is needed before the clip, so a no-grad pre-pass computes it first.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from opd_lab.config import Config, GateKind, LSMLossConfig, SpecialMask
+from opd_lab.gates import drift_gate
+from opd_lab.losses import LossInputs, get_loss, masked_sum
+from opd_lab.rollout.base import RolloutBatch, RolloutEngine, SamplingSpec
+from opd_lab.scoring import (
+    build_support,
+    gather_float,
+    logsumexp_chunked,
+    response_logits,
+    score_student_old,
+    score_teacher,
+)
+
+
+# ----------------------------------------------------------------------------------------- token tables
+def token_table(tokenizer, predicate) -> torch.Tensor:
+    """Bool ``[V]``: ``predicate(decoded token string)`` for every id of ``tokenizer``."""
+    V = len(tokenizer)
+    strings = tokenizer.convert_ids_to_tokens(list(range(V)))
+    decoded = [tokenizer.convert_tokens_to_string([s]) if s is not None else "" for s in strings]
+    return torch.tensor([bool(predicate(d)) for d in decoded], dtype=torch.bool)
+
+
+def special_mask_B_T(response_ids_B_T: torch.Tensor, response_mask_B_T: torch.Tensor, special_V: torch.Tensor,
+                     mode: str) -> torch.Tensor:
+    """1 where a sampled token is a masked special token: every occurrence (``all``) or the first per row."""
+    is_special = special_V[response_ids_B_T] & response_mask_B_T.bool()
+    if mode == SpecialMask.none.value:
+        return torch.zeros_like(response_mask_B_T)
+    if mode == SpecialMask.all.value:
+        return is_special.long()
+    first = is_special & (torch.cumsum(is_special.long(), dim=-1) == 1)
+    return first.long()
+
+
+# --------------------------------------------------------------------------------------------- step data
+@dataclass
+class StepData:
+    """A scored rollout batch: everything the R passes need, aligned ``[B, T(, S)]``."""
+
+    batch: RolloutBatch
+    loss_mask_B_T: torch.Tensor
+    special_B_T: torch.Tensor
+    newline_B_T: torch.Tensor
+    old_logp_B_T: torch.Tensor
+    teacher_logp_B_T: torch.Tensor
+    support_ids_B_T_S: torch.Tensor | None = None
+    teacher_support_logp_B_T_S: torch.Tensor | None = None
+    support_mask_B_T_S: torch.Tensor | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor | RolloutBatch | None]:
+        def pick(t):
+            return None if t is None else t[idx]
+
+        return {
+            "batch": self.batch.select(idx),
+            "loss_mask": self.loss_mask_B_T[idx],
+            "newline": self.newline_B_T[idx],
+            "old_logp": self.old_logp_B_T[idx],
+            "teacher_logp": self.teacher_logp_B_T[idx],
+            "support_ids": pick(self.support_ids_B_T_S),
+            "teacher_support_logp": pick(self.teacher_support_logp_B_T_S),
+            "support_mask": pick(self.support_mask_B_T_S),
+        }
+
+
+def score_batch(cfg: Config, student, teacher, batch: RolloutBatch, special_V, newline_V,
+                score_batch_size: int = 64) -> StepData:
+    """π_old and teacher scores for a rollout batch, the loss mask and (LSM) the support S_t."""
+    t0 = time.perf_counter()
+    T_s = cfg.rollout.temperature
+    lsm = isinstance(cfg.loss, LSMLossConfig)
+    support = cfg.loss.support.value if lsm else "teacher"
+    need_old_topk = lsm and support in ("student", "union")
+    K = cfg.loss.top_k if lsm else 0
+    old_logp, old_topk = score_student_old(student, batch, T_s, K if need_old_topk else 0, score_batch_size)
+    t1 = time.perf_counter()
+    teach = score_teacher(teacher, batch, K if support != "student" else 0, T_s,
+                          old_topk if need_old_topk else None, score_batch_size)
+    t2 = time.perf_counter()
+    resp_ids, resp_mask = batch.response_ids_B_T, batch.response_mask_B_T
+    special = special_mask_B_T(resp_ids, resp_mask, special_V, cfg.loss.mask_special.value)
+    data = StepData(
+        batch=batch,
+        loss_mask_B_T=resp_mask * (1 - special),
+        special_B_T=special,
+        newline_B_T=newline_V[resp_ids].long() * resp_mask,
+        old_logp_B_T=old_logp,
+        teacher_logp_B_T=teach.logp_B_T,
+    )
+    if lsm:
+        data.support_ids_B_T_S, data.teacher_support_logp_B_T_S, data.support_mask_B_T_S = build_support(
+            support, resp_ids, teach, old_topk, cfg.loss.add_sampled_token)
+    n_tok = int(resp_mask.sum())
+    m = resp_mask.bool()
+    data.stats = {
+        "time/score_old_s": t1 - t0,
+        "time/score_teacher_s": t2 - t1,
+        "score/tokens_per_s": 2 * n_tok / max(t2 - t0, 1e-9),
+        "mismatch/sampler_old_abs": float((batch.sampler_logp_B_T - old_logp)[m].abs().mean()),
+        # k3 estimator of KL(π_s || π_old) on sampled tokens
+        "mismatch/sampler_old_kl": float(_k3(old_logp - batch.sampler_logp_B_T)[m].mean()),
+        "teacher_minus_old_logp": float((teach.logp_B_T - old_logp)[data.loss_mask_B_T.bool()].mean()),
+        "special_masked": float(special.sum()),
+    }
+    return data
+
+
+def _k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    return torch.exp(log_ratio) - 1 - log_ratio
+
+
+# ------------------------------------------------------------------------------------ one optimizer step
+def micro_batch_forward(cfg: Config, model, rows: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor], LossInputs]:
+    """Forward one micro-batch: per-token loss ℓ_t, loss metrics and the loss inputs (with grad)."""
+    logits = response_logits(model, rows["batch"], cfg.rollout.temperature)
+    y = rows["batch"].response_ids_B_T.to(logits.device).unsqueeze(-1)
+    lse = logsumexp_chunked(logits)
+    x = LossInputs(
+        logp_B_T=gather_float(logits, y).squeeze(-1) - lse,
+        old_logp_B_T=rows["old_logp"],
+        teacher_logp_B_T=rows["teacher_logp"],
+        mask_B_T=rows["loss_mask"],
+        student_lse_B_T=lse,
+    )
+    if rows["support_ids"] is not None:
+        x.support_logits_B_T_S = gather_float(logits, rows["support_ids"].to(logits.device))
+        x.teacher_support_logp_B_T_S = rows["teacher_support_logp"]
+        x.support_mask_B_T_S = rows["support_mask"]
+    loss_B_T, metrics = get_loss(cfg.loss.name)(x, cfg.loss)
+    return loss_B_T, metrics, x
+
+
+def _gate(cfg: Config, x: LossInputs, rows: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    delta = (x.logp_B_T - x.old_logp_B_T).detach()
+    g, extras = drift_gate(delta, x.mask_B_T, rows["batch"].response_mask_B_T, cfg.gate.kind.value,
+                           cfg.gate.tau, cfg.gate.block_size, rows["newline"])
+    return g, extras, delta
+
+
+def optimizer_update(cfg: Config, model, optimizer, data: StepData, idx: torch.Tensor) -> dict[str, float]:
+    """One AdamW update on mini-batch rows ``idx``, split into ``trainer.grad_accum`` micro-batches."""
+    micro = [m for m in torch.tensor_split(idx, cfg.trainer.grad_accum) if m.numel() > 0]
+    clip = cfg.gate.clip_min is not None or cfg.gate.clip_max is not None
+    n_valid = float(sum(data.loss_mask_B_T[m].sum() for m in micro))
+    scale = None
+    if clip:  # the clip acts on normalised gates, so get Σ m g first
+        with torch.no_grad():
+            z_pre = 0.0
+            for m in micro:
+                rows = data.rows(m)
+                _, _, x = micro_batch_forward(cfg, model, rows)
+                g, _, _ = _gate(cfg, x, rows)
+                z_pre += float(masked_sum(g, x.mask_B_T))
+        scale = n_valid / max(z_pre, 1e-30)
+
+    optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, float] = defaultdict(float)
+    gates, masks = [], []
+    denom = 0.0
+    for m in micro:
+        rows = data.rows(m)
+        loss_B_T, metrics, x = micro_batch_forward(cfg, model, rows)
+        g, extras, delta = _gate(cfg, x, rows)
+        if scale is not None:
+            g = (g * scale).clamp(min=cfg.gate.clip_min, max=cfg.gate.clip_max)
+        mask = x.mask_B_T.to(loss_B_T.device)
+        masked_sum(loss_B_T * g, mask).backward()
+        denom += float(masked_sum(g, mask)) if scale is None else 0.0
+        sums["loss_sum"] += float(masked_sum(loss_B_T.detach() * g, mask))
+        sums["ungated_loss_sum"] += float(masked_sum(loss_B_T.detach(), mask))
+        sums["abs_delta_sum"] += float(masked_sum(delta.abs(), mask))
+        sums["cancel_sum"] += float(masked_sum(extras["cancel_B_T"], mask))
+        for k, v in metrics.items():
+            sums[f"{k}_sum"] += float(masked_sum(v, mask))
+        gates.append(g[mask.bool()])
+        masks.append(mask)
+    denom = n_valid if scale is not None else denom
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.div_(max(denom, 1e-30))
+    if cfg.trainer.grad_clip is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
+    else:
+        grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    optimizer.step()
+
+    gate_all = torch.cat(gates) * (n_valid / max(denom, 1e-30) if scale is None else 1.0)
+    n = max(n_valid, 1.0)
+    out = {k[: -len("_sum")]: v / n for k, v in sums.items() if k != "loss_sum"}
+    out["loss"] = sums["loss_sum"] / (denom if scale is None else n)
+    out["grad_norm"] = float(grad_norm)
+    out["tokens"] = n_valid
+    if gate_all.numel():
+        out.update({"gate/mean": float(gate_all.mean()), "gate/min": float(gate_all.min()),
+                    "gate/max": float(gate_all.max()), "gate/std": float(gate_all.std(unbiased=False)),
+                    "gate/frac_below_0.5": float((gate_all < 0.5).float().mean())})
+    out["gate/cancel_rate"] = out.pop("cancel")
+    out["drift/mean_abs_delta"] = out.pop("abs_delta")
+    return out
+
+
+def train_step(cfg: Config, model, optimizer, scheduler, data: StepData, step: int) -> dict[str, float]:
+    """R passes over the scored batch in shuffled mini-batches; metrics averaged over the updates."""
+    B = data.batch.size
+    gen = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + step)
+    per_update: list[dict[str, float]] = []
+    for _ in range(cfg.rollout.reuse):
+        perm = torch.randperm(B, generator=gen)
+        for mb in perm.split(cfg.rollout.mini_batch_size):
+            per_update.append(optimizer_update(cfg, model, optimizer, data, mb))
+            scheduler.step()
+    keys = per_update[0].keys()
+    out = {k: sum(u[k] for u in per_update) / len(per_update) for k in keys if k != "tokens"}
+    out["gate/min"] = min(u.get("gate/min", 1.0) for u in per_update)
+    out["gate/max"] = max(u.get("gate/max", 1.0) for u in per_update)
+    out["drift/last_update_mean_abs_delta"] = per_update[-1]["drift/mean_abs_delta"]
+    out["updates"] = len(per_update)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the loop
+def rollout_spec(cfg: Config, step: int) -> SamplingSpec:
+    r = cfg.rollout
+    return SamplingSpec(n=r.n_samples, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
+                        seed=cfg.trainer.seed * 1_000_003 + step)
+
+
+def make_optimizer(cfg: Config, model):
+    t = cfg.trainer
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    warm = t.warmup_steps * cfg.rollout.reuse * (cfg.rollout.batch_size // cfg.rollout.mini_batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    return opt, sched
+
+
+def run_training(cfg: Config, student, teacher, tokenizer, engine: RolloutEngine, task, tracker,
+                 encode_prompts, on_step=None) -> None:
+    """The loop: for each step, rollout → score → R passes → sync the engine → log (→ eval via ``on_step``)."""
+    from tqdm.auto import tqdm
+
+    special_set = set(cfg.loss.special_tokens)
+    special_V = token_table(tokenizer, lambda s: s in special_set)
+    newline_V = token_table(tokenizer, lambda s: "\n" in s)
+    optimizer, scheduler = make_optimizer(cfg, student)
+    rng = random.Random(cfg.trainer.seed)
+    bar = tqdm(range(cfg.trainer.steps), desc="OPD", disable=not cfg.logger.progress, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        problems = task.train_problems(cfg.rollout.n_prompts, rng)
+        batch = engine.generate(encode_prompts(tokenizer, problems), rollout_spec(cfg, step))
+        data = score_batch(cfg, student, teacher, batch, special_V, newline_V)
+        t1 = time.perf_counter()
+        metrics = train_step(cfg, student, optimizer, scheduler, data, step)
+        t2 = time.perf_counter()
+        sync_s = engine.sync_weights(student)
+        lengths = batch.response_mask_B_T.sum(-1).float()
+        n_tok = float(lengths.sum())
+        metrics.update(batch.stats)
+        metrics.update(data.stats)
+        metrics.update({
+            "response/mean_len": float(lengths.mean()),
+            "response/truncated_frac": float(batch.truncated_B.float().mean()),
+            "time/learner_s": t2 - t1,
+            "time/sync_s": sync_s,
+            "time/step_s": time.perf_counter() - t0,
+            "learner/tokens_per_s": n_tok * cfg.rollout.reuse / max(t2 - t1, 1e-9),
+            "tokens_per_s": n_tok / max(time.perf_counter() - t0, 1e-9),
+            "lr": scheduler.get_last_lr()[0],
+        })
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"non-finite loss at step {step}: {metrics['loss']}")
+        tracker.log(step + 1, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", len=f"{metrics['response/mean_len']:.0f}")
+        if on_step is not None:
+            on_step(step + 1)

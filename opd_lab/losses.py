@@ -1,0 +1,182 @@
+"""Per-token OPD losses ℓ_t as pure functions on tensors, selected by name from a registry.
+
+Every loss returns ``(loss_B_T, metrics)`` where ``loss_B_T`` is ℓ_t per response position (not yet masked,
+gated or averaged) and ``metrics`` maps names to per-token tensors ``_B_T`` that the learner reduces with the
+loss mask. The reduction is the learner's job: a gated token-mean Σ m g ℓ / Σ m over the whole optimizer step
+(:func:`masked_sum`). Nothing here imports rollout, Hydra or wandb.
+
+Symbols follow METHODS.md: π_θ (current student), π_old (student at rollout time), q (teacher), S_t (support),
+r_t, A_t, ρ_t, ε, c, γ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+_LOSSES: dict[str, LossFn] = {}
+
+
+def register_loss(name: str) -> Callable[[LossFn], LossFn]:
+    def deco(fn: LossFn) -> LossFn:
+        _LOSSES[name] = fn
+        return fn
+
+    return deco
+
+
+def get_loss(name: str) -> LossFn:
+    if name not in _LOSSES:
+        raise KeyError(f"unknown loss {name!r}; available: {sorted(_LOSSES)}")
+    return _LOSSES[name]
+
+
+def masked_sum(values_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
+    """Σ_t m_t v_t over every position (the numerator of the step's token-mean)."""
+    return (values_B_T * mask_B_T.to(values_B_T.dtype)).sum()
+
+
+# ------------------------------------------------------------------------------------ sampled-token OPD
+def discounted_returns(r_B_T: torch.Tensor, mask_B_T: torch.Tensor, gamma: float) -> torch.Tensor:
+    """A_t = Σ_{t'≥t} γ^{t'−t} r_{t'} over valid positions (masked r_{t'} count as 0); γ = 0 gives A = r."""
+    r = r_B_T * mask_B_T.to(r_B_T.dtype)
+    if gamma == 0.0:
+        return r
+    out = torch.zeros_like(r)
+    running = torch.zeros_like(r[:, 0])
+    for t in range(r.shape[1] - 1, -1, -1):
+        running = r[:, t] + gamma * running
+        out[:, t] = running
+    return out
+
+
+def sampled_token_loss(
+    logp_B_T: torch.Tensor,
+    old_logp_B_T: torch.Tensor,
+    teacher_logp_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    clip_eps: float = 0.2,
+    dual_clip: float = 3.0,
+    gamma: float = 0.0,
+    clip_log_ratio: float | None = 5.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-clipped sampled-token OPD.
+
+    r_t = log q(y_t|h_t) − log π_old(y_t|h_t) (detached, optionally clamped to ±clip_log_ratio),
+    A_t = Σ_{t'≥t} γ^{t'−t} r_{t'}, ρ_t = exp(log π_θ − log π_old),
+    ℓ_t = −min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t), and for A_t < 0: ℓ_t = min(ℓ_t, −c·A_t).
+
+    Args: ``logp_B_T`` log π_θ(y_t|h_t) (with grad); ``old_logp_B_T``, ``teacher_logp_B_T`` constants;
+    ``mask_B_T`` m_t.
+    """
+    old = old_logp_B_T.detach()
+    r = teacher_logp_B_T.detach() - old
+    if clip_log_ratio is not None:
+        r = r.clamp(-clip_log_ratio, clip_log_ratio)
+    adv = discounted_returns(r, mask_B_T, gamma)
+    ratio = torch.exp(logp_B_T - old)
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    loss = torch.maximum(pg1, pg2)
+    dual = -dual_clip * adv
+    use_dual = (adv < 0) & (loss > dual)
+    loss = torch.where(use_dual, dual, loss)
+    metrics = {
+        "ratio_clip_frac": (pg2 > pg1).float().detach(),
+        "dual_clip_frac": use_dual.float().detach(),
+        "advantage": adv.detach(),
+        "log_ratio_teacher_old": r.detach(),
+    }
+    return loss, metrics
+
+
+# ------------------------------------------------------------------------------------------------- LSM
+def lsm_loss(
+    support_logits_B_T_S: torch.Tensor,
+    teacher_support_logp_B_T_S: torch.Tensor,
+    support_mask_B_T_S: torch.Tensor,
+    student_lse_B_T: torch.Tensor | None = None,
+    renormalise: bool = True,
+    tail: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Reverse KL of student and teacher on the support S_t.
+
+    Renormalised (default): π̂(v) = exp(z_v) / Σ_{u∈S_t} exp(z_u), q̂ likewise, and
+    ℓ_t = Σ_{v∈S_t} π̂(v) (log π̂(v) − log q̂(v)); the gradient reaches only the student's logits z at S_t.
+    ``renormalise=False`` uses the full-vocabulary π(v) = exp(z_v − lse_t) and q(v) on S_t (an ablation known
+    to collapse); ``tail=True`` (with ``renormalise=False``) adds one bucket for the mass outside S_t, giving
+    the exact KL of the (|S_t|+1)-bucket coarsening.
+
+    Args:
+        support_logits_B_T_S: student logits z (already divided by the rollout temperature) at the ids of
+            S_t (with grad).
+        teacher_support_logp_B_T_S: log q(v|h_t) at the same ids, normalised over the full vocabulary.
+        support_mask_B_T_S: 1 on real support entries, 0 on padding/duplicate entries.
+        student_lse_B_T: log Σ_V exp(z) (needed unless renormalising; with grad).
+    """
+    smask = support_mask_B_T_S.bool()
+    neg_inf = torch.finfo(support_logits_B_T_S.dtype).min
+    z = support_logits_B_T_S.float().masked_fill(~smask, neg_inf)
+    q_logp = teacher_support_logp_B_T_S.detach().float().masked_fill(~smask, neg_inf)
+    q_lse_S = torch.logsumexp(q_logp, dim=-1)
+    if renormalise:
+        log_pi = torch.log_softmax(z, dim=-1)
+        log_q = q_logp - q_lse_S.unsqueeze(-1)
+    else:
+        if student_lse_B_T is None:
+            raise ValueError("lsm_loss with renormalise=False needs student_lse_B_T")
+        log_pi = z - student_lse_B_T.float().unsqueeze(-1)
+        log_q = q_logp
+    pi = torch.exp(log_pi) * smask
+    loss = (pi * (log_pi - log_q).masked_fill(~smask, 0.0)).sum(-1)
+    if tail:
+        if student_lse_B_T is None or renormalise:
+            raise ValueError("tail=True needs renormalise=False and student_lse_B_T")
+        log_pi_in = torch.logsumexp(log_pi, dim=-1)
+        log_pi_tail = torch.log(-torch.expm1(log_pi_in.clamp(max=-1e-7)))
+        log_q_tail = torch.log(-torch.expm1(q_lse_S.clamp(max=-1e-7)))
+        loss = loss + torch.exp(log_pi_tail) * (log_pi_tail - log_q_tail)
+    metrics = {"teacher_support_mass": torch.exp(q_lse_S).detach()}
+    if student_lse_B_T is not None:
+        metrics["student_support_mass"] = torch.exp(
+            torch.logsumexp(z.detach(), dim=-1) - student_lse_B_T.detach().float()
+        )
+    return loss, metrics
+
+
+def full_reverse_kl(student_logits_B_T_V: torch.Tensor, teacher_logits_B_T_V: torch.Tensor) -> torch.Tensor:
+    """ℓ_t = Σ_v π_θ(v) (log π_θ(v) − log q(v)) over the full vocabulary (diagnostics and small-V tests)."""
+    log_pi = torch.log_softmax(student_logits_B_T_V.float(), dim=-1)
+    log_q = torch.log_softmax(teacher_logits_B_T_V.detach().float(), dim=-1)
+    return (log_pi.exp() * (log_pi - log_q)).sum(-1)
+
+
+# ------------------------------------------------------------------------ registry adapters (learner API)
+@dataclass
+class LossInputs:
+    """What the learner hands a registered loss for one micro-batch (all ``[B, T(, S)]``)."""
+
+    logp_B_T: torch.Tensor
+    old_logp_B_T: torch.Tensor
+    teacher_logp_B_T: torch.Tensor
+    mask_B_T: torch.Tensor
+    student_lse_B_T: torch.Tensor | None = None
+    support_logits_B_T_S: torch.Tensor | None = None
+    teacher_support_logp_B_T_S: torch.Tensor | None = None
+    support_mask_B_T_S: torch.Tensor | None = None
+
+
+@register_loss("sampled_token")
+def _sampled_token(x: LossInputs, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return sampled_token_loss(x.logp_B_T, x.old_logp_B_T, x.teacher_logp_B_T, x.mask_B_T,
+                              cfg.clip_eps, cfg.dual_clip, cfg.gamma, cfg.clip_log_ratio)
+
+
+@register_loss("lsm")
+def _lsm(x: LossInputs, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    assert x.support_logits_B_T_S is not None and x.teacher_support_logp_B_T_S is not None
+    return lsm_loss(x.support_logits_B_T_S, x.teacher_support_logp_B_T_S, x.support_mask_B_T_S,
+                    x.student_lse_B_T, cfg.renormalise, cfg.tail)

@@ -1,0 +1,135 @@
+"""The rollout-engine interface and the batch it returns.
+
+Layout of a :class:`RolloutBatch` (B = number of sequences = prompts × n, P = padded prompt length, T = padded
+response length, L = P + T)::
+
+    input_ids_B_L:   [ left-padded prompt (P) | response, right-padded (T) ]
+    response_mask_B_T: 1 on generated tokens (including the final <|im_end|>), 0 on right padding
+
+Log-probs of response token t come from the logits at position P + t − 1. Engines are looked up lazily by
+name (:func:`get_engine_class`), so ``import opd_lab`` never imports vLLM.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """What to sample: ``n`` responses per prompt at ``temperature``/``top_p``, at most ``max_tokens``."""
+
+    n: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int
+
+
+@dataclass
+class RolloutBatch:
+    """Token ids, masks and the sampler's per-token log-probs log π_s(y_t | h_t) of a batch of responses."""
+
+    input_ids_B_L: torch.Tensor
+    attention_mask_B_L: torch.Tensor
+    prompt_len: int
+    response_mask_B_T: torch.Tensor
+    sampler_logp_B_T: torch.Tensor
+    truncated_B: torch.Tensor
+    prompt_index_B: torch.Tensor
+    response_text: list[str] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def response_ids_B_T(self) -> torch.Tensor:
+        return self.input_ids_B_L[:, self.prompt_len :]
+
+    @property
+    def size(self) -> int:
+        return self.input_ids_B_L.shape[0]
+
+    def select(self, idx: torch.Tensor) -> RolloutBatch:
+        """Rows ``idx`` (a 1-D index tensor) as a new batch; column layout is unchanged."""
+        return RolloutBatch(
+            input_ids_B_L=self.input_ids_B_L[idx],
+            attention_mask_B_L=self.attention_mask_B_L[idx],
+            prompt_len=self.prompt_len,
+            response_mask_B_T=self.response_mask_B_T[idx],
+            sampler_logp_B_T=self.sampler_logp_B_T[idx],
+            truncated_B=self.truncated_B[idx],
+            prompt_index_B=self.prompt_index_B[idx],
+            response_text=[self.response_text[i] for i in idx.tolist()] if self.response_text else [],
+        )
+
+
+class RolloutEngine(Protocol):
+    """What the learner and the evaluator need from a sampler."""
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> RolloutBatch:
+        """Sample ``spec.n`` responses for each prompt (token ids, no padding); rows are prompt-major."""
+        ...
+
+    def sync_weights(self, model: torch.nn.Module) -> float:
+        """Load the learner's current weights; returns the seconds it took."""
+        ...
+
+    def close(self) -> None: ...
+
+
+_ENGINES = {"hf": "opd_lab.rollout.hf:HFEngine", "vllm": "opd_lab.rollout.vllm:VLLMEngine"}
+
+
+def get_engine_class(name: str) -> type:
+    """Import the engine class registered as ``name`` (lazy: vLLM is imported only when asked for)."""
+    if name not in _ENGINES:
+        raise KeyError(f"unknown rollout engine {name!r}; available: {sorted(_ENGINES)}")
+    module, cls = _ENGINES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token-id lists to ``[N, P]`` ids and attention mask."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p) :] = 1
+    return ids, mask
+
+
+def assemble_batch(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    sampler_logps: list[list[float]],
+    truncated: list[bool],
+    n: int,
+    pad_id: int,
+    texts: list[str],
+) -> RolloutBatch:
+    """Build a :class:`RolloutBatch` from per-row responses (row i answers prompt i // n)."""
+    B = len(responses)
+    rep_prompts = [prompts[i // n] for i in range(B)]
+    p_ids, p_mask = pad_prompts(rep_prompts, pad_id)
+    T = max(1, max(len(r) for r in responses))
+    r_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    r_mask = torch.zeros((B, T), dtype=torch.long)
+    s_logp = torch.zeros((B, T), dtype=torch.float32)
+    for i, (r, lp) in enumerate(zip(responses, sampler_logps, strict=True)):
+        r_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        r_mask[i, : len(r)] = 1
+        s_logp[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    return RolloutBatch(
+        input_ids_B_L=torch.cat([p_ids, r_ids], dim=1),
+        attention_mask_B_L=torch.cat([p_mask, r_mask], dim=1),
+        prompt_len=p_ids.shape[1],
+        response_mask_B_T=r_mask,
+        sampler_logp_B_T=s_logp,
+        truncated_B=torch.tensor(truncated, dtype=torch.bool),
+        prompt_index_B=torch.arange(B) // n,
+        response_text=texts,
+    )

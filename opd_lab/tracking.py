@@ -1,0 +1,52 @@
+"""Metrics to ``metrics.jsonl`` in the run directory and to wandb (offline by default)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from opd_lab.config import Config, as_flat_dict
+
+
+class Tracker:
+    """Appends one JSON line per step and mirrors it to wandb; ``summary`` sets final values."""
+
+    def __init__(self, cfg: Config, run_dir: str | os.PathLike, name: str | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "metrics.jsonl"
+        self._wandb = None
+        w = cfg.logger.wandb
+        if w.mode.value != "disabled":
+            import wandb
+
+            tags = list(w.tags) or [f"loss={cfg.loss.name}", f"gate={_gate_name(cfg)}",
+                                     f"reuse={cfg.rollout.reuse}", f"seed={cfg.trainer.seed}"]
+            self._wandb = wandb.init(
+                project=w.project, entity=w.entity, group=w.group, name=w.name or name, tags=tags,
+                config=as_flat_dict(cfg), dir=str(self.run_dir), mode=w.mode.value, reinit="finish_previous",
+            )
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        rec = {"step": step, **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self._wandb is not None:
+            for k, v in values.items():
+                self._wandb.summary[k] = v
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self._wandb is not None:
+            self._wandb.finish(exit_code=exit_code)
+            self._wandb = None
+
+
+def _gate_name(cfg: Config) -> str:
+    g = cfg.gate
+    return f"block{g.block_size}" if g.kind.value == "block" else g.kind.value

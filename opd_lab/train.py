@@ -1,0 +1,154 @@
+"""The main job: validate → seed → build → evaluate baselines → OPD loop → evaluate → save."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+
+from opd_lab.config import Config, ConfigError, LSMLossConfig, as_flat_dict
+from opd_lab.evaluation import EvalResult, encode_prompts, evaluate
+from opd_lab.models import check_same_vocab, load_model, load_tokenizer, resolve_paths
+from opd_lab.rollout.base import get_engine_class
+from opd_lab.tasks import build_task
+from opd_lab.tracking import Tracker
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_engine(cfg: Config, model, tokenizer, path: str):
+    """The configured rollout engine over ``model`` (HF) or the weights at ``path`` (vLLM)."""
+    cls = get_engine_class(cfg.rollout.engine.value)
+    if cfg.rollout.engine.value == "hf":
+        return cls(model, tokenizer)
+    return cls(path, tokenizer, cfg)
+
+
+def _eval_key(cfg: Config, path: str) -> str:
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    blob = json.dumps({"path": str(Path(path).resolve()) if files else path, "files": stamp,
+                       "eval": as_flat_dict(cfg.eval), "task": as_flat_dict(cfg.task),
+                       "engine": cfg.rollout.engine.value}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_eval(cfg: Config, engine, tokenizer, task) -> EvalResult:
+    e = cfg.eval
+    return evaluate(engine, tokenizer, task.eval_problems(), e.n_samples, list(e.ks), e.temperature, e.top_p,
+                    e.max_tokens, e.seed)
+
+
+def cached_eval(cfg: Config, path: str, build_engine, tokenizer, task) -> EvalResult:
+    """Evaluate an untrained model once per (weights, eval config, task, engine); reuse the cached result."""
+    cache = Path(cfg.cache_dir) / "evals" / f"{_eval_key(cfg, path)}"
+    if (cache / "metrics.json").exists():
+        return EvalResult(pd.read_csv(cache / "per_problem.csv", dtype={"question": str, "answer": str}),
+                          json.loads((cache / "metrics.json").read_text()))
+    engine = build_engine()
+    try:
+        res = run_eval(cfg, engine, tokenizer, task)
+    finally:
+        engine.close()
+    cache.mkdir(parents=True, exist_ok=True)
+    res.per_problem.to_csv(cache / "per_problem.csv", index=False)
+    tmp = cache / "metrics.json.tmp"
+    tmp.write_text(json.dumps(res.metrics))
+    os.replace(tmp, cache / "metrics.json")
+    return res
+
+
+def save_checkpoint(model, tokenizer, out: Path) -> None:
+    """``save_pretrained`` into a temporary folder, then rename over ``out`` (never a half-written folder)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def format_table(rows: dict[str, dict[str, float]], ks: list[int]) -> str:
+    cols = [f"pass@{k}" for k in ks] + ["truncated_frac"]
+    lines = [f"{'model':<16}" + "".join(f"{c:>15}" for c in cols)]
+    for name, m in rows.items():
+        lines.append(f"{name:<16}" + "".join(f"{m[c]:>15.4f}" for c in cols))
+    return "\n".join(lines)
+
+
+def main(cfg: Config, run_dir: Path) -> dict[str, float]:
+    """Run one OPD experiment into ``run_dir``; returns the final evaluation metrics of the student."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    seed_everything(cfg.trainer.seed)
+    task = build_task(cfg.task)
+    paths = resolve_paths(cfg)
+    tokenizer = load_tokenizer(paths.tokenizer)
+    check_same_vocab(tokenizer, load_tokenizer(paths.teacher))
+    if isinstance(cfg.loss, LSMLossConfig) and cfg.loss.top_k > len(tokenizer):
+        raise ConfigError(f"loss.top_k={cfg.loss.top_k} is invalid: allowed 1..{len(tokenizer)} (vocabulary size)")
+    device = cfg.trainer.device
+    student = load_model(paths.student, cfg.model.dtype, device, trainable=True)
+    teacher = load_model(paths.teacher, cfg.model.dtype, device, trainable=False)
+
+    table: dict[str, dict[str, float]] = {}
+    frames = []
+    if cfg.eval.baselines:
+        for name, model, path in (("base_student", student, paths.student), ("teacher", teacher, paths.teacher)):
+            res = cached_eval(cfg, path, lambda m=model, p=path: make_engine(cfg, m, tokenizer, p), tokenizer, task)
+            table[name] = res.metrics
+            frames.append(res.per_problem.assign(model=name, step=0))
+
+    tracker = Tracker(cfg, run_dir, name=run_dir.name)
+    engine = make_engine(cfg, student, tokenizer, paths.student)
+    final: dict[str, float] = {}
+    try:
+        def on_step(step: int) -> None:
+            nonlocal final
+            if step == cfg.trainer.steps or (cfg.eval.every and step % cfg.eval.every == 0):
+                res = run_eval(cfg, engine, tokenizer, task)
+                tracker.log(step, {f"eval/{k}": v for k, v in res.metrics.items()})
+                frames.append(res.per_problem.assign(model="student", step=step))
+                final = res.metrics
+
+        from opd_lab.learner import run_training
+
+        run_training(cfg, student, teacher, tokenizer, engine, task, tracker, encode_prompts, on_step)
+        if cfg.trainer.steps == 0:
+            on_step(0)
+        table["trained_student"] = final
+        save_checkpoint(student, tokenizer, run_dir / "checkpoint")
+        pd.concat(frames).to_csv(run_dir / "eval_per_problem.csv", index=False)
+        summary = pd.DataFrame([{"model": k, **v} for k, v in table.items()])
+        summary.to_csv(run_dir / "eval.csv", index=False)
+        tracker.summary({f"final/{k}": v for k, v in final.items()}
+                        | {f"{n}/{k}": v for n, m in table.items() if n != "trained_student" for k, v in m.items()})
+        (run_dir / "status.json").write_text(json.dumps({"status": "completed", "final": final,
+                                                         "steps": cfg.trainer.steps}))
+        print("\n" + format_table(table, list(cfg.eval.ks)), flush=True)
+        print(f"\nrun directory: {run_dir}", flush=True)
+        tracker.finish(0)
+    except BaseException:
+        (run_dir / "status.json").write_text(json.dumps({"status": "failed"}))
+        tracker.finish(1)
+        raise
+    finally:
+        engine.close()
+    return final
