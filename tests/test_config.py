@@ -1,0 +1,84 @@
+"""Every group composes; bad overrides fail at start-up with a message naming the field and allowed values."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from opd_lab.config import ConfigError, GateKind, LSMLossConfig, SampledTokenLossConfig
+from tests.conftest import CONF_DIR, compose
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("group", ["loss", "gate", "rollout", "model", "task", "trainer", "logger"])
+def test_every_option_composes(group):
+    for f in sorted(Path(CONF_DIR, group).glob("*.yaml")):
+        cfg = compose([f"{group}={f.stem}"])
+        assert getattr(cfg, group) is not None
+
+
+def test_defaults_are_lsm_block64_reuse2():
+    cfg = compose()
+    assert isinstance(cfg.loss, LSMLossConfig) and cfg.loss.top_k == 32
+    assert cfg.gate.kind == GateKind.block and cfg.gate.block_size == 64
+    assert cfg.rollout.reuse == 2
+    assert isinstance(compose(["loss=sampled_token"]).loss, SampledTokenLossConfig)
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("rollout.reuse=0", "rollout.reuse=0"),
+        ("loss.top_k=-1", "loss.top_k=-1"),
+        ("rollout.mini_batch_size=5", "divisor"),
+        ("rollout.top_p=1.5", "rollout.top_p"),
+        ("rollout.temperature=0", "rollout.temperature"),
+        ("gate.tau=-1", "gate.tau"),
+        ("trainer.lr=0", "trainer.lr"),
+        ("trainer.grad_accum=0", "trainer.grad_accum"),
+        ("trainer.device=tpu", "trainer.device"),
+        ("eval.ks=[1,16]", "eval.ks"),
+        ("loss.tail=true", "loss.tail"),
+        ("task.min_operands=5", "task.min_operands"),
+        ("model.dtype=int8", "model.dtype"),
+    ],
+)
+def test_range_errors_name_the_field(override, needle):
+    with pytest.raises(ConfigError, match="allowed") as e:
+        compose([override])
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("gate=block65", "block64"),  # unknown group option lists the available ones
+        ("loss.foo=1", "loss.foo"),  # unknown key
+        ("rollout.reuse=abc", "rollout.reuse"),  # wrong type
+        ("rollout.engine=tgi", "hf, vllm"),  # closed choice lists its values
+        ("loss.support=bad", "teacher, student, union"),
+        ("loss=sampled_token loss.top_k=4", "loss.top_k"),  # key of another loss's schema
+    ],
+)
+def test_hydra_errors_name_the_field(override, needle):
+    with pytest.raises((HydraException, OmegaConfBaseException)) as e:
+        compose(override.split())
+    text = str(e.value) + str(getattr(e.value, "__cause__", ""))
+    assert needle in text
+
+
+def test_cli_bad_override_fails_before_loading_models(tmp_path):
+    """The real CLI: exit code 2, a one-line message, no traceback and no model work."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "opd_lab", "rollout.reuse=0", f"cache_dir={tmp_path}/cache",
+         f"hydra.run.dir={tmp_path}/run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "rollout.reuse=0 is invalid: allowed an integer >= 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "cache").exists()
