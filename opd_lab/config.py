@@ -134,11 +134,36 @@ class Engine(str, Enum):
     vllm = "vllm"
 
 
+class TeacherScorer(str, Enum):
+    hf = "hf"
+    vllm = "vllm"
+
+
+@dataclass
+class VLLMConfig:
+    """vLLM engine settings (``rollout.engine=vllm`` and/or ``rollout.teacher_scorer=vllm``)."""
+
+    max_model_len: int = 1024
+    enforce_eager: bool = True
+    kv_cache_gib: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE (unset, vLLM reserves ~8 GiB)
+    gpu_memory_utilization: float = 0.3  # GPU: share of the device the engine may take (learner shares it)
+    sleep_mode: bool = False  # GPU: free the engine's memory while the learner runs
+    max_logprobs: int = 64
+
+    def __post_init__(self) -> None:
+        _check(self.max_model_len >= 16, "rollout.vllm.max_model_len", self.max_model_len, ">= 16")
+        _check(self.kv_cache_gib > 0, "rollout.vllm.kv_cache_gib", self.kv_cache_gib, "> 0")
+        _check(0 < self.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization",
+               self.gpu_memory_utilization, "0 < value <= 1")
+
+
 @dataclass
 class RolloutConfig:
     """Sampling, batch layout and the reuse count R (optimisation passes per rollout batch)."""
 
     engine: Engine = Engine.hf
+    teacher_scorer: TeacherScorer = TeacherScorer.hf
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     n_prompts: int = 8
     n_samples: int = 4
     temperature: float = 1.0
@@ -167,13 +192,14 @@ class RolloutConfig:
 # -------------------------------------------------------------------------------------------------- model
 @dataclass
 class EmbeddedModelSize:
-    """A Qwen3Config shape for an embedded model."""
+    """A Qwen3Config shape for an embedded model (head_dim 32: a size vLLM's CPU attention supports)."""
 
     hidden_size: int = 128
     intermediate_size: int = 384
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
+    head_dim: int = 32
 
 
 @dataclass
@@ -374,6 +400,14 @@ def to_run_config(cfg: DictConfig) -> Config:
     assert isinstance(run, Config)
     for name in ("loss", "task"):
         _check(is_dataclass(getattr(run, name)), name, getattr(run, name), "an option of the config group")
+    if run.rollout.teacher_scorer == TeacherScorer.vllm:
+        _check(run.rollout.temperature == 1.0, "rollout.teacher_scorer", "vllm",
+               "hf when rollout.temperature != 1 (vLLM prompt log-probs ignore temperature)")
+        lsm = isinstance(run.loss, LSMLossConfig)
+        _check(not lsm or run.loss.support == Support.teacher, "rollout.teacher_scorer", "vllm",
+               "hf when loss.support is student or union (vLLM returns the teacher's top-K only)")
+        _check(not lsm or run.loss.top_k <= run.rollout.vllm.max_logprobs, "loss.top_k",
+               getattr(run.loss, "top_k", None), f"<= rollout.vllm.max_logprobs={run.rollout.vllm.max_logprobs}")
     mb = run.rollout.mini_batch_size
     _check(
         run.trainer.grad_accum <= mb,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from opd_lab.config import Config, GateKind, LSMLossConfig, SpecialMask
+from opd_lab.config import Config, LSMLossConfig, SpecialMask
 from opd_lab.gates import drift_gate
 from opd_lab.losses import LossInputs, get_loss, masked_sum
 from opd_lab.rollout.base import RolloutBatch, RolloutEngine, SamplingSpec
@@ -31,7 +31,6 @@ from opd_lab.scoring import (
     logsumexp_chunked,
     response_logits,
     score_student_old,
-    score_teacher,
 )
 
 
@@ -88,7 +87,7 @@ class StepData:
         }
 
 
-def score_batch(cfg: Config, student, teacher, batch: RolloutBatch, special_V, newline_V,
+def score_batch(cfg: Config, student, teacher_scorer, batch: RolloutBatch, special_V, newline_V,
                 score_batch_size: int = 64) -> StepData:
     """π_old and teacher scores for a rollout batch, the loss mask and (LSM) the support S_t."""
     t0 = time.perf_counter()
@@ -99,8 +98,7 @@ def score_batch(cfg: Config, student, teacher, batch: RolloutBatch, special_V, n
     K = cfg.loss.top_k if lsm else 0
     old_logp, old_topk = score_student_old(student, batch, T_s, K if need_old_topk else 0, score_batch_size)
     t1 = time.perf_counter()
-    teach = score_teacher(teacher, batch, K if support != "student" else 0, T_s,
-                          old_topk if need_old_topk else None, score_batch_size)
+    teach = teacher_scorer(batch, K if support != "student" else 0, T_s, old_topk if need_old_topk else None)
     t2 = time.perf_counter()
     resp_ids, resp_mask = batch.response_ids_B_T, batch.response_mask_B_T
     special = special_mask_B_T(resp_ids, resp_mask, special_V, cfg.loss.mask_special.value)
@@ -258,7 +256,7 @@ def make_optimizer(cfg: Config, model):
     return opt, sched
 
 
-def run_training(cfg: Config, student, teacher, tokenizer, engine: RolloutEngine, task, tracker,
+def run_training(cfg: Config, student, teacher_scorer, tokenizer, engine: RolloutEngine, task, tracker,
                  encode_prompts, on_step=None) -> None:
     """The loop: for each step, rollout → score → R passes → sync the engine → log (→ eval via ``on_step``)."""
     from tqdm.auto import tqdm
@@ -273,7 +271,7 @@ def run_training(cfg: Config, student, teacher, tokenizer, engine: RolloutEngine
         t0 = time.perf_counter()
         problems = task.train_problems(cfg.rollout.n_prompts, rng)
         batch = engine.generate(encode_prompts(tokenizer, problems), rollout_spec(cfg, step))
-        data = score_batch(cfg, student, teacher, batch, special_V, newline_V)
+        data = score_batch(cfg, student, teacher_scorer, batch, special_V, newline_V)
         t1 = time.perf_counter()
         metrics = train_step(cfg, student, optimizer, scheduler, data, step)
         t2 = time.perf_counter()

@@ -43,7 +43,6 @@ def prepare_key(pcfg: PrepareConfig, task_cfg: ArithTaskConfig) -> str:
 def qwen3_config(size: EmbeddedModelSize, tokenizer, max_positions: int = 1024):
     from transformers import Qwen3Config
 
-    head_dim = size.hidden_size // size.num_attention_heads
     return Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=size.hidden_size,
@@ -51,7 +50,7 @@ def qwen3_config(size: EmbeddedModelSize, tokenizer, max_positions: int = 1024):
         num_hidden_layers=size.num_hidden_layers,
         num_attention_heads=size.num_attention_heads,
         num_key_value_heads=size.num_key_value_heads,
-        head_dim=head_dim,
+        head_dim=size.head_dim,
         max_position_embeddings=max_positions,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.pad_token_id,

@@ -88,6 +88,21 @@ def score_teacher(
     )
 
 
+class HFTeacherScorer:
+    """Teacher scoring with a transformers forward of the frozen teacher (any support, any temperature)."""
+
+    def __init__(self, teacher: torch.nn.Module, batch_size: int = 64, chunk_size: int = 256) -> None:
+        self.teacher, self.batch_size, self.chunk_size = teacher, batch_size, chunk_size
+
+    def __call__(self, batch: RolloutBatch, top_k: int, temperature: float,
+                 query_ids_B_T_Q: torch.Tensor | None = None) -> TeacherScores:
+        return score_teacher(self.teacher, batch, top_k, temperature, query_ids_B_T_Q, self.batch_size,
+                             self.chunk_size)
+
+    def close(self) -> None:
+        pass
+
+
 @torch.no_grad()
 def score_student_old(
     model: torch.nn.Module,

@@ -36,6 +36,17 @@ def make_engine(cfg: Config, model, tokenizer, path: str):
     return cls(path, tokenizer, cfg)
 
 
+def make_teacher_scorer(cfg: Config, teacher, tokenizer, path: str):
+    """HF forward of the loaded teacher, or vLLM prompt log-probs over the weights at ``path``."""
+    if cfg.rollout.teacher_scorer.value == "hf":
+        from opd_lab.scoring import HFTeacherScorer
+
+        return HFTeacherScorer(teacher)
+    from opd_lab.rollout.vllm import VLLMTeacherScorer
+
+    return VLLMTeacherScorer(path, tokenizer, cfg)
+
+
 def _eval_key(cfg: Config, path: str) -> str:
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
     stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
@@ -106,7 +117,8 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
         raise ConfigError(f"loss.top_k={cfg.loss.top_k} is invalid: allowed 1..{len(tokenizer)} (vocabulary size)")
     device = cfg.trainer.device
     student = load_model(paths.student, cfg.model.dtype, device, trainable=True)
-    teacher = load_model(paths.teacher, cfg.model.dtype, device, trainable=False)
+    hf_teacher = cfg.rollout.teacher_scorer.value == "hf" or cfg.rollout.engine.value == "hf"
+    teacher = load_model(paths.teacher, cfg.model.dtype, device, trainable=False) if hf_teacher else None
 
     table: dict[str, dict[str, float]] = {}
     frames = []
@@ -118,6 +130,7 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
 
     tracker = Tracker(cfg, run_dir, name=run_dir.name)
     engine = make_engine(cfg, student, tokenizer, paths.student)
+    teacher_scorer = make_teacher_scorer(cfg, teacher, tokenizer, paths.teacher)
     final: dict[str, float] = {}
     try:
         def on_step(step: int) -> None:
@@ -130,7 +143,7 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
 
         from opd_lab.learner import run_training
 
-        run_training(cfg, student, teacher, tokenizer, engine, task, tracker, encode_prompts, on_step)
+        run_training(cfg, student, teacher_scorer, tokenizer, engine, task, tracker, encode_prompts, on_step)
         if cfg.trainer.steps == 0:
             on_step(0)
         table["trained_student"] = final
@@ -151,4 +164,5 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
         raise
     finally:
         engine.close()
+        teacher_scorer.close()
     return final

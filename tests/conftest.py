@@ -40,5 +40,5 @@ def tiny_model(tokenizer, hidden=32, layers=1, seed=0):
     from opd_lab.prepare import qwen3_config
 
     torch.manual_seed(seed)
-    m = Qwen3ForCausalLM(qwen3_config(EmbeddedModelSize(hidden, 2 * hidden, layers, 2, 1), tokenizer))
+    m = Qwen3ForCausalLM(qwen3_config(EmbeddedModelSize(hidden, 2 * hidden, layers, 2, 1, 32), tokenizer))
     return m.eval()

