@@ -161,7 +161,7 @@ class VLLMConfig:
 class RolloutConfig:
     """Sampling, batch layout and the reuse count R (optimisation passes per rollout batch)."""
 
-    engine: Engine = Engine.hf
+    engine: Engine = Engine.vllm
     teacher_scorer: TeacherScorer = TeacherScorer.hf
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     n_prompts: int = 8
@@ -276,6 +276,11 @@ class ArithTaskConfig(TaskConfig):
 
 
 # ------------------------------------------------------------------------------------------------ trainer
+class LossPath(str, Enum):
+    plain = "plain"
+    chunked = "chunked"
+
+
 @dataclass
 class TrainerConfig:
     """Optimisation: ``steps`` rollout batches, each giving reuse × (batch / mini_batch_size) AdamW updates."""
@@ -291,6 +296,9 @@ class TrainerConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
+    loss_path: LossPath = LossPath.chunked  # chunked: LM head over chunk_size positions at a time, recomputed
+    chunk_size: int = 1024  # positions per log-sum-exp / LM-head chunk
+    autocast_bf16: bool = False  # CUDA: bf16 autocast for the student forward (log-prob maths stays float32)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "trainer.steps", self.steps, "an integer >= 0")
@@ -303,6 +311,9 @@ class TrainerConfig:
         _check(self.grad_accum >= 1, "trainer.grad_accum", self.grad_accum, "an integer >= 1")
         _check(self.device == "cpu" or self.device.startswith("cuda"), "trainer.device", self.device,
                "'cpu' or 'cuda[:i]'")
+        _check(self.chunk_size >= 1, "trainer.chunk_size", self.chunk_size, "an integer >= 1")
+        _check(not self.autocast_bf16 or self.device.startswith("cuda"), "trainer.autocast_bf16",
+               self.autocast_bf16, "true only with trainer.device=cuda")
 
 
 # ----------------------------------------------------------------------------------------------- evaluate

@@ -27,8 +27,9 @@ from opd_lab.losses import LossInputs, get_loss, masked_sum
 from opd_lab.rollout.base import RolloutBatch, RolloutEngine, SamplingSpec
 from opd_lab.scoring import (
     build_support,
-    gather_float,
-    logsumexp_chunked,
+    head_stats_chunked,
+    head_stats_plain,
+    response_hidden,
     response_logits,
     score_student_old,
 )
@@ -96,7 +97,8 @@ def score_batch(cfg: Config, student, teacher_scorer, batch: RolloutBatch, speci
     support = cfg.loss.support.value if lsm else "teacher"
     need_old_topk = lsm and support in ("student", "union")
     K = cfg.loss.top_k if lsm else 0
-    old_logp, old_topk = score_student_old(student, batch, T_s, K if need_old_topk else 0, score_batch_size)
+    old_logp, old_topk = score_student_old(student, batch, T_s, K if need_old_topk else 0, score_batch_size,
+                                           cfg.trainer.chunk_size)
     t1 = time.perf_counter()
     teach = teacher_scorer(batch, K if support != "student" else 0, T_s, old_topk if need_old_topk else None)
     t2 = time.perf_counter()
@@ -134,19 +136,33 @@ def _k3(log_ratio: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ one optimizer step
 def micro_batch_forward(cfg: Config, model, rows: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor], LossInputs]:
-    """Forward one micro-batch: per-token loss ℓ_t, loss metrics and the loss inputs (with grad)."""
-    logits = response_logits(model, rows["batch"], cfg.rollout.temperature)
-    y = rows["batch"].response_ids_B_T.to(logits.device).unsqueeze(-1)
-    lse = logsumexp_chunked(logits)
+    """Forward one micro-batch: per-token loss ℓ_t, loss metrics and the loss inputs (with grad).
+
+    Only lse_t and the logits at [y_t, S_t] leave the model (``trainer.loss_path`` picks how, see scoring.py).
+    """
+    batch = rows["batch"]
+    t = cfg.trainer
+    device = next(model.parameters()).device
+    ids = batch.response_ids_B_T.to(device).unsqueeze(-1)
+    if rows["support_ids"] is not None:
+        ids = torch.cat([ids, rows["support_ids"].to(device)], dim=-1)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.autocast_bf16)
+    with autocast:
+        if t.loss_path.value == "chunked":
+            hidden = response_hidden(model, batch)
+            w = model.get_output_embeddings().weight
+            lse, z = head_stats_chunked(hidden, w, ids, cfg.rollout.temperature, t.chunk_size)
+        else:
+            lse, z = head_stats_plain(response_logits(model, batch, cfg.rollout.temperature), ids, t.chunk_size)
     x = LossInputs(
-        logp_B_T=gather_float(logits, y).squeeze(-1) - lse,
+        logp_B_T=z[..., 0] - lse,
         old_logp_B_T=rows["old_logp"],
         teacher_logp_B_T=rows["teacher_logp"],
         mask_B_T=rows["loss_mask"],
         student_lse_B_T=lse,
     )
     if rows["support_ids"] is not None:
-        x.support_logits_B_T_S = gather_float(logits, rows["support_ids"].to(logits.device))
+        x.support_logits_B_T_S = z[..., 1:]
         x.teacher_support_logp_B_T_S = rows["teacher_support_logp"]
         x.support_mask_B_T_S = rows["support_mask"]
     loss_B_T, metrics = get_loss(cfg.loss.name)(x, cfg.loss)

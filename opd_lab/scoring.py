@@ -1,8 +1,19 @@
 """Log-probs of chosen ids from a causal LM, without a float32 [B, T, V] copy.
 
-Only gathered values and one log-sum-exp per position are upcast to float32; the log-sum-exp runs over chunks
-of ``chunk_size`` positions so at most ``[B, chunk, V]`` float32 exists at once. Teacher scoring keeps what
-the losses need (sampled-token log-prob, top-K ids and log-probs, log-probs at requested ids), never logits.
+Everything the losses and gates need from a model at response position t is a handful of numbers: the
+log-sum-exp lse_t = log Σ_V exp(z_t) and the logits z_t at a few ids (the sampled token y_t, the support S_t).
+Two paths compute them:
+
+- plain: the model's logits ``[B, T, V]`` (model dtype), then a float32 log-sum-exp over chunks of positions
+  and a gather-then-upcast of the chosen columns;
+- chunked: the final hidden states ``[B, T, H]`` go through the LM head ``chunk_size`` positions at a time,
+  under activation checkpointing, so at most ``[B, chunk, V]`` logits exist at once, in the forward and in
+  the backward pass (recomputed there).
+
+Both return the same ``(lse_B_T, z_B_T_K)``; the learner builds log π(v) = z_v − lse from them. Scoring
+(π_old, teacher) always takes the chunked path without gradients and keeps only what the losses need
+(sampled-token log-prob, top-K ids and log-probs, log-probs at requested ids), never logits.
+The chunked path assumes the usual causal-LM head ``logits = hidden @ W_head^T`` (no soft-capping/scaling).
 
 Temperature: when the rollout temperature T_s ≠ 1, logits are divided by T_s before any log-softmax, for the
 student and the teacher alike (METHODS.md).
@@ -30,6 +41,55 @@ def response_logits(model: torch.nn.Module, batch: RolloutBatch, temperature: fl
     if temperature != 1.0:
         logits = logits / temperature
     return logits
+
+
+def response_hidden(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    """Final hidden states ``[B, T, H]`` at the positions that predict each response token."""
+    device = next(model.parameters()).device
+    ids = batch.input_ids_B_L.to(device)
+    att = batch.attention_mask_B_L.to(device)
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    out = model.base_model(input_ids=ids[:, :-1], attention_mask=att[:, :-1], position_ids=pos[:, :-1])
+    T = ids.shape[1] - batch.prompt_len
+    return out.last_hidden_state[:, -T:]
+
+
+def _head_chunk(h_B_C_H: torch.Tensor, w_V_H: torch.Tensor, ids_B_C_K: torch.Tensor, temperature: float):
+    logits = h_B_C_H @ w_V_H.t()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.logsumexp(logits.float(), dim=-1), logits.gather(-1, ids_B_C_K).float()
+
+
+def head_stats_chunked(
+    hidden_B_T_H: torch.Tensor,
+    head_weight_V_H: torch.Tensor,
+    ids_B_T_K: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse_B_T, z_B_T_K)`` in float32 from hidden states, ``chunk_size`` positions of logits at a time.
+
+    With autograd on, each chunk runs under non-reentrant activation checkpointing: its ``[B, chunk, V]``
+    logits are freed after the forward and recomputed in the backward pass.
+    """
+    lse, z = [], []
+    grad = torch.is_grad_enabled() and (hidden_B_T_H.requires_grad or head_weight_V_H.requires_grad)
+    for s in range(0, hidden_B_T_H.shape[1], chunk_size):
+        args = (hidden_B_T_H[:, s : s + chunk_size], head_weight_V_H, ids_B_T_K[:, s : s + chunk_size], temperature)
+        if grad:
+            lse_c, z_c = torch.utils.checkpoint.checkpoint(_head_chunk, *args, use_reentrant=False)
+        else:
+            lse_c, z_c = _head_chunk(*args)
+        lse.append(lse_c)
+        z.append(z_c)
+    return torch.cat(lse, dim=1), torch.cat(z, dim=1)
+
+
+def head_stats_plain(logits_B_T_V: torch.Tensor, ids_B_T_K: torch.Tensor,
+                     chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse_B_T, z_B_T_K)`` in float32 from full logits (already divided by the temperature)."""
+    return logsumexp_chunked(logits_B_T_V, chunk_size), gather_float(logits_B_T_V, ids_B_T_K)
 
 
 def logsumexp_chunked(logits_B_T_V: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
@@ -64,22 +124,38 @@ def score_teacher(
     batch_size: int = 64,
     chunk_size: int = 256,
 ) -> TeacherScores:
-    """Teacher log-probs of the sampled tokens, its top-K (``top_k`` > 0) and log-probs at extra ids."""
+    """Teacher log-probs of the sampled tokens, its top-K (``top_k`` > 0) and log-probs at extra ids.
+
+    Runs ``batch_size`` sequences at a time and the LM head ``chunk_size`` positions at a time: the largest
+    tensor is ``[batch_size, chunk_size, V]`` logits, never ``[B, T, V]``.
+    """
     logp, tk_ids, tk_logp, q_logp = [], [], [], []
+    w = teacher.get_output_embeddings().weight
     for s in range(0, batch.size, batch_size):
         idx = torch.arange(s, min(s + batch_size, batch.size))
         sub = batch.select(idx)
-        logits = response_logits(teacher, sub, temperature)
-        lse = logsumexp_chunked(logits, chunk_size)
-        y = sub.response_ids_B_T.to(logits.device).unsqueeze(-1)
-        logp.append((gather_float(logits, y).squeeze(-1) - lse).cpu())
+        h = response_hidden(teacher, sub)
+        y = sub.response_ids_B_T.to(h.device)
+        q = query_ids_B_T_Q[idx].to(h.device) if query_ids_B_T_Q is not None else None
+        parts: dict[str, list[torch.Tensor]] = {"lp": [], "ti": [], "tl": [], "ql": []}
+        for c in range(0, h.shape[1], chunk_size):
+            logits = h[:, c : c + chunk_size] @ w.t()
+            if temperature != 1.0:
+                logits = logits / temperature
+            lse = torch.logsumexp(logits.float(), dim=-1)
+            parts["lp"].append(gather_float(logits, y[:, c : c + chunk_size, None])[..., 0] - lse)
+            if top_k > 0:
+                vals, ids = torch.topk(logits, top_k, dim=-1)
+                parts["ti"].append(ids)
+                parts["tl"].append(vals.float() - lse[..., None])
+            if q is not None:
+                parts["ql"].append(gather_float(logits, q[:, c : c + chunk_size]) - lse[..., None])
+        logp.append(torch.cat(parts["lp"], 1).cpu())
         if top_k > 0:
-            vals, ids = torch.topk(logits, top_k, dim=-1)
-            tk_ids.append(ids.cpu())
-            tk_logp.append((vals.float() - lse.unsqueeze(-1)).cpu())
-        if query_ids_B_T_Q is not None:
-            q = query_ids_B_T_Q[idx].to(logits.device)
-            q_logp.append((gather_float(logits, q) - lse.unsqueeze(-1)).cpu())
+            tk_ids.append(torch.cat(parts["ti"], 1).cpu())
+            tk_logp.append(torch.cat(parts["tl"], 1).cpu())
+        if q is not None:
+            q_logp.append(torch.cat(parts["ql"], 1).cpu())
     return TeacherScores(
         logp_B_T=torch.cat(logp),
         topk_ids_B_T_K=torch.cat(tk_ids) if tk_ids else None,

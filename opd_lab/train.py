@@ -41,7 +41,7 @@ def make_teacher_scorer(cfg: Config, teacher, tokenizer, path: str):
     if cfg.rollout.teacher_scorer.value == "hf":
         from opd_lab.scoring import HFTeacherScorer
 
-        return HFTeacherScorer(teacher)
+        return HFTeacherScorer(teacher, chunk_size=cfg.trainer.chunk_size)
     from opd_lab.rollout.vllm import VLLMTeacherScorer
 
     return VLLMTeacherScorer(path, tokenizer, cfg)

