@@ -34,7 +34,8 @@ def get_loss(name: str) -> LossFn:
     return _LOSSES[name]
 
 
-def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
+def at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or float64 if it already is (so float64 gradient checks stay exact)."""
     return x if x.dtype == torch.float64 else x.float()
 
 
@@ -122,10 +123,10 @@ def lsm_loss(
         student_lse_B_T: log Σ_V exp(z) (needed unless renormalising; with grad).
     """
     smask = support_mask_B_T_S.bool()
-    z = _at_least_f32(support_logits_B_T_S)
+    z = at_least_f32(support_logits_B_T_S)
     neg_inf = torch.finfo(z.dtype).min
     z = z.masked_fill(~smask, neg_inf)
-    q_logp = _at_least_f32(teacher_support_logp_B_T_S.detach()).to(z.dtype).masked_fill(~smask, neg_inf)
+    q_logp = at_least_f32(teacher_support_logp_B_T_S.detach()).to(z.dtype).masked_fill(~smask, neg_inf)
     q_lse_S = torch.logsumexp(q_logp, dim=-1)
     if renormalise:
         log_pi = torch.log_softmax(z, dim=-1)
@@ -133,7 +134,7 @@ def lsm_loss(
     else:
         if student_lse_B_T is None:
             raise ValueError("lsm_loss with renormalise=False needs student_lse_B_T")
-        log_pi = z - _at_least_f32(student_lse_B_T).unsqueeze(-1)
+        log_pi = z - at_least_f32(student_lse_B_T).unsqueeze(-1)
         log_q = q_logp
     pi = torch.exp(log_pi) * smask
     loss = (pi * (log_pi - log_q).masked_fill(~smask, 0.0)).sum(-1)
@@ -154,8 +155,8 @@ def lsm_loss(
 
 def full_reverse_kl(student_logits_B_T_V: torch.Tensor, teacher_logits_B_T_V: torch.Tensor) -> torch.Tensor:
     """ℓ_t = Σ_v π_θ(v) (log π_θ(v) − log q(v)) over the full vocabulary (diagnostics and small-V tests)."""
-    log_pi = torch.log_softmax(_at_least_f32(student_logits_B_T_V), dim=-1)
-    log_q = torch.log_softmax(_at_least_f32(teacher_logits_B_T_V.detach()), dim=-1)
+    log_pi = torch.log_softmax(at_least_f32(student_logits_B_T_V), dim=-1)
+    log_q = torch.log_softmax(at_least_f32(teacher_logits_B_T_V.detach()), dim=-1)
     return (log_pi.exp() * (log_pi - log_q)).sum(-1)
 
 

@@ -7,8 +7,8 @@ Two paths compute them:
 - plain: the model's logits ``[B, T, V]`` (model dtype), then a float32 log-sum-exp over chunks of positions
   and a gather-then-upcast of the chosen columns;
 - chunked: the final hidden states ``[B, T, H]`` go through the LM head ``chunk_size`` positions at a time,
-  under activation checkpointing, so at most ``[B, chunk, V]`` logits exist at once, in the forward and in
-  the backward pass (recomputed there).
+  so at most ``[B, chunk, V]`` logits exist at once, in the forward and in the fused backward pass, which
+  recomputes them (and is sparse when only the K chosen logits carry gradient, as in renormalised LSM).
 
 Both return the same ``(lse_B_T, z_B_T_K)``; the learner builds log π(v) = z_v − lse from them. Scoring
 (π_old, teacher) always takes the chunked path without gradients and keeps only what the losses need
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opd_lab.losses import at_least_f32
 from opd_lab.rollout.base import RolloutBatch
 
 
@@ -54,11 +55,60 @@ def response_hidden(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor
     return out.last_hidden_state[:, -T:]
 
 
-def _head_chunk(h_B_C_H: torch.Tensor, w_V_H: torch.Tensor, ids_B_C_K: torch.Tensor, temperature: float):
-    logits = h_B_C_H @ w_V_H.t()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return torch.logsumexp(logits.float(), dim=-1), logits.gather(-1, ids_B_C_K).float()
+class _ChunkedHead(torch.autograd.Function):
+    """(lse, z) = (log Σ_V exp(h W^T / T_s), (h W^T / T_s)[ids]) over position chunks, with a fused backward.
+
+    Forward keeps only h, W, ids and lse. Backward recomputes each chunk's logits: when lse receives a
+    gradient the chunk's dense logit gradient softmax·g_lse + scatter(g_z) goes through the two head matmuls;
+    when it does not (renormalised LSM: the loss sees only the K support logits) the backward is sparse,
+    O(B·T·K·H) instead of O(B·T·V·H): ∂h = Σ_k g_z,k W[id_k] / T_s and ∂W[id_k] += g_z,k h / T_s.
+    """
+
+    @staticmethod
+    def forward(ctx, h_B_T_H, w_V_H, ids_B_T_K, temperature, chunk_size):
+        ctx.set_materialize_grads(False)
+        lse, z = [], []
+        with torch.no_grad():
+            for s in range(0, h_B_T_H.shape[1], chunk_size):
+                logits = h_B_T_H[:, s : s + chunk_size] @ w_V_H.t()
+                if temperature != 1.0:
+                    logits = logits / temperature
+                lse.append(torch.logsumexp(at_least_f32(logits), dim=-1))
+                z.append(at_least_f32(logits.gather(-1, ids_B_T_K[:, s : s + chunk_size])))
+        lse_B_T, z_B_T_K = torch.cat(lse, 1), torch.cat(z, 1)
+        ctx.save_for_backward(h_B_T_H, w_V_H, ids_B_T_K, lse_B_T)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return lse_B_T, z_B_T_K
+
+    @staticmethod
+    def backward(ctx, g_lse_B_T, g_z_B_T_K):
+        h, w, ids, lse = ctx.saved_tensors
+        T_s, C = ctx.temperature, ctx.chunk_size
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros_like(w) if need_w else None
+        if g_z_B_T_K is None:
+            g_z_B_T_K = torch.zeros(ids.shape, dtype=lse.dtype, device=h.device)
+        for s in range(0, h.shape[1], C):
+            h_c, ids_c, g_z = h[:, s : s + C], ids[:, s : s + C], at_least_f32(g_z_B_T_K[:, s : s + C]) / T_s
+            if g_lse_B_T is None:  # sparse: only the K chosen columns carry gradient
+                if need_h:
+                    grad_h[:, s : s + C] = torch.einsum("bck,bckh->bch", g_z, at_least_f32(w[ids_c])).to(h.dtype)
+                if need_w:
+                    rows = (g_z.unsqueeze(-1) * at_least_f32(h_c).unsqueeze(-2)).reshape(-1, h.shape[-1])
+                    grad_w.index_add_(0, ids_c.reshape(-1), rows.to(w.dtype))
+                continue
+            logits = at_least_f32(h_c @ w.t())
+            if T_s != 1.0:
+                logits = logits / T_s
+            g = torch.exp(logits - lse[:, s : s + C, None]) * (at_least_f32(g_lse_B_T[:, s : s + C, None]) / T_s)
+            g.scatter_add_(-1, ids_c, g_z)
+            g = g.to(h.dtype)
+            if need_h:
+                grad_h[:, s : s + C] = g @ w
+            if need_w:
+                grad_w += g.reshape(-1, g.shape[-1]).t() @ h_c.reshape(-1, h.shape[-1])
+        return grad_h, grad_w, None, None, None
 
 
 def head_stats_chunked(
@@ -70,38 +120,55 @@ def head_stats_chunked(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lse_B_T, z_B_T_K)`` in float32 from hidden states, ``chunk_size`` positions of logits at a time.
 
-    With autograd on, each chunk runs under non-reentrant activation checkpointing: its ``[B, chunk, V]``
-    logits are freed after the forward and recomputed in the backward pass.
+    At most one chunk of ``[B, chunk, V]`` logits (and its float32 copy) exists, in the forward pass and in the
+    fused backward (:class:`_ChunkedHead`), which recomputes them.
     """
-    lse, z = [], []
-    grad = torch.is_grad_enabled() and (hidden_B_T_H.requires_grad or head_weight_V_H.requires_grad)
-    for s in range(0, hidden_B_T_H.shape[1], chunk_size):
-        args = (hidden_B_T_H[:, s : s + chunk_size], head_weight_V_H, ids_B_T_K[:, s : s + chunk_size], temperature)
-        if grad:
-            lse_c, z_c = torch.utils.checkpoint.checkpoint(_head_chunk, *args, use_reentrant=False)
-        else:
-            lse_c, z_c = _head_chunk(*args)
-        lse.append(lse_c)
-        z.append(z_c)
-    return torch.cat(lse, dim=1), torch.cat(z, dim=1)
+    return _ChunkedHead.apply(hidden_B_T_H, head_weight_V_H, ids_B_T_K, temperature, chunk_size)
+
+
+class _PlainHead(torch.autograd.Function):
+    """(lse, z) from full logits ``[B, T, V]``: float32 only per chunk; one logit-gradient buffer in backward."""
+
+    @staticmethod
+    def forward(ctx, logits_B_T_V, ids_B_T_K, chunk_size):
+        ctx.set_materialize_grads(False)
+        with torch.no_grad():
+            lse = logsumexp_chunked(logits_B_T_V, chunk_size)
+            z = gather_float(logits_B_T_V, ids_B_T_K)
+        ctx.save_for_backward(logits_B_T_V, ids_B_T_K, lse)
+        ctx.chunk_size = chunk_size
+        return lse, z
+
+    @staticmethod
+    def backward(ctx, g_lse_B_T, g_z_B_T_K):
+        logits, ids, lse = ctx.saved_tensors
+        grad = torch.zeros_like(logits)
+        C = ctx.chunk_size
+        for s in range(0, logits.shape[1], C):
+            if g_lse_B_T is not None:
+                p = torch.exp(at_least_f32(logits[:, s : s + C]) - lse[:, s : s + C, None])
+                grad[:, s : s + C] = (p * at_least_f32(g_lse_B_T[:, s : s + C, None])).to(grad.dtype)
+        if g_z_B_T_K is not None:
+            grad.scatter_add_(-1, ids, g_z_B_T_K.to(grad.dtype))
+        return grad, None, None
 
 
 def head_stats_plain(logits_B_T_V: torch.Tensor, ids_B_T_K: torch.Tensor,
                      chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lse_B_T, z_B_T_K)`` in float32 from full logits (already divided by the temperature)."""
-    return logsumexp_chunked(logits_B_T_V, chunk_size), gather_float(logits_B_T_V, ids_B_T_K)
+    return _PlainHead.apply(logits_B_T_V, ids_B_T_K, chunk_size)
 
 
 def logsumexp_chunked(logits_B_T_V: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
     """float32 log Σ_V exp(z) per position, upcasting at most ``chunk_size`` positions at a time."""
     T = logits_B_T_V.shape[1]
-    parts = [torch.logsumexp(logits_B_T_V[:, s : s + chunk_size].float(), dim=-1) for s in range(0, T, chunk_size)]
+    parts = [torch.logsumexp(at_least_f32(logits_B_T_V[:, s : s + chunk_size]), dim=-1) for s in range(0, T, chunk_size)]
     return torch.cat(parts, dim=1) if parts else logits_B_T_V.new_zeros(logits_B_T_V.shape[:2]).float()
 
 
 def gather_float(logits_B_T_V: torch.Tensor, ids_B_T_K: torch.Tensor) -> torch.Tensor:
     """Logits at ``ids`` as float32 ``[B, T, K]`` (gather first, then upcast)."""
-    return logits_B_T_V.gather(-1, ids_B_T_K).float()
+    return at_least_f32(logits_B_T_V.gather(-1, ids_B_T_K))
 
 
 @dataclass
@@ -142,7 +209,7 @@ def score_teacher(
             logits = h[:, c : c + chunk_size] @ w.t()
             if temperature != 1.0:
                 logits = logits / temperature
-            lse = torch.logsumexp(logits.float(), dim=-1)
+            lse = torch.logsumexp(at_least_f32(logits), dim=-1)
             parts["lp"].append(gather_float(logits, y[:, c : c + chunk_size, None])[..., 0] - lse)
             if top_k > 0:
                 vals, ids = torch.topk(logits, top_k, dim=-1)
