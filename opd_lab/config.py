@@ -149,6 +149,7 @@ class VLLMConfig:
     gpu_memory_utilization: float = 0.3  # GPU: share of the device the engine may take (learner shares it)
     sleep_mode: bool = False  # GPU: free the engine's memory while the learner runs
     max_logprobs: int = 64
+    max_num_batched_tokens: int = 16384  # CPU: tokens per scheduler step (whole prompts, no chunked prefill)
 
     def __post_init__(self) -> None:
         _check(self.max_model_len >= 16, "rollout.vllm.max_model_len", self.max_model_len, ">= 16")
@@ -202,6 +203,11 @@ class EmbeddedModelSize:
     head_dim: int = 32
 
 
+class LRSchedule(str, Enum):
+    cosine = "cosine"
+    constant = "constant"
+
+
 @dataclass
 class PrepareConfig:
     """How the embedded tokenizer, teacher and student are built (the cache key is a hash of this)."""
@@ -211,6 +217,8 @@ class PrepareConfig:
     student: EmbeddedModelSize = field(default_factory=EmbeddedModelSize)
     teacher_steps: int = 1000
     student_steps: int = 150
+    teacher_schedule: LRSchedule = LRSchedule.cosine
+    student_schedule: LRSchedule = LRSchedule.constant
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 50

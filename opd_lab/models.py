@@ -25,11 +25,13 @@ def resolve_paths(cfg: Config) -> ModelPaths:
     m = cfg.model
     student, teacher = m.student, m.teacher
     if "embedded" in (student, teacher):
-        from opd_lab.prepare import resolve_embedded
+        from opd_lab.prepare import resolve_role
 
-        root = resolve_embedded(m.prepare, cfg.task, cfg.cache_dir, progress=cfg.logger.progress)
-        student = str(root / "student") if student == "embedded" else student
-        teacher = str(root / "teacher") if teacher == "embedded" else teacher
+        def embedded(role: str) -> str:
+            return str(resolve_role(m.prepare, cfg.task, role, cfg.cache_dir, progress=cfg.logger.progress))
+
+        student = embedded("student") if student == "embedded" else student
+        teacher = embedded("teacher") if teacher == "embedded" else teacher
     for field_name, value in (("model.student", student), ("model.teacher", teacher)):
         _check_reachable(field_name, value)
     return ModelPaths(student, teacher, m.tokenizer or student)

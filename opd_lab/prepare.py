@@ -1,11 +1,13 @@
 """Build the embedded default: tokenizer, Qwen3-architecture teacher and student trained from scratch by SFT.
 
-``resolve_embedded`` returns the folders to load, in this order of preference:
-1. the copy shipped as package data (``opd_lab/assets/embedded``) when its key equals this config's key;
-2. ``<cache_dir>/embedded/<key>`` from an earlier prepare;
-3. a fresh prepare into the cache (atomic: built in a temporary folder, then renamed).
+``resolve_role`` returns the folder of the teacher or the student, in this order of preference:
+1. the copy shipped as package data (``opd_lab/assets/embedded/<role>``) when its key equals this config's;
+2. ``<cache_dir>/embedded/<role>-<key>`` from an earlier prepare;
+3. a fresh SFT run into the cache (atomic: built in a temporary folder, then renamed).
 
-The key is a hash of the prepare and task configs and ``PREPARE_VERSION``. Training is deterministic on CPU
+Each role's key hashes only what determines its weights (its size, steps, schedule and seed, the shared
+optimiser settings, the task config and ``PREPARE_VERSION``), so changing the student never retrains the
+teacher. Training is deterministic on CPU
 for a fixed ``threads`` count, so ``python scripts/build_embedded.py`` rebuilds the shipped folders
 bit-for-bit.
 """
@@ -33,10 +35,27 @@ PREPARE_VERSION = 1
 ASSETS = Path(__file__).parent / "assets" / "embedded"
 
 
-def prepare_key(pcfg: PrepareConfig, task_cfg: ArithTaskConfig) -> str:
-    blob = json.dumps(
-        {"v": PREPARE_VERSION, "prepare": as_flat_dict(pcfg), "task": as_flat_dict(task_cfg)}, sort_keys=True
-    )
+ROLES = ("teacher", "student")
+
+
+def role_settings(pcfg: PrepareConfig, role: str) -> dict:
+    """Everything that determines one role's weights (the seed of the student is ``seed + 1``)."""
+    return {
+        "size": asdict(getattr(pcfg, role)),
+        "steps": getattr(pcfg, f"{role}_steps"),
+        "schedule": getattr(pcfg, f"{role}_schedule").value,
+        "seed": pcfg.seed + ROLES.index(role),
+        "batch_size": pcfg.batch_size,
+        "lr": pcfg.lr,
+        "warmup_steps": pcfg.warmup_steps,
+        "threads": pcfg.threads,
+    }
+
+
+def role_key(pcfg: PrepareConfig, task_cfg: ArithTaskConfig, role: str) -> str:
+    """Cache key of one role: changing the student's settings never retrains the teacher."""
+    blob = json.dumps({"v": PREPARE_VERSION, "role": role, "train": role_settings(pcfg, role),
+                       "task": as_flat_dict(task_cfg)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -81,8 +100,9 @@ def sft_batch(tokenizer, problems) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def train_sft(model, tokenizer, task, steps: int, batch_size: int, lr: float, warmup: int, seed: int,
-              desc: str, progress: bool = True) -> list[float]:
-    """Teacher-forced SFT on fresh task problems; linear warm-up then cosine decay to 10% of ``lr``."""
+              desc: str, progress: bool = True, schedule: str = "cosine") -> list[float]:
+    """Teacher-forced SFT on fresh task problems; linear warm-up, then cosine decay to 10% of ``lr``
+    (``schedule='cosine'``) or a constant ``lr`` (``'constant'``)."""
     from tqdm.auto import tqdm
 
     rng = random.Random(seed)
@@ -91,6 +111,8 @@ def train_sft(model, tokenizer, task, steps: int, batch_size: int, lr: float, wa
     def lr_at(s: int) -> float:
         if s < warmup:
             return (s + 1) / warmup
+        if schedule == "constant":
+            return 1.0
         frac = (s - warmup) / max(1, steps - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
 
@@ -112,56 +134,63 @@ def train_sft(model, tokenizer, task, steps: int, batch_size: int, lr: float, wa
     return losses
 
 
-def build_embedded(pcfg: PrepareConfig, task_cfg: ArithTaskConfig, out_dir: Path, progress: bool = True) -> None:
-    """Write ``tokenizer/``, ``teacher/``, ``student/`` and ``prepare.json`` into ``out_dir``."""
+def build_role(pcfg: PrepareConfig, task_cfg: ArithTaskConfig, role: str, out_dir: Path,
+               progress: bool = True) -> dict:
+    """Train one role from scratch by SFT and ``save_pretrained`` it (with the tokenizer) into ``out_dir``."""
     from transformers import Qwen3ForCausalLM
 
+    st = role_settings(pcfg, role)
     threads = torch.get_num_threads()
     torch.set_num_threads(pcfg.threads)
     try:
         tokenizer = build_tokenizer()
         task = build_task(task_cfg)
-        info = {"key": prepare_key(pcfg, task_cfg), "prepare": asdict(pcfg), "task": asdict(task_cfg)}
-        for role, size, steps, seed in (
-            ("teacher", pcfg.teacher, pcfg.teacher_steps, pcfg.seed),
-            ("student", pcfg.student, pcfg.student_steps, pcfg.seed + 1),
-        ):
-            torch.manual_seed(seed)
-            model = Qwen3ForCausalLM(qwen3_config(size, tokenizer))
-            losses = train_sft(model, tokenizer, task, steps, pcfg.batch_size, pcfg.lr, pcfg.warmup_steps,
-                               seed, desc=f"prepare {role}", progress=progress)
-            model.generation_config.eos_token_id = tokenizer.eos_token_id
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
-            model.save_pretrained(out_dir / role, safe_serialization=True)
-            tokenizer.save_pretrained(out_dir / role)
-            info[f"{role}_final_loss"] = sum(losses[-20:]) / len(losses[-20:])
-            info[f"{role}_params"] = sum(p.numel() for p in model.parameters())
-        tokenizer.save_pretrained(out_dir / "tokenizer")
-        (out_dir / "prepare.json").write_text(json.dumps(info, indent=2, default=str))
+        torch.manual_seed(st["seed"])
+        model = Qwen3ForCausalLM(qwen3_config(getattr(pcfg, role), tokenizer))
+        losses = train_sft(model, tokenizer, task, st["steps"], pcfg.batch_size, pcfg.lr, pcfg.warmup_steps,
+                           st["seed"], desc=f"prepare {role}", progress=progress, schedule=st["schedule"])
     finally:
         torch.set_num_threads(threads)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    info = {"key": role_key(pcfg, task_cfg, role), "settings": st, "task": asdict(task_cfg),
+            "final_loss": sum(losses[-20:]) / len(losses[-20:]), "params": sum(p.numel() for p in model.parameters())}
+    (out_dir / "prepare.json").write_text(json.dumps(info, indent=2, default=str))
+    return info
 
 
-def _complete(d: Path) -> bool:
-    return all((d / sub).is_dir() for sub in ("tokenizer", "teacher", "student")) and (d / "prepare.json").exists()
+def build_embedded(pcfg: PrepareConfig, task_cfg: ArithTaskConfig, out_dir: Path, progress: bool = True) -> None:
+    """Write ``teacher/`` and ``student/`` (each a model + tokenizer folder with its ``prepare.json``)."""
+    for role in ROLES:
+        build_role(pcfg, task_cfg, role, out_dir / role, progress)
 
 
-def resolve_embedded(pcfg: PrepareConfig, task_cfg: ArithTaskConfig, cache_dir: str | os.PathLike,
-                     progress: bool = True) -> Path:
-    """Folder holding the embedded tokenizer/teacher/student for this config, building it if needed."""
-    key = prepare_key(pcfg, task_cfg)
-    if _complete(ASSETS) and json.loads((ASSETS / "prepare.json").read_text())["key"] == key:
-        return ASSETS
-    target = Path(cache_dir) / "embedded" / key
-    if _complete(target):
+def _key_of(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "prepare.json").read_text())["key"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def resolve_role(pcfg: PrepareConfig, task_cfg: ArithTaskConfig, role: str, cache_dir: str | os.PathLike,
+                 progress: bool = True) -> Path:
+    """Folder of one embedded model for this config: shipped copy, cached copy, or a fresh build (atomic)."""
+    key = role_key(pcfg, task_cfg, role)
+    if _key_of(ASSETS / role) == key:
+        return ASSETS / role
+    target = Path(cache_dir) / "embedded" / f"{role}-{key}"
+    if _key_of(target) == key:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{role}-{key}-", dir=target.parent))
     try:
-        build_embedded(pcfg, task_cfg, tmp, progress=progress)
-        if _complete(target):  # another process finished first
+        build_role(pcfg, task_cfg, role, tmp, progress)
+        if _key_of(target) == key:  # another process finished first
             shutil.rmtree(tmp)
         else:
+            shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/build_embedded.py [hydra overrides, e.g. model.prepare.seed=1]
     .venv/bin/python scripts/build_embedded.py --check     # rebuild into a temp dir, compare with the shipped
+    .venv/bin/python scripts/build_embedded.py --student-only   # (or --teacher-only) one role
 
 Training is deterministic on CPU with ``model.prepare.threads`` fixed (2), so the rebuild is bit-for-bit:
 ``--check`` compares SHA-256 of every weight file and exits non-zero on any difference.
@@ -19,7 +20,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from opd_lab.config import register_configs, to_run_config
-from opd_lab.prepare import ASSETS, build_embedded, prepare_key
+from opd_lab.prepare import ASSETS, ROLES, build_role, role_key
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,29 +32,32 @@ def digests(folder: Path) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     check = "--check" in argv
-    overrides = [a for a in argv if a != "--check"]
+    overrides = [a for a in argv if not a.startswith("--")]
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     cfg.output_dir = "unused"
     run = to_run_config(cfg)
-    print(f"prepare key {prepare_key(run.model.prepare, run.task)}", flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="embedded-"))
-    build_embedded(run.model.prepare, run.task, tmp)
-    new = digests(tmp)
-    print(json.dumps(new, indent=2))
-    if check:
-        old = digests(ASSETS)
+    roles = [r for r in ROLES if f"--{r}-only" in argv] or list(ROLES)
+    status = 0
+    for role in roles:
+        print(f"{role}: key {role_key(run.model.prepare, run.task, role)}", flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"embedded-{role}-"))
+        build_role(run.model.prepare, run.task, role, tmp)
+        new = digests(tmp)
+        print(json.dumps(new, indent=2))
+        if check:
+            old = digests(ASSETS / role)
+            same = old == new
+            print(f"{role}: " + ("bit-for-bit identical to the shipped weights" if same else f"DIFFERENT: {old}"))
+            status |= 0 if same else 1
+        else:
+            shutil.rmtree(ASSETS / role, ignore_errors=True)
+            ASSETS.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(tmp, ASSETS / role)
+            print(f"wrote {ASSETS / role}")
         shutil.rmtree(tmp)
-        same = old == new
-        print("bit-for-bit identical to the shipped weights" if same else f"DIFFERENT from shipped: {old}")
-        return 0 if same else 1
-    if ASSETS.exists():
-        shutil.rmtree(ASSETS)
-    shutil.copytree(tmp, ASSETS)
-    shutil.rmtree(tmp)
-    print(f"wrote {ASSETS}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

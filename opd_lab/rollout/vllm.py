@@ -73,7 +73,12 @@ class VLLMEngine:
             enable_prefix_caching=True,
             max_logprobs=max(20, v.max_logprobs),
         )
-        if not cpu:
+        if cpu:
+            # vLLM-CPU cannot rewind a per-request seeded generator after a partial (chunked) prefill
+            # ("CPU Generator does not use offset"): schedule whole prompts only.
+            kwargs.update(enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(kwargs["max_model_len"], v.max_num_batched_tokens))
+        else:
             kwargs.update(gpu_memory_utilization=v.gpu_memory_utilization, enable_sleep_mode=v.sleep_mode)
         self.llm = LLM(**kwargs)
         self.sleep_mode = (not cpu) and v.sleep_mode
