@@ -129,12 +129,9 @@ class GateConfig:
 
 
 # ------------------------------------------------------------------------------------------------ rollout
-class Engine(str, Enum):
-    hf = "hf"
-    vllm = "vllm"
+class Backend(str, Enum):
+    """Who samples (``rollout.engine``) or scores the teacher (``rollout.teacher_scorer``)."""
 
-
-class TeacherScorer(str, Enum):
     hf = "hf"
     vllm = "vllm"
 
@@ -162,8 +159,8 @@ class VLLMConfig:
 class RolloutConfig:
     """Sampling, batch layout and the reuse count R (optimisation passes per rollout batch)."""
 
-    engine: Engine = Engine.vllm
-    teacher_scorer: TeacherScorer = TeacherScorer.hf
+    engine: Backend = Backend.vllm
+    teacher_scorer: Backend = Backend.hf
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     n_prompts: int = 8
     n_samples: int = 4
@@ -210,7 +207,7 @@ class LRSchedule(str, Enum):
 
 @dataclass
 class PrepareConfig:
-    """How the embedded tokenizer, teacher and student are built (the cache key is a hash of this)."""
+    """How the embedded teacher and student are built (each role cached under a hash of its own settings)."""
 
     seed: int = 0
     teacher: EmbeddedModelSize = field(default_factory=EmbeddedModelSize)
@@ -299,6 +296,8 @@ class TrainerConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     warmup_steps: int = 0
+    lr_schedule: LRSchedule = LRSchedule.cosine  # after warm-up: cosine decay to min_lr_ratio·lr, or constant
+    min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
     grad_accum: int = 1
     seed: int = 0
@@ -315,6 +314,7 @@ class TrainerConfig:
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "trainer.beta1/beta2", (self.beta1, self.beta2),
                "values in [0, 1)")
         _check(self.warmup_steps >= 0, "trainer.warmup_steps", self.warmup_steps, ">= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "trainer.min_lr_ratio", self.min_lr_ratio, "0 <= min_lr_ratio <= 1")
         _check(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip", self.grad_clip, "null or > 0")
         _check(self.grad_accum >= 1, "trainer.grad_accum", self.grad_accum, "an integer >= 1")
         _check(self.device == "cpu" or self.device.startswith("cuda"), "trainer.device", self.device,
@@ -419,7 +419,7 @@ def to_run_config(cfg: DictConfig) -> Config:
     assert isinstance(run, Config)
     for name in ("loss", "task"):
         _check(is_dataclass(getattr(run, name)), name, getattr(run, name), "an option of the config group")
-    if run.rollout.teacher_scorer == TeacherScorer.vllm:
+    if run.rollout.teacher_scorer == Backend.vllm:
         _check(run.rollout.temperature == 1.0, "rollout.teacher_scorer", "vllm",
                "hf when rollout.temperature != 1 (vLLM prompt log-probs ignore temperature)")
         lsm = isinstance(run.loss, LSMLossConfig)

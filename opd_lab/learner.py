@@ -264,11 +264,24 @@ def rollout_spec(cfg: Config, step: int) -> SamplingSpec:
                         seed=cfg.trainer.seed * 1_000_003 + step)
 
 
+def lr_factor(update: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` updates, then constant or cosine decay to ``min_ratio`` at ``total``."""
+    if update < warmup:
+        return (update + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    frac = min(1.0, (update - warmup) / (total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
 def make_optimizer(cfg: Config, model):
+    """AdamW and its schedule, stepped once per optimizer update (``updates_per_step`` per training step)."""
     t = cfg.trainer
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
-    warm = t.warmup_steps * cfg.rollout.reuse * (cfg.rollout.batch_size // cfg.rollout.mini_batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    per_step = cfg.rollout.reuse * (cfg.rollout.batch_size // cfg.rollout.mini_batch_size)
+    warm, total = t.warmup_steps * per_step, t.steps * per_step
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda u: lr_factor(u, warm, total, t.lr_schedule.value, t.min_lr_ratio))
     return opt, sched
 
 
