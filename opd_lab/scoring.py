@@ -55,6 +55,32 @@ def response_hidden(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor
     return out.last_hidden_state[:, -T:]
 
 
+# x86 CPUs take a ~10x slower path for exp() of arguments below about -87 (float32 underflow). Shifted
+# logits that low contribute < e^-80 ≈ 1.8e-35 each to a log-sum-exp (and to softmax), so clamp first.
+_EXP_FLOOR = -80.0
+
+
+def logsumexp_last(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """log Σ exp(x) over the last dim; on CPU shifted by the max and clamped at −80 before ``exp``.
+
+    ``inplace=True`` overwrites ``x`` (a temporary the caller no longer needs) to save a pass and a copy.
+    """
+    if x.device.type != "cpu":
+        return torch.logsumexp(x, dim=-1)
+    m = x.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    y = x.sub_(m) if inplace else x - m
+    return m.squeeze(-1) + y.clamp_(min=_EXP_FLOOR).exp_().sum(-1).log()
+
+
+def softmax_from_lse(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """exp(x − lse) with the same CPU clamp as :func:`logsumexp_last` (a new tensor)."""
+    y = x - lse.unsqueeze(-1)
+    if x.device.type == "cpu":
+        y.clamp_(min=_EXP_FLOOR)
+    return y.exp_()
+
+
 class _ChunkedHead(torch.autograd.Function):
     """(lse, z) = (log Σ_V exp(h W^T / T_s), (h W^T / T_s)[ids]) over position chunks, with a fused backward.
 
@@ -72,9 +98,9 @@ class _ChunkedHead(torch.autograd.Function):
             for s in range(0, h_B_T_H.shape[1], chunk_size):
                 logits = h_B_T_H[:, s : s + chunk_size] @ w_V_H.t()
                 if temperature != 1.0:
-                    logits = logits / temperature
-                lse.append(torch.logsumexp(at_least_f32(logits), dim=-1))
+                    logits.div_(temperature)
                 z.append(at_least_f32(logits.gather(-1, ids_B_T_K[:, s : s + chunk_size])))
+                lse.append(logsumexp_last(at_least_f32(logits), inplace=True))
         lse_B_T, z_B_T_K = torch.cat(lse, 1), torch.cat(z, 1)
         ctx.save_for_backward(h_B_T_H, w_V_H, ids_B_T_K, lse_B_T)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
@@ -101,7 +127,7 @@ class _ChunkedHead(torch.autograd.Function):
             logits = at_least_f32(h_c @ w.t())
             if T_s != 1.0:
                 logits = logits / T_s
-            g = torch.exp(logits - lse[:, s : s + C, None]) * (at_least_f32(g_lse_B_T[:, s : s + C, None]) / T_s)
+            g = softmax_from_lse(logits, lse[:, s : s + C]) * (at_least_f32(g_lse_B_T[:, s : s + C, None]) / T_s)
             g.scatter_add_(-1, ids_c, g_z)
             g = g.to(h.dtype)
             if need_h:
@@ -146,7 +172,7 @@ class _PlainHead(torch.autograd.Function):
         C = ctx.chunk_size
         for s in range(0, logits.shape[1], C):
             if g_lse_B_T is not None:
-                p = torch.exp(at_least_f32(logits[:, s : s + C]) - lse[:, s : s + C, None])
+                p = softmax_from_lse(at_least_f32(logits[:, s : s + C]), lse[:, s : s + C])
                 grad[:, s : s + C] = (p * at_least_f32(g_lse_B_T[:, s : s + C, None])).to(grad.dtype)
         if g_z_B_T_K is not None:
             grad.scatter_add_(-1, ids, g_z_B_T_K.to(grad.dtype))
@@ -162,7 +188,7 @@ def head_stats_plain(logits_B_T_V: torch.Tensor, ids_B_T_K: torch.Tensor,
 def logsumexp_chunked(logits_B_T_V: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
     """float32 log Σ_V exp(z) per position, upcasting at most ``chunk_size`` positions at a time."""
     T = logits_B_T_V.shape[1]
-    parts = [torch.logsumexp(at_least_f32(logits_B_T_V[:, s : s + chunk_size]), dim=-1) for s in range(0, T, chunk_size)]
+    parts = [logsumexp_last(at_least_f32(logits_B_T_V[:, s : s + chunk_size])) for s in range(0, T, chunk_size)]
     return torch.cat(parts, dim=1) if parts else logits_B_T_V.new_zeros(logits_B_T_V.shape[:2]).float()
 
 
@@ -209,7 +235,7 @@ def score_teacher(
             logits = h[:, c : c + chunk_size] @ w.t()
             if temperature != 1.0:
                 logits = logits / temperature
-            lse = torch.logsumexp(at_least_f32(logits), dim=-1)
+            lse = logsumexp_last(at_least_f32(logits))
             parts["lp"].append(gather_float(logits, y[:, c : c + chunk_size, None])[..., 0] - lse)
             if top_k > 0:
                 vals, ids = torch.topk(logits, top_k, dim=-1)
