@@ -81,7 +81,7 @@ def test_block_boundaries_ignore_padding(kind, bs):
     delta, loss_mask, resp, newline = _random_case(B=1, T=150)
     ref, _ = drift_gate(delta, loss_mask, resp, kind, 1.5, bs, newline)
     for left, right in [(7, 0), (0, 11), (33, 5)]:
-        def pad(x):
+        def pad(x, left=left, right=right):
             return torch.cat([torch.zeros(1, left, dtype=x.dtype), x, torch.zeros(1, right, dtype=x.dtype)], 1)
 
         g, _ = drift_gate(pad(delta), pad(loss_mask), pad(resp), kind, 1.5, bs, pad(newline))

@@ -67,7 +67,7 @@ def test_fused_heads_match_autograd_reference():
     g = torch.Generator().manual_seed(9)
     a, b = torch.randn(2, 5, generator=g, dtype=torch.float64), torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
     for use_lse in (True, False):  # dense and sparse backward
-        def objective(lse, z):
+        def objective(lse, z, use_lse=use_lse):
             return ((lse * a).sum() if use_lse else 0) + (z * b).sum()
 
         ref = torch.autograd.grad(objective(*_reference(h, w, ids, 0.7)), (h, w))

@@ -4,7 +4,8 @@
   ``logprobs_mode="processed_logprobs"``, so the returned log-probs are π_s, the distribution the sampler drew
   from (after temperature and top-p), exactly what the HF engine reports.
 - Weight sync before every rollout, i.e. after the last optimizer update of each step (the engine is only
-  read when it samples, so one sync per step equals one per update): in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the default
+  read when it samples, so one sync per step equals one per update): in-process
+  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the default
   here) the learner's tensors go straight to ``reload_weights`` through ``collective_rpc``; ``lm_head.weight``
   is always sent (also when tied) and the prefix cache is reset afterwards (stale KV otherwise).
 - Teacher scoring: ``SamplingParams(max_tokens=1, prompt_logprobs=K)`` on prompt+response. Prompt log-probs
