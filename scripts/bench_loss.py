@@ -72,7 +72,10 @@ def run_variant(a, name, inputs):
         z = logp.gather(-1, ids)
         return loss_from_stats(a, torch.zeros_like(z[..., 0]), z, q_logp, old, mask)
     if name == "trl":
-        from trl.trainer.gkd_trainer import GKDTrainer
+        try:  # TRL moved GKD to trl.experimental in 2025
+            from trl.experimental.gkd import GKDTrainer
+        except ImportError:
+            from trl import GKDTrainer
 
         student = h @ w.t()
         with torch.no_grad():  # a full teacher logit tensor is what this API needs
