@@ -72,16 +72,18 @@ class StepData:
     support_mask_B_T_S: torch.Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
 
-    def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor | RolloutBatch | None]:
+    def rows(self, idx: torch.Tensor, device: torch.device | str = "cpu") -> dict:
+        """Rows ``idx`` of every tensor, on ``device`` (the rollout batch itself stays on the CPU)."""
         def pick(t):
-            return None if t is None else t[idx]
+            return None if t is None else t[idx].to(device)
 
         return {
             "batch": self.batch.select(idx),
-            "loss_mask": self.loss_mask_B_T[idx],
-            "newline": self.newline_B_T[idx],
-            "old_logp": self.old_logp_B_T[idx],
-            "teacher_logp": self.teacher_logp_B_T[idx],
+            "response_mask": pick(self.batch.response_mask_B_T),
+            "loss_mask": pick(self.loss_mask_B_T),
+            "newline": pick(self.newline_B_T),
+            "old_logp": pick(self.old_logp_B_T),
+            "teacher_logp": pick(self.teacher_logp_B_T),
             "support_ids": pick(self.support_ids_B_T_S),
             "teacher_support_logp": pick(self.teacher_support_logp_B_T_S),
             "support_mask": pick(self.support_mask_B_T_S),
@@ -171,7 +173,7 @@ def micro_batch_forward(cfg: Config, model, rows: dict) -> tuple[torch.Tensor, d
 
 def _gate(cfg: Config, x: LossInputs, rows: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     delta = (x.logp_B_T - x.old_logp_B_T).detach()
-    g, extras = drift_gate(delta, x.mask_B_T, rows["batch"].response_mask_B_T, cfg.gate.kind.value,
+    g, extras = drift_gate(delta, x.mask_B_T, rows["response_mask"], cfg.gate.kind.value,
                            cfg.gate.tau, cfg.gate.block_size, rows["newline"])
     return g, extras, delta
 
@@ -179,6 +181,7 @@ def _gate(cfg: Config, x: LossInputs, rows: dict) -> tuple[torch.Tensor, dict[st
 def optimizer_update(cfg: Config, model, optimizer, data: StepData, idx: torch.Tensor) -> dict[str, float]:
     """One AdamW update on mini-batch rows ``idx``, split into ``trainer.grad_accum`` micro-batches."""
     micro = [m for m in torch.tensor_split(idx, cfg.trainer.grad_accum) if m.numel() > 0]
+    device = next(model.parameters()).device
     clip = cfg.gate.clip_min is not None or cfg.gate.clip_max is not None
     n_valid = float(sum(data.loss_mask_B_T[m].sum() for m in micro))
     scale = None
@@ -186,7 +189,7 @@ def optimizer_update(cfg: Config, model, optimizer, data: StepData, idx: torch.T
         with torch.no_grad():
             z_pre = 0.0
             for m in micro:
-                rows = data.rows(m)
+                rows = data.rows(m, device)
                 _, _, x = micro_batch_forward(cfg, model, rows)
                 g, _, _ = _gate(cfg, x, rows)
                 z_pre += float(masked_sum(g, x.mask_B_T))
@@ -197,7 +200,7 @@ def optimizer_update(cfg: Config, model, optimizer, data: StepData, idx: torch.T
     gates, masks = [], []
     denom = 0.0
     for m in micro:
-        rows = data.rows(m)
+        rows = data.rows(m, device)
         loss_B_T, metrics, x = micro_batch_forward(cfg, model, rows)
         g, extras, delta = _gate(cfg, x, rows)
         if scale is not None:

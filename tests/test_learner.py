@@ -48,7 +48,7 @@ def _drifted(model, scale=0.05, seed=3):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
+            p.add_((torch.randn(p.shape, generator=g) * scale).to(p.device))
     return m
 
 
