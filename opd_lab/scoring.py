@@ -29,16 +29,21 @@ from opd_lab.losses import at_least_f32
 from opd_lab.rollout.base import RolloutBatch
 
 
-def response_logits(model: torch.nn.Module, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
-    """Logits ``[B, T, V]`` (model dtype) predicting each response token, divided by ``temperature``."""
+def _causal_inputs(model: torch.nn.Module, batch: RolloutBatch) -> tuple[dict[str, torch.Tensor], int]:
+    """Model inputs for prompt + response minus the last token, and T: the last T positions (P−1 .. L−2)
+    predict response tokens 0 .. T−1. Positions count from each row's first real token (left padding)."""
     device = next(model.parameters()).device
     ids = batch.input_ids_B_L.to(device)
     att = batch.attention_mask_B_L.to(device)
     pos = (att.cumsum(-1) - 1).clamp(min=0)
-    P = batch.prompt_len
-    out = model(input_ids=ids[:, :-1], attention_mask=att[:, :-1], position_ids=pos[:, :-1],
-                logits_to_keep=ids.shape[1] - P)
-    logits = out.logits  # positions P-1 .. L-2 predict response tokens 0 .. T-1
+    inputs = {"input_ids": ids[:, :-1], "attention_mask": att[:, :-1], "position_ids": pos[:, :-1]}
+    return inputs, ids.shape[1] - batch.prompt_len
+
+
+def response_logits(model: torch.nn.Module, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Logits ``[B, T, V]`` (model dtype) predicting each response token, divided by ``temperature``."""
+    inputs, T = _causal_inputs(model, batch)
+    logits = model(**inputs, logits_to_keep=T).logits
     if temperature != 1.0:
         logits = logits / temperature
     return logits
@@ -46,13 +51,14 @@ def response_logits(model: torch.nn.Module, batch: RolloutBatch, temperature: fl
 
 def response_hidden(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
     """Final hidden states ``[B, T, H]`` at the positions that predict each response token."""
-    device = next(model.parameters()).device
-    ids = batch.input_ids_B_L.to(device)
-    att = batch.attention_mask_B_L.to(device)
-    pos = (att.cumsum(-1) - 1).clamp(min=0)
-    out = model.base_model(input_ids=ids[:, :-1], attention_mask=att[:, :-1], position_ids=pos[:, :-1])
-    T = ids.shape[1] - batch.prompt_len
-    return out.last_hidden_state[:, -T:]
+    inputs, T = _causal_inputs(model, batch)
+    return model.base_model(**inputs).last_hidden_state[:, -T:]
+
+
+def head_logits(h_B_C_H: torch.Tensor, w_V_H: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One chunk of logits ``h W^T / T_s`` (model dtype, a fresh tensor the caller may overwrite)."""
+    logits = h_B_C_H @ w_V_H.t()
+    return logits.div_(temperature) if temperature != 1.0 else logits
 
 
 # x86 CPUs take a ~10x slower path for exp() of arguments below about -87 (float32 underflow). Shifted
@@ -96,9 +102,7 @@ class _ChunkedHead(torch.autograd.Function):
         lse, z = [], []
         with torch.no_grad():
             for s in range(0, h_B_T_H.shape[1], chunk_size):
-                logits = h_B_T_H[:, s : s + chunk_size] @ w_V_H.t()
-                if temperature != 1.0:
-                    logits.div_(temperature)
+                logits = head_logits(h_B_T_H[:, s : s + chunk_size], w_V_H, temperature)
                 z.append(at_least_f32(logits.gather(-1, ids_B_T_K[:, s : s + chunk_size])))
                 lse.append(logsumexp_last(at_least_f32(logits), inplace=True))
         lse_B_T, z_B_T_K = torch.cat(lse, 1), torch.cat(z, 1)
@@ -124,9 +128,7 @@ class _ChunkedHead(torch.autograd.Function):
                     rows = (g_z.unsqueeze(-1) * at_least_f32(h_c).unsqueeze(-2)).reshape(-1, h.shape[-1])
                     grad_w.index_add_(0, ids_c.reshape(-1), rows.to(w.dtype))
                 continue
-            logits = at_least_f32(h_c @ w.t())
-            if T_s != 1.0:
-                logits = logits / T_s
+            logits = at_least_f32(head_logits(h_c, w, T_s))
             g = softmax_from_lse(logits, lse[:, s : s + C]) * (at_least_f32(g_lse_B_T[:, s : s + C, None]) / T_s)
             g.scatter_add_(-1, ids_c, g_z)
             g = g.to(h.dtype)
@@ -232,9 +234,7 @@ def score_teacher(
         q = query_ids_B_T_Q[idx].to(h.device) if query_ids_B_T_Q is not None else None
         parts: dict[str, list[torch.Tensor]] = {"lp": [], "ti": [], "tl": [], "ql": []}
         for c in range(0, h.shape[1], chunk_size):
-            logits = h[:, c : c + chunk_size] @ w.t()
-            if temperature != 1.0:
-                logits = logits / temperature
+            logits = head_logits(h[:, c : c + chunk_size], w, temperature)
             lse = logsumexp_last(at_least_f32(logits))
             parts["lp"].append(gather_float(logits, y[:, c : c + chunk_size, None])[..., 0] - lse)
             if top_k > 0:

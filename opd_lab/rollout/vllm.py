@@ -32,7 +32,6 @@ def _set_env(cpu: bool, kv_cache_gib: float) -> None:
     # vLLM logs at INFO per call and warns at every in-place reload ("RotaryEmbedding: Failed to load weights":
     # it has buffers, no weights; tests/test_vllm.py checks log-probs after a sync). Set the variable to see it.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
     if cpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
 
