@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from opd_lab.config import ConfigError, register_configs, to_run_config
@@ -14,20 +16,29 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
 
 
+def config_error(e: ConfigError) -> None:
+    """Report a config error: exit 2 in a single run; in a multirun, mark this job failed and let the others go on."""
+    print(f"opd-lab: config error: {e}", file=sys.stderr)
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        sys.exit(2)
+    from opd_lab.train import write_status
+
+    out = Path(hc.runtime.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_status(out, "failed", error=f"config error: {e}")
+    raise e
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> float:
     try:
         run = to_run_config(cfg)
-    except ConfigError as e:
-        print(f"opd-lab: config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    from opd_lab.train import main
+        from opd_lab.train import main
 
-    try:
         final = main(run, Path(run.output_dir))
     except ConfigError as e:
-        print(f"opd-lab: config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        config_error(e)
     return final.get("pass@1", float("nan"))
 
 

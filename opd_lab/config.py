@@ -325,9 +325,18 @@ class TrainerConfig:
 
 
 # ----------------------------------------------------------------------------------------------- evaluate
+class EvalTarget(str, Enum):
+    student = "student"
+    teacher = "teacher"
+
+
 @dataclass
 class EvalConfig:
-    """pass@k on the held-out split with n samples per problem (unbiased estimator)."""
+    """pass@k on the held-out split with n samples per problem (unbiased estimator).
+
+    ``only`` makes the run evaluation-only: null trains then evaluates; ``student``/``teacher`` evaluates that
+    untrained model and trains nothing (the two untrained variants of a benchmark, whatever ``trainer.steps``).
+    """
 
     n_samples: int = 8
     ks: list[int] = field(default_factory=lambda: [1, 8])
@@ -337,6 +346,7 @@ class EvalConfig:
     seed: int = 1234
     every: int = 0
     baselines: bool = True
+    only: EvalTarget | None = None
 
     def __post_init__(self) -> None:
         _check(self.n_samples >= 1, "eval.n_samples", self.n_samples, "an integer >= 1")
@@ -381,6 +391,7 @@ class Config:
     trainer: TrainerConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    variant: str = ""  # a label for sweeps and reports (set by conf/variant/*); empty: derived from loss and gate
     cache_dir: str = "${oc.env:OPD_LAB_CACHE,${oc.env:HOME}/.cache/opd_lab}"
     output_dir: str = "${hydra:runtime.output_dir}"
 

@@ -22,11 +22,10 @@ class Tracker:
         if w.mode.value != "disabled":
             import wandb
 
-            tags = list(w.tags) or [f"loss={cfg.loss.name}", f"gate={_gate_name(cfg)}",
-                                     f"reuse={cfg.rollout.reuse}", f"seed={cfg.trainer.seed}"]
             self._wandb = wandb.init(
-                project=w.project, entity=w.entity, group=w.group, name=w.name or name, tags=tags,
-                config=as_flat_dict(cfg), dir=str(self.run_dir), mode=w.mode.value, reinit="finish_previous",
+                project=w.project, entity=w.entity, group=w.group, name=w.name or name, tags=run_tags(cfg),
+                config=as_flat_dict(cfg) | {"overrides": hydra_overrides()}, dir=str(self.run_dir),
+                mode=w.mode.value, reinit="finish_previous",
             )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -47,6 +46,23 @@ class Tracker:
             self._wandb = None
 
 
-def _gate_name(cfg: Config) -> str:
+def run_tags(cfg: Config) -> list[str]:
+    """wandb tags: the configured ones plus loss, gate, reuse, seed (and the variant when set)."""
+    tags = [f"loss={cfg.loss.name}", f"gate={gate_name(cfg)}", f"reuse={cfg.rollout.reuse}",
+            f"seed={cfg.trainer.seed}"] + ([f"variant={cfg.variant}"] if cfg.variant else [])
+    return list(dict.fromkeys([*cfg.logger.wandb.tags, *tags]))
+
+
+def hydra_overrides() -> list[str]:
+    """The command-line overrides of this Hydra job (empty outside a Hydra app)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # not running under @hydra.main (tests, library use)
+        return []
+
+
+def gate_name(cfg: Config) -> str:
     g = cfg.gate
     return f"block{g.block_size}" if g.kind.value == "block" else g.kind.value

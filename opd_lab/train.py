@@ -19,7 +19,7 @@ from opd_lab.evaluation import EvalResult, encode_prompts, evaluate
 from opd_lab.models import check_same_vocab, load_model, load_tokenizer, resolve_paths
 from opd_lab.rollout.base import get_engine_class
 from opd_lab.tasks import build_task
-from opd_lab.tracking import Tracker
+from opd_lab.tracking import Tracker, gate_name
 
 
 def seed_everything(seed: int) -> None:
@@ -102,10 +102,30 @@ def format_table(rows: dict[str, dict[str, float]], ks: list[int]) -> str:
     return "\n".join(lines)
 
 
+def write_status(run_dir: Path, status: str, **extra) -> None:
+    """``status.json`` (running / completed / failed), written atomically so a reader never sees half a file."""
+    tmp = run_dir / "status.json.tmp"
+    tmp.write_text(json.dumps({"status": status, **extra}, default=str))
+    os.replace(tmp, run_dir / "status.json")
+
+
+def run_label(cfg: Config) -> str:
+    """The variant's name: ``cfg.variant`` or ``<loss>-<gate>`` (``eval-<target>`` for an evaluation-only run)."""
+    if cfg.variant:
+        return cfg.variant
+    if cfg.eval.only is not None:
+        return f"eval-{cfg.eval.only.value}"
+    return f"{cfg.loss.name}-{gate_name(cfg)}"
+
+
 def main(cfg: Config, run_dir: Path) -> dict[str, float]:
-    """Run one OPD experiment into ``run_dir``; returns the final evaluation metrics of the student."""
+    """Run one OPD experiment into ``run_dir``; returns the final evaluation metrics of the student.
+
+    With ``eval.only`` set it is an evaluation-only run of that untrained model (base student or teacher).
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    write_status(run_dir, "running", pid=os.getpid())
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     seed_everything(cfg.trainer.seed)
@@ -115,6 +135,8 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
     check_same_vocab(tokenizer, load_tokenizer(paths.teacher))
     if isinstance(cfg.loss, LSMLossConfig) and cfg.loss.top_k > len(tokenizer):
         raise ConfigError(f"loss.top_k={cfg.loss.top_k} is invalid: allowed 1..{len(tokenizer)} (vocabulary size)")
+    if cfg.eval.only is not None:
+        return evaluate_only(cfg, run_dir, paths, tokenizer, task)
     device = cfg.trainer.device
     student = load_model(paths.student, cfg.model.dtype, device, trainable=True)
     hf_teacher = cfg.rollout.teacher_scorer.value == "hf" or cfg.rollout.engine.value == "hf"
@@ -128,7 +150,7 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
             table[name] = res.metrics
             frames.append(res.per_problem.assign(model=name, step=0))
 
-    tracker = Tracker(cfg, run_dir, name=run_dir.name)
+    tracker = Tracker(cfg, run_dir, name=f"{run_label(cfg)}-seed{cfg.trainer.seed}")
     engine = make_engine(cfg, student, tokenizer, paths.student)
     teacher_scorer = make_teacher_scorer(cfg, teacher, tokenizer, paths.teacher)
     final: dict[str, float] = {}
@@ -148,21 +170,50 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
             on_step(0)
         table["trained_student"] = final
         save_checkpoint(student, tokenizer, run_dir / "checkpoint")
-        pd.concat(frames).to_csv(run_dir / "eval_per_problem.csv", index=False)
-        summary = pd.DataFrame([{"model": k, **v} for k, v in table.items()])
-        summary.to_csv(run_dir / "eval.csv", index=False)
-        tracker.summary({f"final/{k}": v for k, v in final.items()}
-                        | {f"{n}/{k}": v for n, m in table.items() if n != "trained_student" for k, v in m.items()})
-        (run_dir / "status.json").write_text(json.dumps({"status": "completed", "final": final,
-                                                         "steps": cfg.trainer.steps}))
-        print("\n" + format_table(table, list(cfg.eval.ks)), flush=True)
-        print(f"\nrun directory: {run_dir}", flush=True)
-        tracker.finish(0)
-    except BaseException:
-        (run_dir / "status.json").write_text(json.dumps({"status": "failed"}))
+        finish_run(cfg, run_dir, tracker, table, frames, final)
+    except BaseException as e:
+        write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         tracker.finish(1)
         raise
     finally:
         engine.close()
         teacher_scorer.close()
     return final
+
+
+def evaluate_only(cfg: Config, run_dir: Path, paths, tokenizer, task) -> dict[str, float]:
+    """Evaluate ``eval.only`` (untrained) with the configured engine: a benchmark's base-student/teacher row."""
+    target = cfg.eval.only.value
+    path = paths.student if target == "student" else paths.teacher
+    name = "base_student" if target == "student" else "teacher"
+    tracker = Tracker(cfg, run_dir, name=f"{run_label(cfg)}-seed{cfg.trainer.seed}")
+    try:
+        def build():
+            model = None
+            if cfg.rollout.engine.value == "hf":
+                model = load_model(path, cfg.model.dtype, cfg.trainer.device, trainable=False)
+            return make_engine(cfg, model, tokenizer, path)
+
+        res = cached_eval(cfg, path, build, tokenizer, task)
+        tracker.log(0, {f"eval/{k}": v for k, v in res.metrics.items()})
+        finish_run(cfg, run_dir, tracker, {name: res.metrics}, [res.per_problem.assign(model=name, step=0)],
+                   res.metrics)
+    except BaseException as e:
+        write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+        tracker.finish(1)
+        raise
+    return res.metrics
+
+
+def finish_run(cfg: Config, run_dir: Path, tracker: Tracker, table: dict[str, dict[str, float]], frames,
+               final: dict[str, float]) -> None:
+    """Write the evaluation tables, the wandb summary and ``status.json``; print the table."""
+    pd.concat(frames).to_csv(run_dir / "eval_per_problem.csv", index=False)
+    pd.DataFrame([{"model": k, **v} for k, v in table.items()]).to_csv(run_dir / "eval.csv", index=False)
+    tracker.summary({f"final/{k}": v for k, v in final.items()}
+                    | {f"{n}/{k}": v for n, m in table.items() if n != "trained_student" for k, v in m.items()})
+    write_status(run_dir, "completed", final=final, steps=0 if cfg.eval.only else cfg.trainer.steps,
+                 variant=run_label(cfg))
+    print("\n" + format_table(table, list(cfg.eval.ks)), flush=True)
+    print(f"\nrun directory: {run_dir}", flush=True)
+    tracker.finish(0)
