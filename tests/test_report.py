@@ -1,0 +1,101 @@
+"""opd_lab.report: confidence intervals by hand, status bookkeeping, and a real tiny sweep through Hydra multirun."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from opd_lab.report import load_sweep, mean_ci95, summarise, summary_markdown, t_quantile_975
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_t_quantiles():
+    assert t_quantile_975(1) == pytest.approx(12.706)
+    assert t_quantile_975(2) == pytest.approx(4.303)
+    assert t_quantile_975(1000) == pytest.approx(1.96)
+    assert math.isnan(t_quantile_975(0))
+
+
+def test_mean_ci95_by_hand():
+    mean, std, ci, n = mean_ci95([0.5, 0.7, 0.9])
+    assert (mean, n) == (pytest.approx(0.7), 3)
+    assert std == pytest.approx(0.2)  # sqrt(((-.2)^2 + 0 + .2^2) / 2)
+    assert ci == pytest.approx(4.303 * 0.2 / math.sqrt(3))
+    mean, std, ci, n = mean_ci95([0.4, float("nan"), None])
+    assert (mean, n) == (pytest.approx(0.4), 1) and math.isnan(ci)
+    assert mean_ci95([])[3] == 0
+
+
+def test_summary_counts_failed_and_unfinished_runs_and_uses_only_completed_ones():
+    runs = pd.DataFrame([
+        {"job": 0, "variant": "a", "seed": 0, "status": "completed", "final/pass@1": 0.2, "error": ""},
+        {"job": 1, "variant": "a", "seed": 1, "status": "completed", "final/pass@1": 0.4, "error": ""},
+        {"job": 2, "variant": "a", "seed": 2, "status": "failed", "final/pass@1": float("nan"), "error": "boom"},
+        {"job": 3, "variant": "b", "seed": 0, "status": "unfinished", "final/pass@1": float("nan"), "error": ""},
+        {"job": 4, "variant": "b", "seed": 1, "status": "not_started", "final/pass@1": float("nan"), "error": ""},
+    ])
+    s = summarise(runs).set_index("variant")
+    assert list(s.index) == ["a", "b"]
+    assert s.loc["a", ["n_completed", "n_failed", "n_unfinished"]].tolist() == [2, 1, 0]
+    assert s.loc["b", ["n_completed", "n_failed", "n_unfinished"]].tolist() == [0, 0, 2]
+    assert s.loc["a", "pass@1_mean"] == pytest.approx(0.3)
+    assert s.loc["a", "pass@1_ci95"] == pytest.approx(12.706 * math.sqrt(0.02) / math.sqrt(2))
+    md = summary_markdown(s.reset_index(), runs, "t")
+    assert "| a | 2 | 0.300 ± " in md and "boom" in md and "not_started" in md and "unfinished" in md
+
+
+def test_missing_sweep_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such sweep directory"):
+        load_sweep(tmp_path / "nope")
+    proc = subprocess.run([sys.executable, "-m", "opd_lab.report", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "holds no Hydra job directories" in proc.stderr
+
+
+@pytest.mark.slow
+def test_tiny_sweep_then_report(tmp_path):
+    """2 variants × 2 seeds through Hydra multirun, plus a variant that fails: the others complete and the report
+    lists the failures; runs.csv, CI columns, Markdown and PNGs are written."""
+    from tests.test_e2e import TINY
+
+    extra = tmp_path / "conf" / "variant"
+    extra.mkdir(parents=True)
+    (extra / "broken.yaml").write_text("# @package _global_\nmodel:\n  student: /nonexistent/student\n"
+                                       "variant: broken\n")
+    sweep_dir = tmp_path / "sweep"
+    args = [sys.executable, "-m", "opd_lab", "--config-dir", str(ROOT / "sweeps"), "--config-name", "six_variant",
+            "--multirun", *TINY, "rollout.engine=hf", f"cache_dir={tmp_path / 'cache'}",
+            f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.sweep.dir={sweep_dir}",
+            "variant=sampled_token,broken,lsm_block64", "trainer.seed=0,1"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**__import__("os").environ, "WANDB_MODE": "offline"})
+    assert proc.returncode != 0  # Hydra re-raises the failed jobs' error after the whole sweep ran
+    statuses = {p.parent.name: json.loads(p.read_text())["status"] for p in sweep_dir.glob("*/status.json")}
+    assert statuses == {"0": "completed", "1": "completed", "2": "failed", "3": "failed", "4": "completed",
+                        "5": "completed"}, proc.stderr[-3000:]
+
+    out = tmp_path / "results"
+    rep = subprocess.run([sys.executable, "-m", "opd_lab.report", str(sweep_dir), "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 6 and sorted(runs["job"]) == list(range(6))
+    assert runs.set_index("job").loc[[2, 3], "status"].tolist() == ["failed", "failed"]
+    assert runs.set_index("job").loc[2, "error"].startswith("config error: model.student")
+    assert runs.loc[runs["status"] == "completed", "steps_done"].tolist() == [2, 2, 2, 2]
+    summary = pd.read_csv(out / "summary.csv").set_index("variant")
+    assert list(summary.index) == ["sampled_token", "broken", "lsm_block64"]
+    assert summary.loc["broken", "n_failed"] == 2 and summary.loc["broken", "n_completed"] == 0
+    for col in ("pass@1_mean", "pass@1_std", "pass@1_ci95", "pass@2_mean", "pass@2_ci95"):
+        assert col in summary.columns, col
+    assert summary.loc[["sampled_token", "lsm_block64"], "n_completed"].tolist() == [2, 2]
+    assert summary.loc[["sampled_token", "lsm_block64"], "pass@1_ci95"].notna().all()
+    md = (out / "summary.md").read_text()
+    assert "Runs that did not complete" in md and "broken" in md
+    for png in ("pass_at_k.png", "curves.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
