@@ -178,7 +178,7 @@ def load_sweep(sweep_dir: str | os.PathLike) -> pd.DataFrame:
         if "wandb" in run_dir.parts:
             continue
         try:
-            num = int((yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["num"]))
+            num = int(yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["num"])
             found[num] = run_dir
         except Exception:
             extra.append(run_dir)
