@@ -237,6 +237,8 @@ class ModelConfig:
     tokenizer: str | None = None
     dtype: str = "float32"
     prepare: PrepareConfig | None = None
+    chat_template: str | None = None  # a .jinja file or template text replacing the tokenizer's own
+    enable_thinking: bool | None = None  # passed to the chat template (Qwen3 thinking mode); null: template default
 
     def __post_init__(self) -> None:
         _check(
@@ -278,6 +280,43 @@ class ArithTaskConfig(TaskConfig):
         _check(1 <= self.min_digits <= self.max_digits, "task.min_digits/max_digits",
                (self.min_digits, self.max_digits), "1 <= min_digits <= max_digits")
         _check(self.n_eval >= 1, "task.n_eval", self.n_eval, "an integer >= 1")
+
+
+@dataclass
+class DatasetConfig:
+    """One prompt set: a ``datasets`` hub id (with ``subset``/``split``) or a local .jsonl/.json/.parquet file or
+    folder, and the dotted paths of the question and answer fields (list indices allowed: ``prompt.0.content``)."""
+
+    path: str = MISSING
+    split: str = "test"
+    subset: str | None = None
+    question_field: str = "problem"
+    answer_field: str = "answer"
+    limit: int | None = None  # first N records only
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "task.*.path", self.path, "a hub id or a local file")
+        _check(self.limit is None or self.limit >= 1, "task.*.limit", self.limit, "null or an integer >= 1")
+
+
+MATH_PROMPT = "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+
+
+@dataclass
+class MathTaskConfig(TaskConfig):
+    """Math prompts (question → boxed answer) for training and named evaluation benchmarks, graded by
+    math-verify. ``prompt_template`` is filled with ``{question}``."""
+
+    name: str = "math"
+    train: DatasetConfig = field(default_factory=DatasetConfig)
+    eval: dict[str, DatasetConfig] = field(default_factory=dict)
+    prompt_template: str = MATH_PROMPT
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        _check("{question}" in self.prompt_template, "task.prompt_template", self.prompt_template,
+               "a template containing {question}")
+        _check(len(self.eval) >= 1, "task.eval", dict(self.eval), "at least one named benchmark")
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -347,6 +386,7 @@ class EvalConfig:
     every: int = 0
     baselines: bool = True
     only: EvalTarget | None = None
+    checkpoint: str | None = None  # evaluation only: a saved model folder to evaluate instead of eval.only
 
     def __post_init__(self) -> None:
         _check(self.n_samples >= 1, "eval.n_samples", self.n_samples, "an integer >= 1")
@@ -408,6 +448,7 @@ def register_configs() -> None:
     cs.store(group="rollout", name="base_rollout", node=RolloutConfig)
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="task", name="base_task_arith", node=ArithTaskConfig)
+    cs.store(group="task", name="base_task_math", node=MathTaskConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)
 
@@ -438,6 +479,8 @@ def to_run_config(cfg: DictConfig) -> Config:
                "hf when loss.support is student or union (vLLM returns the teacher's top-K only)")
         _check(not lsm or run.loss.top_k <= run.rollout.vllm.max_logprobs, "loss.top_k",
                getattr(run.loss, "top_k", None), f"<= rollout.vllm.max_logprobs={run.rollout.vllm.max_logprobs}")
+    _check(run.eval.checkpoint is None or run.eval.only is not None, "eval.checkpoint", run.eval.checkpoint,
+           "null unless eval.only is set (an evaluation-only run)")
     mb = run.rollout.mini_batch_size
     _check(
         run.trainer.grad_accum <= mb,

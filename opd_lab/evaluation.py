@@ -25,6 +25,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prod
 
 
+def benchmark_table(per_problem: pd.DataFrame, ks: list[int]) -> pd.DataFrame:
+    """Per benchmark (index, in first-seen order): problems, pass@k (mean over its problems), truncated fraction."""
+    g = per_problem.groupby("benchmark", sort=False)
+    out = g[[f"pass@{k}" for k in ks]].mean()
+    out.insert(0, "problems", g.size())
+    out["truncated_frac"] = g["truncated"].sum() / g["n"].sum()
+    return out
+
+
 @dataclass
 class EvalResult:
     """Per-problem table and the aggregate metrics of one evaluation."""
@@ -33,11 +42,17 @@ class EvalResult:
     metrics: dict[str, float]
 
 
-def encode_prompts(tokenizer, problems: list[Problem]) -> list[list[int]]:
-    """Chat-template token ids (with the generation prompt) for each problem."""
+def encode_prompts(tokenizer, problems: list[Problem], system_prompt: str | None = None,
+                   enable_thinking: bool | None = None) -> list[list[int]]:
+    """Chat-template token ids (with the generation prompt) for each problem.
+
+    ``enable_thinking`` is passed to the template when set (Qwen3's thinking-mode switch).
+    """
+    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     out = []
     for p in problems:
-        ids = tokenizer.apply_chat_template(user_message(p), tokenize=True, add_generation_prompt=True)
+        ids = tokenizer.apply_chat_template(user_message(p, system_prompt), tokenize=True,
+                                            add_generation_prompt=True, **extra)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         out.append(list(ids))
@@ -54,27 +69,35 @@ def evaluate(
     top_p: float,
     max_tokens: int,
     seed: int,
+    encode=encode_prompts,
 ) -> EvalResult:
     """Sample ``n_samples`` responses per problem, grade them, and report pass@k for each k.
 
-    Metrics: ``pass@k`` (mean over problems), ``truncated_frac`` (responses that hit ``max_tokens`` without
-    an end token; they count as wrong), ``mean_response_len``.
+    Metrics: ``pass@k`` (the macro mean over benchmarks of the mean over each benchmark's problems; with one
+    benchmark, the mean over problems), ``pass@k/<benchmark>`` when there are several, ``truncated_frac``
+    (responses that hit ``max_tokens`` without an end token; they count as wrong), ``mean_response_len``.
+    ``encode(tokenizer, problems)`` renders the prompts (chat template options bound by the caller).
     """
     spec = SamplingSpec(n=n_samples, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-    batch = engine.generate(encode_prompts(tokenizer, problems), spec)
+    batch = engine.generate(encode(tokenizer, problems), spec)
     lengths = batch.response_mask_B_T.sum(-1).tolist()
     rows = []
     for j, p in enumerate(problems):
         idx = range(j * n_samples, (j + 1) * n_samples)
         correct = [(not bool(batch.truncated_B[i])) and grade(batch.response_text[i], p) for i in idx]
         trunc = sum(int(batch.truncated_B[i]) for i in idx)
-        row = {"question": p.question, "answer": p.answer, "n": n_samples, "correct": sum(correct),
+        row = {"benchmark": p.source, "question": p.question, "answer": p.answer, "n": n_samples,
+               "correct": sum(correct),
                "truncated": trunc, "mean_len": sum(lengths[i] for i in idx) / n_samples}
         for k in ks:
             row[f"pass@{k}"] = pass_at_k(n_samples, sum(correct), k)
         rows.append(row)
     df = pd.DataFrame(rows)
-    metrics = {f"pass@{k}": float(df[f"pass@{k}"].mean()) for k in ks}
+    per_bench = benchmark_table(df, ks)
+    metrics = {f"pass@{k}": float(per_bench[f"pass@{k}"].mean()) for k in ks}
+    if len(per_bench) > 1:
+        for bench, r in per_bench.iterrows():
+            metrics |= {f"pass@{k}/{bench}": float(r[f"pass@{k}"]) for k in ks}
     metrics["truncated_frac"] = float(df["truncated"].sum() / (n_samples * len(problems)))
     metrics["mean_response_len"] = float(df["mean_len"].mean())
     return EvalResult(df, metrics)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from opd_lab.config import Config, ConfigError
+from opd_lab.config import ArithTaskConfig, Config, ConfigError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,28 +28,52 @@ def resolve_paths(cfg: Config) -> ModelPaths:
     if "embedded" in (student, teacher):
         from opd_lab.prepare import resolve_role
 
+        # The embedded pair is trained on the arithmetic task (the configured one, or its defaults when the run
+        # uses another task, e.g. evaluating the embedded models on math fixtures).
+        task = cfg.task if isinstance(cfg.task, ArithTaskConfig) else ArithTaskConfig()
+
         def embedded(role: str) -> str:
-            return str(resolve_role(m.prepare, cfg.task, role, cfg.cache_dir, progress=cfg.logger.progress))
+            return str(resolve_role(m.prepare, task, role, cfg.cache_dir, progress=cfg.logger.progress))
 
         student = embedded("student") if student == "embedded" else student
         teacher = embedded("teacher") if teacher == "embedded" else teacher
     for field_name, value in (("model.student", student), ("model.teacher", teacher)):
         _check_reachable(field_name, value)
+    if cfg.eval.checkpoint:
+        _check_reachable("eval.checkpoint", cfg.eval.checkpoint, always_local=True)
     return ModelPaths(student, teacher, m.tokenizer or student)
 
 
-def _check_reachable(field_name: str, value: str) -> None:
+def _check_reachable(field_name: str, value: str, always_local: bool = False) -> None:
     """A local-looking path that does not exist is a config error, not a hub lookup deep in transformers."""
-    looks_local = value.startswith(("/", "./", "../", "~")) or os.sep in value and value.count("/") != 1
+    looks_local = always_local or value.startswith(("/", "./", "../", "~")) or os.sep in value and value.count("/") != 1
     if looks_local and not Path(value).expanduser().exists():
         raise ConfigError(f"{field_name}={value!r}: no such folder; set {field_name} to a local "
                           "save_pretrained folder or a hub id")
 
 
-def load_tokenizer(path: str):
+@contextmanager
+def loading(field_name: str, value: str):
+    """Turn a failed hub/local load into one :class:`ConfigError` line that names the field to set."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:240] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{field_name}={value!r} could not be loaded ({type(e).__name__}: {first}); set "
+                          f"{field_name} to a local save_pretrained folder or a reachable hub id") from None
+
+
+def load_tokenizer(path: str, chat_template: str | None = None):
+    """The tokenizer at ``path``, left-padded, with a pad token; ``chat_template`` (a file or template text)
+    replaces its own template."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
+    if chat_template:
+        p = Path(chat_template).expanduser()
+        tok.chat_template = p.read_text() if "{" not in chat_template and p.is_file() else chat_template
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -71,7 +96,10 @@ def check_same_vocab(student_tok, teacher_tok) -> None:
     if student_tok.get_vocab() != teacher_tok.get_vocab():
         raise ConfigError("student and teacher tokenizers differ (vocabulary); opd-lab needs one shared "
                           "vocabulary: set model.tokenizer or pick a matching pair")
-    for attr in ("eos_token_id", "pad_token_id", "bos_token_id"):
+    for attr in ("eos_token_id", "pad_token_id", "bos_token_id", "all_special_ids"):
         if getattr(student_tok, attr) != getattr(teacher_tok, attr):
             raise ConfigError(f"student and teacher tokenizers differ in {attr}: "
                               f"{getattr(student_tok, attr)} vs {getattr(teacher_tok, attr)}")
+    if student_tok.chat_template != teacher_tok.chat_template:
+        raise ConfigError("student and teacher tokenizers have different chat templates; set "
+                          "model.chat_template to render both the same way")

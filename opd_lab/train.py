@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -15,8 +16,8 @@ import torch
 from omegaconf import OmegaConf
 
 from opd_lab.config import Config, ConfigError, LSMLossConfig, as_flat_dict
-from opd_lab.evaluation import EvalResult, encode_prompts, evaluate
-from opd_lab.models import check_same_vocab, load_model, load_tokenizer, resolve_paths
+from opd_lab.evaluation import EvalResult, benchmark_table, encode_prompts, evaluate
+from opd_lab.models import check_same_vocab, load_model, load_tokenizer, loading, resolve_paths
 from opd_lab.rollout.base import get_engine_class
 from opd_lab.tasks import build_task
 from opd_lab.tracking import Tracker, gate_name
@@ -56,10 +57,16 @@ def _eval_key(cfg: Config, path: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def prompt_encoder(cfg: Config):
+    """``encode(tokenizer, problems)`` with the task's system prompt and the model's thinking-mode setting."""
+    return functools.partial(encode_prompts, system_prompt=getattr(cfg.task, "system_prompt", None),
+                             enable_thinking=cfg.model.enable_thinking)
+
+
 def run_eval(cfg: Config, engine, tokenizer, task) -> EvalResult:
     e = cfg.eval
     return evaluate(engine, tokenizer, task.eval_problems(), e.n_samples, list(e.ks), e.temperature, e.top_p,
-                    e.max_tokens, e.seed)
+                    e.max_tokens, e.seed, encode=prompt_encoder(cfg))
 
 
 def cached_eval(cfg: Config, path: str, build_engine, tokenizer, task) -> EvalResult:
@@ -92,6 +99,19 @@ def save_checkpoint(model, tokenizer, out: Path) -> None:
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def benchmark_csv(per_problem: pd.DataFrame, ks: list[int]) -> pd.DataFrame:
+    """Per (model, step): a row per benchmark and a ``macro_mean`` row (the mean of the benchmarks' pass@k)."""
+    rows = []
+    for (model, step), g in per_problem.groupby(["model", "step"], sort=False):
+        table = benchmark_table(g, ks)
+        for bench, r in table.iterrows():
+            rows.append({"model": model, "step": step, "benchmark": bench, **r.to_dict()})
+        macro = {f"pass@{k}": table[f"pass@{k}"].mean() for k in ks}
+        rows.append({"model": model, "step": step, "benchmark": "macro_mean", "problems": table["problems"].sum(),
+                     **macro, "truncated_frac": g["truncated"].sum() / g["n"].sum()})
+    return pd.DataFrame(rows)
 
 
 def format_table(rows: dict[str, dict[str, float]], ks: list[int]) -> str:
@@ -131,16 +151,24 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
     seed_everything(cfg.trainer.seed)
     task = build_task(cfg.task)
     paths = resolve_paths(cfg)
-    tokenizer = load_tokenizer(paths.tokenizer)
-    check_same_vocab(tokenizer, load_tokenizer(paths.teacher))
+    with loading("model.tokenizer" if cfg.model.tokenizer else "model.student", paths.tokenizer):
+        tokenizer = load_tokenizer(paths.tokenizer, cfg.model.chat_template)
+    with loading("model.teacher", paths.teacher):
+        check_same_vocab(tokenizer, load_tokenizer(paths.teacher, cfg.model.chat_template))
     if isinstance(cfg.loss, LSMLossConfig) and cfg.loss.top_k > len(tokenizer):
         raise ConfigError(f"loss.top_k={cfg.loss.top_k} is invalid: allowed 1..{len(tokenizer)} (vocabulary size)")
     if cfg.eval.only is not None:
         return evaluate_only(cfg, run_dir, paths, tokenizer, task)
+    if hasattr(task, "load_train"):
+        task.load_train()  # a bad training-set path fails here, before any model loads
     device = cfg.trainer.device
-    student = load_model(paths.student, cfg.model.dtype, device, trainable=True)
+    with loading("model.student", paths.student):
+        student = load_model(paths.student, cfg.model.dtype, device, trainable=True)
     hf_teacher = cfg.rollout.teacher_scorer.value == "hf" or cfg.rollout.engine.value == "hf"
-    teacher = load_model(paths.teacher, cfg.model.dtype, device, trainable=False) if hf_teacher else None
+    teacher = None
+    if hf_teacher:
+        with loading("model.teacher", paths.teacher):
+            teacher = load_model(paths.teacher, cfg.model.dtype, device, trainable=False)
 
     table: dict[str, dict[str, float]] = {}
     frames = []
@@ -165,7 +193,8 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
 
         from opd_lab.learner import run_training
 
-        run_training(cfg, student, teacher_scorer, tokenizer, engine, task, tracker, encode_prompts, on_step)
+        run_training(cfg, student, teacher_scorer, tokenizer, engine, task, tracker, prompt_encoder(cfg),
+                     on_step)
         if cfg.trainer.steps == 0:
             on_step(0)
         table["trained_student"] = final
@@ -182,10 +211,13 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
 
 
 def evaluate_only(cfg: Config, run_dir: Path, paths, tokenizer, task) -> dict[str, float]:
-    """Evaluate ``eval.only`` (untrained) with the configured engine: a benchmark's base-student/teacher row."""
+    """Evaluate one model with the configured engine and no training: ``eval.checkpoint`` when set, else the
+    untrained ``eval.only`` model (a benchmark's base-student/teacher row)."""
     target = cfg.eval.only.value
     path = paths.student if target == "student" else paths.teacher
     name = "base_student" if target == "student" else "teacher"
+    if cfg.eval.checkpoint:
+        path, name = cfg.eval.checkpoint, "checkpoint"
     tracker = Tracker(cfg, run_dir, name=f"{run_label(cfg)}-seed{cfg.trainer.seed}")
     try:
         def build():
@@ -208,7 +240,9 @@ def evaluate_only(cfg: Config, run_dir: Path, paths, tokenizer, task) -> dict[st
 def finish_run(cfg: Config, run_dir: Path, tracker: Tracker, table: dict[str, dict[str, float]], frames,
                final: dict[str, float]) -> None:
     """Write the evaluation tables, the wandb summary and ``status.json``; print the table."""
-    pd.concat(frames).to_csv(run_dir / "eval_per_problem.csv", index=False)
+    per_problem = pd.concat(frames)
+    per_problem.to_csv(run_dir / "eval_per_problem.csv", index=False)
+    benchmark_csv(per_problem, list(cfg.eval.ks)).to_csv(run_dir / "eval_benchmarks.csv", index=False)
     pd.DataFrame([{"model": k, **v} for k, v in table.items()]).to_csv(run_dir / "eval.csv", index=False)
     tracker.summary({f"final/{k}": v for k, v in final.items()}
                     | {f"{n}/{k}": v for n, m in table.items() if n != "trained_student" for k, v in m.items()})

@@ -13,9 +13,10 @@ class Task(Protocol):
     def train_problems(self, n: int, rng: Any) -> list[Problem]: ...
 
 
-def user_message(problem: Problem) -> list[dict[str, str]]:
-    """The chat messages that pose ``problem``."""
-    return [{"role": "user", "content": problem.question}]
+def user_message(problem: Problem, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """The chat messages that pose ``problem`` (after an optional system message)."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [*system, {"role": "user", "content": problem.prompt or problem.question}]
 
 
 def reference_response(problem: Problem) -> str:
@@ -24,12 +25,21 @@ def reference_response(problem: Problem) -> str:
 
 
 def grade(response_text: str, problem: Problem) -> bool:
+    """Grade with the problem's grader: exact boxed-string equality or math-verify equivalence."""
+    if problem.grader == "math":
+        from opd_lab.tasks.math import grade_math
+
+        return grade_math(response_text, problem.answer)
     return grade_exact(response_text, problem.answer)
 
 
-def build_task(cfg: Any) -> ArithmeticTask:
+def build_task(cfg: Any) -> Task:
     """Build the task selected by ``cfg.name`` (a TaskConfig dataclass)."""
     if cfg.name == "arith":
         return ArithmeticTask(cfg.min_operands, cfg.max_operands, cfg.min_digits, cfg.max_digits,
                               cfg.n_eval, cfg.eval_seed)
-    raise KeyError(f"unknown task {cfg.name!r}; available: ['arith']")
+    if cfg.name == "math":
+        from opd_lab.tasks.math import MathTask
+
+        return MathTask(cfg)
+    raise KeyError(f"unknown task {cfg.name!r}; available: ['arith', 'math']")

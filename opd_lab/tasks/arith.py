@@ -31,11 +31,18 @@ BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
 
 @dataclass(frozen=True)
 class Problem:
-    """One question with its reference answer and worked solution."""
+    """One question with its reference answer and worked solution.
+
+    ``prompt`` is the user message (the question itself when None); ``source`` names the benchmark (pass@k is
+    reported per source); ``grader`` is ``exact`` (boxed string equality) or ``math`` (math-verify).
+    """
 
     question: str
     answer: str
     solution: str
+    source: str = "arith"
+    prompt: str | None = None
+    grader: str = "exact"
 
 
 def width_for(max_digits: int, max_operands: int) -> int:
