@@ -1,0 +1,57 @@
+"""Every job of every sweep in sweeps/ composes and validates (structured configs), before anything runs."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from opd_lab.config import register_configs, to_run_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
+EXPECTED_JOBS = {"six_variant": 18, "six_variant_qwen3": 18, "block_ablation": 42, "tau_grid": 30, "reuse_grid": 36}
+
+
+def sweep_jobs(name):
+    """The sweep's jobs as override lists (the basic sweeper's cartesian product of hydra.sweeper.params)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "sweeps"), version_base="1.3"):
+        cfg = compose(name, overrides=[f"hydra.searchpath=[file://{ROOT / 'conf'}]"], return_hydra_config=True)
+        params = cfg.hydra.sweeper.params
+    axes = [[f"{k}={v.strip()}" for v in str(vals).split(",")] for k, vals in params.items()]
+    return [list(job) for job in itertools.product(*axes)]
+
+
+def test_every_sweep_is_listed():
+    assert set(SWEEPS) == set(EXPECTED_JOBS)
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_job_composes_and_validates(name):
+    register_configs()
+    jobs = sweep_jobs(name)
+    assert len(jobs) == EXPECTED_JOBS[name]
+    seen = set()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "sweeps"), version_base="1.3"):
+        for job in jobs:
+            cfg = compose(name, overrides=[f"hydra.searchpath=[file://{ROOT / 'conf'}]", "output_dir=/tmp/x", *job])
+            run = to_run_config(cfg)
+            assert run.logger.wandb.group == name
+            assert run.rollout.reuse >= 1
+            if name.startswith("six_variant"):
+                assert run.trainer.steps == 200 and run.rollout.reuse == 2
+                assert run.eval.seed == run.trainer.seed
+            seen.add((run.variant, getattr(run.loss, "name", None), run.gate.kind.value, run.gate.block_size,
+                      run.gate.tau, run.rollout.reuse, run.eval.only))
+    if name.startswith("six_variant"):
+        variants = {s[0] for s in seen}
+        assert variants == {"base_student", "teacher", "sampled_token", "sampled_token_block64", "lsm",
+                            "lsm_block64"}
+        assert {(s[0], s[1], s[2], s[3]) for s in seen if s[6] is None} == {
+            ("sampled_token", "sampled_token", "none", 64), ("sampled_token_block64", "sampled_token", "block", 64),
+            ("lsm", "lsm", "none", 64), ("lsm_block64", "lsm", "block", 64)}
+    if name == "block_ablation":
+        assert len({(s[1], s[2], s[3]) for s in seen}) == 14
