@@ -187,7 +187,8 @@ def test_evaluate_cli_on_a_tiny_model(tmp_path):
 
     paths = write_fixtures(tmp_path / "data")
     run_dir = tmp_path / "run"
-    args = [*[t for t in TINY if not t.startswith("task.")], "task=math", f"task.train.path={paths['dapo']}", "task.eval.amc23.question_field=question",
+    tiny = [t for t in TINY if not t.startswith("task.")]
+    args = [*tiny, "task=math", f"task.train.path={paths['dapo']}", "task.eval.amc23.question_field=question",
             *[f"task.eval.{b}.path={paths[b]}" for b in ("aime24", "aime25", "math500", "amc23")],
             "eval.n_samples=3", "eval.ks=[1,2]", "eval.max_tokens=24", "rollout.vllm.max_model_len=256",
             f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"]
