@@ -344,6 +344,7 @@ class TrainerConfig:
     threads: int | None = None
     loss_path: LossPath = LossPath.chunked  # chunked: LM head over chunk_size positions at a time, recomputed
     chunk_size: int = 1024  # positions per log-sum-exp / LM-head chunk
+    max_bad_updates: int = 3  # abort after this many consecutive updates skipped for a non-finite loss/grad norm
     autocast_bf16: bool = False  # CUDA: bf16 autocast for the student forward (log-prob maths stays float32)
 
     def __post_init__(self) -> None:
@@ -356,6 +357,7 @@ class TrainerConfig:
         _check(0 <= self.min_lr_ratio <= 1, "trainer.min_lr_ratio", self.min_lr_ratio, "0 <= min_lr_ratio <= 1")
         _check(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip", self.grad_clip, "null or > 0")
         _check(self.grad_accum >= 1, "trainer.grad_accum", self.grad_accum, "an integer >= 1")
+        _check(self.max_bad_updates >= 1, "trainer.max_bad_updates", self.max_bad_updates, "an integer >= 1")
         _check(self.device == "cpu" or self.device.startswith("cuda"), "trainer.device", self.device,
                "'cpu' or 'cuda[:i]'")
         _check(self.chunk_size >= 1, "trainer.chunk_size", self.chunk_size, "an integer >= 1")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -224,7 +225,12 @@ def optimizer_update(cfg: Config, model, optimizer, data: StepData, idx: torch.T
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
     else:
         grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
-    optimizer.step()
+    # Guard: a non-finite loss or gradient norm skips this update (the weights and Adam moments stay as they were).
+    finite = math.isfinite(sums["loss_sum"]) and math.isfinite(float(grad_norm))
+    if finite:
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
 
     gate_all = torch.cat(gates) * (n_valid / max(denom, 1e-30) if scale is None else 1.0)
     n = max(n_valid, 1.0)
@@ -232,6 +238,7 @@ def optimizer_update(cfg: Config, model, optimizer, data: StepData, idx: torch.T
     out["loss"] = sums["loss_sum"] / (denom if scale is None else n)
     out["grad_norm"] = float(grad_norm)
     out["tokens"] = n_valid
+    out["guard/skipped"] = 0.0 if finite else 1.0
     if gate_all.numel():
         out.update({"gate/mean": float(gate_all.mean()), "gate/min": float(gate_all.min()),
                     "gate/max": float(gate_all.max()), "gate/std": float(gate_all.std(unbiased=False)),
@@ -252,7 +259,10 @@ def train_step(cfg: Config, model, optimizer, scheduler, data: StepData, step: i
             per_update.append(optimizer_update(cfg, model, optimizer, data, mb))
             scheduler.step()
     keys = per_update[0].keys()
-    out = {k: sum(u[k] for u in per_update) / len(per_update) for k in keys if k != "tokens"}
+    out = {k: sum(u[k] for u in per_update) / len(per_update) for k in keys if k not in ("tokens", "guard/skipped")}
+    out["guard/skipped_updates"] = sum(u["guard/skipped"] for u in per_update)
+    out["guard/trailing_bad_updates"] = next(
+        (i for i, u in enumerate(reversed(per_update)) if not u["guard/skipped"]), len(per_update))
     out["gate/min"] = min(u.get("gate/min", 1.0) for u in per_update)
     out["gate/max"] = max(u.get("gate/max", 1.0) for u in per_update)
     out["drift/last_update_mean_abs_delta"] = per_update[-1]["drift/mean_abs_delta"]
@@ -261,6 +271,52 @@ def train_step(cfg: Config, model, optimizer, scheduler, data: StepData, step: i
 
 
 # ------------------------------------------------------------------------------------------- the loop
+class UpdateGuard:
+    """Counts consecutive skipped (non-finite) updates across steps; aborts after ``max_bad`` in a row."""
+
+    def __init__(self, max_bad: int) -> None:
+        self.max_bad, self.run, self.total = max_bad, 0, 0
+
+    def update(self, step: int, m: dict[str, float]) -> int:
+        skipped = int(m["guard/skipped_updates"])
+        self.total += skipped
+        self.run = self.run + skipped if skipped == m["updates"] else int(m["guard/trailing_bad_updates"])
+        if skipped:
+            print(f"opd-lab: step {step}: skipped {skipped}/{int(m['updates'])} updates with a non-finite loss or "
+                  f"gradient norm (loss={m['loss']}, grad_norm={m['grad_norm']}, "
+                  f"teacher_minus_old_logp={m.get('teacher_minus_old_logp')}); {self.run} bad in a row",
+                  file=sys.stderr, flush=True)
+        return self.run
+
+    def check(self, step: int, m: dict[str, float]) -> None:
+        if self.run >= self.max_bad:
+            raise FloatingPointError(
+                f"aborting at step {step}: {self.run} consecutive optimizer updates had a non-finite loss or "
+                f"gradient norm (trainer.max_bad_updates={self.max_bad}); last loss={m['loss']}, "
+                f"grad_norm={m['grad_norm']}. Lower trainer.lr, check the teacher scores, or raise the limit.")
+
+
+def repetition_B(response_ids_B_T: torch.Tensor, response_mask_B_T: torch.Tensor, n: int = 4) -> torch.Tensor:
+    """Bool ``[B]``: a response whose distinct n-grams are under 20% of its n-grams (a degenerate loop)."""
+    out = []
+    for ids, m in zip(response_ids_B_T.tolist(), response_mask_B_T.tolist(), strict=True):
+        toks = [t for t, keep in zip(ids, m, strict=True) if keep]
+        grams = [tuple(toks[i : i + n]) for i in range(len(toks) - n + 1)]
+        out.append(len(grams) >= 32 and len(set(grams)) < 0.2 * len(grams))
+    return torch.tensor(out, dtype=torch.bool)
+
+
+def collapse_signals(batch: RolloutBatch, metrics: dict[str, float], step: int) -> dict[str, float]:
+    """Warnings worth a look: most responses at the length cap, or most stuck in a repetition loop."""
+    rep = float(repetition_B(batch.response_ids_B_T, batch.response_mask_B_T).float().mean())
+    trunc = metrics["response/truncated_frac"]
+    for name, frac in (("at the length cap", trunc), ("repeating themselves (distinct 4-grams < 20%)", rep)):
+        if frac > 0.5:
+            print(f"opd-lab: warning: step {step}: {frac:.0%} of responses are {name}: possible collapse",
+                  file=sys.stderr, flush=True)
+    return {"response/repetition_frac": rep, "collapse/warning": float(trunc > 0.5 or rep > 0.5)}
+
+
 def rollout_spec(cfg: Config, step: int) -> SamplingSpec:
     r = cfg.rollout
     return SamplingSpec(n=r.n_samples, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
@@ -298,6 +354,7 @@ def run_training(cfg: Config, student, teacher_scorer, tokenizer, engine: Rollou
     newline_V = token_table(tokenizer, lambda s: "\n" in s)
     optimizer, scheduler = make_optimizer(cfg, student)
     rng = random.Random(cfg.trainer.seed)
+    guard = UpdateGuard(cfg.trainer.max_bad_updates)
     bar = tqdm(range(cfg.trainer.steps), desc="OPD", disable=not cfg.logger.progress, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
@@ -322,9 +379,11 @@ def run_training(cfg: Config, student, teacher_scorer, tokenizer, engine: Rollou
             "tokens_per_s": n_tok / max(time.perf_counter() - t0, 1e-9),
             "lr": scheduler.get_last_lr()[0],
         })
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"non-finite loss at step {step}: {metrics['loss']}")
+        bad_run = guard.update(step + 1, metrics)
+        metrics["guard/consecutive_bad_updates"] = bad_run
+        metrics.update(collapse_signals(batch, metrics, step + 1))
         tracker.log(step + 1, metrics)
+        guard.check(step + 1, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", len=f"{metrics['response/mean_len']:.0f}")
         if on_step is not None:
             on_step(step + 1)
