@@ -344,6 +344,9 @@ class TrainerConfig:
     threads: int | None = None
     loss_path: LossPath = LossPath.chunked  # chunked: LM head over chunk_size positions at a time, recomputed
     chunk_size: int = 1024  # positions per log-sum-exp / LM-head chunk
+    checkpoint_every: int = 0  # steps between resumable checkpoints (0: only the final model)
+    keep_checkpoints: int = 2  # how many resumable checkpoints to keep (newest)
+    resume: str = "never"  # never | auto (this run dir, or the latest unfinished run with the same config) | a run dir
     max_bad_updates: int = 3  # abort after this many consecutive updates skipped for a non-finite loss/grad norm
     autocast_bf16: bool = False  # CUDA: bf16 autocast for the student forward (log-prob maths stays float32)
 
@@ -357,6 +360,10 @@ class TrainerConfig:
         _check(0 <= self.min_lr_ratio <= 1, "trainer.min_lr_ratio", self.min_lr_ratio, "0 <= min_lr_ratio <= 1")
         _check(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip", self.grad_clip, "null or > 0")
         _check(self.grad_accum >= 1, "trainer.grad_accum", self.grad_accum, "an integer >= 1")
+        _check(self.checkpoint_every >= 0, "trainer.checkpoint_every", self.checkpoint_every,
+               "0 (final model only) or a step interval >= 1")
+        _check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        _check(bool(self.resume), "trainer.resume", self.resume, "never, auto, or a run directory")
         _check(self.max_bad_updates >= 1, "trainer.max_bad_updates", self.max_bad_updates, "an integer >= 1")
         _check(self.device == "cpu" or self.device.startswith("cuda"), "trainer.device", self.device,
                "'cpu' or 'cuda[:i]'")

@@ -345,8 +345,10 @@ def make_optimizer(cfg: Config, model):
 
 
 def run_training(cfg: Config, student, teacher_scorer, tokenizer, engine: RolloutEngine, task, tracker,
-                 encode_prompts, on_step=None) -> None:
-    """The loop: for each step, rollout → score → R passes → sync the engine → log (→ eval via ``on_step``)."""
+                 encode_prompts, on_step=None, state=None, save_state=None) -> None:
+    """The loop: for each step, rollout → score → R passes → sync the engine → log (→ eval via ``on_step``)
+    (→ ``save_state`` every ``trainer.checkpoint_every`` steps). ``state`` (a :class:`opd_lab.checkpoint.TrainState`)
+    continues a checkpointed run: optimizer, schedule, prompt sampler and step counter as they were."""
     from tqdm.auto import tqdm
 
     special_set = set(cfg.loss.special_tokens)
@@ -355,7 +357,16 @@ def run_training(cfg: Config, student, teacher_scorer, tokenizer, engine: Rollou
     optimizer, scheduler = make_optimizer(cfg, student)
     rng = random.Random(cfg.trainer.seed)
     guard = UpdateGuard(cfg.trainer.max_bad_updates)
-    bar = tqdm(range(cfg.trainer.steps), desc="OPD", disable=not cfg.logger.progress, dynamic_ncols=True)
+    start = 0
+    if state is not None:
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        rng.setstate(state.sampler_rng)
+        guard.run, guard.total = state.guard["run"], state.guard["total"]
+        start = state.step
+    every = cfg.trainer.checkpoint_every
+    bar = tqdm(range(start, cfg.trainer.steps), desc="OPD", disable=not cfg.logger.progress, dynamic_ncols=True,
+               initial=start, total=cfg.trainer.steps)
     for step in bar:
         t0 = time.perf_counter()
         problems = task.train_problems(cfg.rollout.n_prompts, rng)
@@ -387,3 +398,5 @@ def run_training(cfg: Config, student, teacher_scorer, tokenizer, engine: Rollou
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", len=f"{metrics['response/mean_len']:.0f}")
         if on_step is not None:
             on_step(step + 1)
+        if save_state is not None and every and (step + 1) % every == 0 and step + 1 < cfg.trainer.steps:
+            save_state(step + 1, optimizer, scheduler, rng, {"run": guard.run, "total": guard.total})

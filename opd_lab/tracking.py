@@ -13,7 +13,8 @@ from opd_lab.config import Config, as_flat_dict
 class Tracker:
     """Appends one JSON line per step and mirrors it to wandb; ``summary`` sets final values."""
 
-    def __init__(self, cfg: Config, run_dir: str | os.PathLike, name: str | None = None) -> None:
+    def __init__(self, cfg: Config, run_dir: str | os.PathLike, name: str | None = None,
+                 resume_id: str | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
@@ -25,8 +26,14 @@ class Tracker:
             self._wandb = wandb.init(
                 project=w.project, entity=w.entity, group=w.group, name=w.name or name, tags=run_tags(cfg),
                 config=as_flat_dict(cfg) | {"overrides": hydra_overrides()}, dir=str(self.run_dir),
-                mode=w.mode.value, reinit="finish_previous",
+                mode=w.mode.value, reinit="finish_previous", id=resume_id,
+                resume="allow" if resume_id else None,
             )
+
+    @property
+    def run_id(self) -> str | None:
+        """The wandb run id (kept in checkpoints so a resumed run continues the same wandb run)."""
+        return self._wandb.id if self._wandb is not None else None
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         rec = {"step": step, **metrics}

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
+from opd_lab import checkpoint
 from opd_lab.config import Config, ConfigError, LSMLossConfig, as_flat_dict
 from opd_lab.evaluation import EvalResult, benchmark_table, encode_prompts, evaluate
 from opd_lab.models import check_same_vocab, load_model, load_tokenizer, loading, resolve_paths
@@ -122,6 +123,26 @@ def format_table(rows: dict[str, dict[str, float]], ks: list[int]) -> str:
     return "\n".join(lines)
 
 
+def keep_until_step(run_dir: Path, step: int) -> None:
+    """Drop what a killed run logged after its last checkpoint (``metrics.jsonl`` lines, per-step evaluations),
+    so a resumed run's records continue from ``step`` exactly as an uninterrupted run's would."""
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut short by the kill
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    for f in (run_dir / "evals").glob("student_step_*.csv"):
+        if int(f.stem.rsplit("_", 1)[1]) > step:
+            f.unlink()
+
+
 def write_status(run_dir: Path, status: str, **extra) -> None:
     """``status.json`` (running / completed / failed), written atomically so a reader never sees half a file."""
     tmp = run_dir / "status.json.tmp"
@@ -143,6 +164,15 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
 
     With ``eval.only`` set it is an evaluation-only run of that untrained model (base student or teacher).
     """
+    resume_dir = checkpoint.find_run_to_resume(cfg, run_dir) if cfg.eval.only is None else None
+    if resume_dir is not None:
+        if resume_dir != run_dir:
+            print(f"opd-lab: trainer.resume={cfg.trainer.resume}: continuing {resume_dir}", flush=True)
+        run_dir = resume_dir
+        status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
+        if status.get("status") == "completed":
+            print(f"opd-lab: {run_dir} already completed; nothing to resume", flush=True)
+            return status.get("final", {})
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     write_status(run_dir, "running", pid=os.getpid())
@@ -178,8 +208,16 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
             table[name] = res.metrics
             frames.append(res.per_problem.assign(model=name, step=0))
 
-    tracker = Tracker(cfg, run_dir, name=f"{run_label(cfg)}-seed{cfg.trainer.seed}")
+    state = checkpoint.latest(run_dir, cfg) if resume_dir is not None else None
+    keep_until_step(run_dir, state.step if state else 0)
+    if state is not None:  # the student continues from the checkpoint's weights (baselines used the base ones)
+        student.load_state_dict(load_model(str(state.path), cfg.model.dtype, device, trainable=True).state_dict())
+        print(f"opd-lab: resuming from {state.path} (step {state.step})", flush=True)
+    tracker = Tracker(cfg, run_dir, name=f"{run_label(cfg)}-seed{cfg.trainer.seed}",
+                      resume_id=state.wandb_id if state else None)
     engine = make_engine(cfg, student, tokenizer, paths.student)
+    if state is not None:
+        engine.sync_weights(student)
     teacher_scorer = make_teacher_scorer(cfg, teacher, tokenizer, paths.teacher)
     final: dict[str, float] = {}
     try:
@@ -188,17 +226,25 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
             if step == cfg.trainer.steps or (cfg.eval.every and step % cfg.eval.every == 0):
                 res = run_eval(cfg, engine, tokenizer, task)
                 tracker.log(step, {f"eval/{k}": v for k, v in res.metrics.items()})
-                frames.append(res.per_problem.assign(model="student", step=step))
+                (run_dir / "evals").mkdir(exist_ok=True)
+                res.per_problem.assign(model="student", step=step).to_csv(
+                    run_dir / "evals" / f"student_step_{step:06d}.csv", index=False)
                 final = res.metrics
+
+        def save_state(step: int, optimizer, scheduler, sampler_rng, guard: dict) -> None:
+            checkpoint.save(run_dir, cfg, step, student, tokenizer, optimizer, scheduler, sampler_rng, guard,
+                            tracker.run_id)
 
         from opd_lab.learner import run_training
 
         run_training(cfg, student, teacher_scorer, tokenizer, engine, task, tracker, prompt_encoder(cfg),
-                     on_step)
+                     on_step, state=state, save_state=save_state)
         if cfg.trainer.steps == 0:
             on_step(0)
         table["trained_student"] = final
         save_checkpoint(student, tokenizer, run_dir / "checkpoint")
+        frames += [pd.read_csv(f, dtype={"question": str, "answer": str})
+                   for f in sorted((run_dir / "evals").glob("student_step_*.csv"))]
         finish_run(cfg, run_dir, tracker, table, frames, final)
     except BaseException as e:
         write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")

@@ -1,0 +1,176 @@
+"""Training checkpoints that survive a kill at any moment, and ``trainer.resume``.
+
+A checkpoint is a folder ``<run>/checkpoints/step_NNNNNN/`` holding the student (``save_pretrained``,
+safetensors), ``trainer_state.pt`` (optimizer, LR scheduler, the prompt sampler's RNG, torch/numpy/python global
+RNG states, the update guard, the step counter, the wandb run id) and ``manifest.json`` (SHA-256 of every file and
+the config fingerprint). It is written into a temporary folder and renamed into place, so a folder with that name
+is complete; the manifest also catches files damaged afterwards. Resume takes the newest checkpoint that verifies
+and says which ones it skipped and why. The last ``trainer.keep_checkpoints`` are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from opd_lab.config import Config, ConfigError, as_flat_dict
+
+# Fields that may change between a run and its resumption (where things go and how they are logged).
+RESUMABLE_CHANGES = ("output_dir", "cache_dir", "logger.", "trainer.resume", "trainer.checkpoint_every",
+                     "trainer.keep_checkpoints", "trainer.threads", "trainer.max_bad_updates", "eval.every")
+
+
+def fingerprint(cfg: Config) -> dict[str, Any]:
+    """The config fields a checkpoint must agree with to be resumed (everything but :data:`RESUMABLE_CHANGES`)."""
+    flat = as_flat_dict(cfg)
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in flat.items()
+            if not k.startswith(RESUMABLE_CHANGES)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class TrainState:
+    """What the loop needs to continue exactly where a checkpoint left it."""
+
+    step: int
+    optimizer: dict
+    scheduler: dict
+    sampler_rng: tuple
+    guard: dict
+    wandb_id: str | None
+    path: Path
+
+
+def rng_states() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, key, *rest = states["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), *rest))
+    random.setstate(_tuplify(states["python"]))
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save(run_dir: Path, cfg: Config, step: int, model, tokenizer, optimizer, scheduler, sampler_rng: random.Random,
+         guard: dict, wandb_id: str | None) -> Path:
+    """Write ``checkpoints/step_<step>`` atomically (temporary folder → rename) and prune old ones."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "sampler_rng": sampler_rng.getstate(), "rng": rng_states(), "guard": guard, "wandb_id": wandb_id},
+               tmp / "trainer_state.pt")
+    files = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+    (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files, "config": fingerprint(cfg)},
+                                                  indent=1))
+    for f in tmp.iterdir():  # flush file contents before the rename makes the folder visible
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    keep = max(1, cfg.trainer.keep_checkpoints)
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify(path: Path) -> dict:
+    """The manifest of a checkpoint folder whose files all match their recorded SHA-256; raises otherwise."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    for name, digest in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise ValueError(f"{name} is missing")
+        if _sha256(f) != digest:
+            raise ValueError(f"{name} does not match its checksum (truncated or corrupted)")
+    return manifest
+
+
+def latest(run_dir: Path, cfg: Config) -> TrainState | None:
+    """The newest checkpoint of ``run_dir`` that verifies (None if there is none); a config that differs from the
+    checkpoint's in a field that matters is a :class:`ConfigError` listing the fields."""
+    candidates = sorted((run_dir / "checkpoints").glob("step_*"), reverse=True)
+    for path in candidates:
+        try:
+            manifest = verify(path)
+            state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        except Exception as e:
+            print(f"opd-lab: checkpoint {path} is unusable ({type(e).__name__}: {e}); trying an earlier one",
+                  file=sys.stderr, flush=True)
+            continue
+        old, new = manifest["config"], fingerprint(cfg)
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
+            raise ConfigError(f"trainer.resume: checkpoint {path} was written with a different config ({shown}"
+                              f"{', ...' if len(diff) > 8 else ''}); resume with the original settings or start "
+                              "a new run (trainer.resume=never)")
+        set_rng_states(state["rng"])
+        return TrainState(step=state["step"], optimizer=state["optimizer"], scheduler=state["scheduler"],
+                          sampler_rng=_tuplify(state["sampler_rng"]), guard=state["guard"],
+                          wandb_id=state["wandb_id"], path=path)
+    if candidates:
+        print(f"opd-lab: no usable checkpoint in {run_dir / 'checkpoints'}; starting from step 0",
+              file=sys.stderr, flush=True)
+    return None
+
+
+def find_run_to_resume(cfg: Config, output_dir: Path) -> Path | None:
+    """``trainer.resume``: ``never`` → None; a folder → that run; ``auto`` → ``output_dir`` if it has checkpoints
+    or a final status, else the most recent run beside it (``outputs/<date>/<time>`` or a sweep's job folders)
+    with checkpoints, the same config fingerprint, and no ``completed`` status."""
+    mode = cfg.trainer.resume
+    if mode == "never":
+        return None
+    if mode != "auto":
+        p = Path(mode).expanduser()
+        if not (p / "checkpoints").is_dir():
+            raise ConfigError(f"trainer.resume={mode!r}: no checkpoints/ folder there; set trainer.resume to a run "
+                              "directory written with trainer.checkpoint_every > 0, or to auto/never")
+        return p
+    if (output_dir / "checkpoints").is_dir() or (output_dir / "status.json").exists():
+        return output_dir
+    want = fingerprint(cfg)
+    found = []
+    for d in {*output_dir.parent.glob("*"), *output_dir.parent.parent.glob("*/*")}:
+        if d == output_dir or not (d / "checkpoints").is_dir():
+            continue
+        status = json.loads((d / "status.json").read_text()).get("status") if (d / "status.json").exists() else ""
+        manifests = sorted((d / "checkpoints").glob("step_*/manifest.json"))
+        if status == "completed" or not manifests:
+            continue
+        try:
+            if json.loads(manifests[-1].read_text())["config"] == want:
+                found.append(d)
+        except (OSError, ValueError, KeyError):
+            continue
+    return max(found, key=lambda d: d.stat().st_mtime) if found else None
