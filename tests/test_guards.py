@@ -62,3 +62,22 @@ def test_repetition_signal():
     mask = torch.zeros_like(ids)
     mask[0, :90], mask[1, :90], mask[2, :6] = 1, 1, 1
     assert repetition_B(ids, mask).tolist() == [True, False, False]
+
+
+def test_startup_tokenizer_checks(tokenizer):
+    from opd_lab.config import ConfigError
+    from opd_lab.models import check_same_vocab
+
+    check_same_vocab(tokenizer, copy.deepcopy(tokenizer))
+    other = copy.deepcopy(tokenizer)
+    other.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
+    with pytest.raises(ConfigError, match="vocabulary"):
+        check_same_vocab(tokenizer, other)
+    swapped = copy.deepcopy(tokenizer)
+    swapped.pad_token = "<|im_start|>"
+    with pytest.raises(ConfigError, match="pad_token_id"):
+        check_same_vocab(tokenizer, swapped)
+    templated = copy.deepcopy(tokenizer)
+    templated.chat_template = "{{ messages[0]['content'] }}"
+    with pytest.raises(ConfigError, match="chat templates"):
+        check_same_vocab(tokenizer, templated)

@@ -27,7 +27,8 @@ def _records(run_dir: Path):
     out = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        out.append({k: v for k, v in rec.items() if not k.startswith(VOLATILE) and not k.endswith(("per_s", "seconds"))})
+        keep = {k: v for k, v in rec.items() if not k.startswith(VOLATILE) and not k.endswith(("per_s", "seconds"))}
+        out.append(keep)
     return out
 
 
