@@ -429,6 +429,58 @@ class LoggerConfig:
     progress: bool = True
 
 
+# --------------------------------------------------------------------------------------------- diagnose
+class NodeMode(str, Enum):
+    every_k = "every_k"
+    top_entropy = "top_entropy"
+
+
+class RestMode(str, Enum):
+    drop = "drop"
+    share = "share"
+
+
+@dataclass
+class DiagnoseTeacher:
+    """A teacher for the diagnostic: ``teacher`` / ``student`` (the configured models) or a path/hub id, with an
+    optional system-prompt ``context`` ({answer}, {question} are filled in: e.g. self-distillation with the answer)."""
+
+    model: str = "teacher"
+    context: str | None = None
+
+
+@dataclass
+class DiagnoseConfig:
+    """Gradient-alignment diagnostic (``python -m opd_lab.diagnose``; METHODS.md)."""
+
+    n_questions: int = 16
+    rollouts_per_question: int = 2
+    node_mode: NodeMode = NodeMode.every_k  # every_k: positions 0, k, 2k, …; top_entropy: highest-entropy positions
+    every_k: int = 24
+    max_nodes: int = 8  # per rollout
+    top_m: int = 3  # candidates: the student's top-m tokens plus the sampled token
+    rest: RestMode = RestMode.drop  # the other tokens: dropped (π renormalised on the candidates) or one shared Q
+    continuations: int = 8  # M targeted continuations per candidate
+    max_tokens: int | None = None  # continuation cap (null: rollout.max_tokens)
+    chunk: int = 256  # continuation prompts per engine call
+    losses: list[str] = field(default_factory=lambda: ["sampled_token", "lsm", "full_rkl"])
+    lsm_top_k: int = 32
+    teachers: dict[str, DiagnoseTeacher] = field(default_factory=lambda: {"teacher": DiagnoseTeacher()})
+    seed: int = 0
+    out_dir: str | None = None  # also write the tables and plots here (e.g. results/diagnostics/<name>)
+
+    def __post_init__(self) -> None:
+        for name in ("n_questions", "rollouts_per_question", "every_k", "max_nodes", "top_m", "continuations",
+                     "lsm_top_k", "chunk"):
+            _check(getattr(self, name) >= 1, f"diagnose.{name}", getattr(self, name), "an integer >= 1")
+        _check(self.max_tokens is None or self.max_tokens >= 1, "diagnose.max_tokens", self.max_tokens,
+               "null or an integer >= 1")
+        bad = [x for x in self.losses if x not in ("sampled_token", "lsm", "full_rkl")]
+        _check(len(self.losses) > 0 and not bad, "diagnose.losses", list(self.losses),
+               "a non-empty list of sampled_token, lsm, full_rkl")
+        _check(len(self.teachers) > 0, "diagnose.teachers", dict(self.teachers), "at least one named teacher")
+
+
 # ------------------------------------------------------------------------------------------------- root
 @dataclass
 class Config:
@@ -440,6 +492,7 @@ class Config:
     trainer: TrainerConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    diagnose: DiagnoseConfig | None = None  # set by conf/diagnose.yaml (python -m opd_lab.diagnose)
     variant: str = ""  # a label for sweeps and reports (set by conf/variant/*); empty: derived from loss and gate
     cache_dir: str = "${oc.env:OPD_LAB_CACHE,${oc.env:HOME}/.cache/opd_lab}"
     output_dir: str = "${hydra:runtime.output_dir}"
@@ -460,6 +513,7 @@ def register_configs() -> None:
     cs.store(group="task", name="base_task_math", node=MathTaskConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)
+    cs.store(group="diagnose", name="base_diagnose", node=DiagnoseConfig)
 
 
 def to_run_config(cfg: DictConfig) -> Config:
