@@ -174,9 +174,9 @@ def run(cfg: Config, run_dir: Path) -> pd.DataFrame:
             check_same_vocab(tokenizer, load_tokenizer(path, cfg.model.chat_template))
             model = student if path == paths.student else load_model(path, cfg.model.dtype, device, trainable=False)
         teachers.append(Teacher(name, model, spec.context))
-    problems = task.eval_problems()
-    rng = random.Random(d.seed)
-    problems = rng.sample(problems, min(d.n_questions, len(problems)))
+    pool = task.eval_problems()
+    qids = random.Random(d.seed).sample(range(len(pool)), min(d.n_questions, len(pool)))  # held-out indices
+    problems = [pool[i] for i in qids]
     enc = {"enable_thinking": cfg.model.enable_thinking}
     system = getattr(cfg.task, "system_prompt", None)
     prompts = encode_prompts(tokenizer, problems, system_prompt=system, **enc)
@@ -270,7 +270,7 @@ def run(cfg: Config, run_dir: Path) -> pd.DataFrame:
                     for loss in d.losses:
                         dt = distill_gradient(loss, z[i], teacher_logp[tch.name][i], resp[t], top_k=d.lsm_top_k)
                         rows.append({
-                            "question": j, "rollout": b, "correct": correct, "position": t,
+                            "question": qids[j], "rollout": b, "correct": correct, "position": t,
                             "rel_position": t / len(resp), "entropy": float(ent[t]), "teacher": tch.name,
                             "loss": loss, "alignment": cosine(dt, g_star), "g_star_norm": float(g_star.norm()),
                             "d_norm": float(dt.norm()), "value": value, "n_candidates": len(c),
