@@ -465,7 +465,8 @@ class DiagnoseConfig:
     chunk: int = 256  # continuation prompts per engine call
     losses: list[str] = field(default_factory=lambda: ["sampled_token", "lsm", "full_rkl"])
     lsm_top_k: int = 32
-    teachers: dict[str, DiagnoseTeacher] = field(default_factory=lambda: {"teacher": DiagnoseTeacher()})
+    # name → {model, context}; values are plain mappings so that `+diagnose.teachers.x={model: /path}` works
+    teachers: dict[str, Any] = field(default_factory=lambda: {"teacher": {"model": "teacher"}})
     seed: int = 0
     out_dir: str | None = None  # also write the tables and plots here (e.g. results/diagnostics/<name>)
 
@@ -479,6 +480,16 @@ class DiagnoseConfig:
         _check(len(self.losses) > 0 and not bad, "diagnose.losses", list(self.losses),
                "a non-empty list of sampled_token, lsm, full_rkl")
         _check(len(self.teachers) > 0, "diagnose.teachers", dict(self.teachers), "at least one named teacher")
+        specs = {}
+        for name, spec in self.teachers.items():
+            spec = spec if isinstance(spec, DiagnoseTeacher) else dict(spec or {})
+            if isinstance(spec, dict):
+                extra = sorted(set(spec) - {"model", "context"})
+                _check(not extra and isinstance(spec.get("model", "teacher"), str), f"diagnose.teachers.{name}",
+                       spec, "{model: teacher|student|<path or hub id>, context: <text with {answer}> or null}")
+                spec = DiagnoseTeacher(**spec)
+            specs[name] = spec
+        self.teachers = specs
 
 
 # ------------------------------------------------------------------------------------------------- root
