@@ -30,16 +30,25 @@ def config_error(e: ConfigError) -> None:
     raise e
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def app(cfg: DictConfig) -> float:
+def run_job(cfg: DictConfig, evaluate_only: bool = False) -> float:
+    """Validate, then train (or only evaluate); config errors are reported by :func:`config_error`."""
+    final: dict[str, float] = {}
     try:
         run = to_run_config(cfg)
+        if evaluate_only and run.eval.only is None:
+            raise ConfigError("eval.only=null is invalid here: allowed student or teacher (python -m "
+                              "opd_lab.evaluate trains nothing; set eval.checkpoint to evaluate a trained model)")
         from opd_lab.train import main
 
         final = main(run, Path(run.output_dir))
     except ConfigError as e:
         config_error(e)
     return final.get("pass@1", float("nan"))
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def app(cfg: DictConfig) -> float:
+    return run_job(cfg)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from opd_lab.__main__ import CONF_DIR
 from opd_lab.config import Config, ConfigError, DiagnoseConfig, SampledTokenLossConfig
 from opd_lab.losses import full_reverse_kl, lsm_loss, sampled_token_loss
 from opd_lab.report import mean_ci95
@@ -356,9 +357,6 @@ def write_outputs(df: pd.DataFrame, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "alignment_correct_vs_incorrect.png", dpi=110)
     plt.close(fig)
-
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="diagnose")

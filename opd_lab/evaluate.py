@@ -9,28 +9,15 @@ and ``eval_per_problem.csv`` (unbiased pass@k per problem, correct and truncated
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
-from opd_lab.__main__ import CONF_DIR, config_error
-from opd_lab.config import ConfigError, to_run_config
+from opd_lab.__main__ import CONF_DIR, run_job
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def app(cfg: DictConfig) -> float:
-    try:
-        run = to_run_config(cfg)
-        if run.eval.only is None:
-            raise ConfigError("eval.only=null is invalid here: allowed student or teacher (python -m "
-                              "opd_lab.evaluate trains nothing; set eval.checkpoint to evaluate a trained model)")
-        from opd_lab.train import main
-
-        final = main(run, Path(run.output_dir))
-    except ConfigError as e:
-        config_error(e)
-    return final.get("pass@1", float("nan"))
+    return run_job(cfg, evaluate_only=True)
 
 
 if __name__ == "__main__":
