@@ -198,7 +198,21 @@ def load_sweep(sweep_dir: str | os.PathLike) -> pd.DataFrame:
     rows += [{"job": None, **read_run(d)} for d in extra]
     if not rows:
         raise FileNotFoundError(f"{sweep_dir} holds no Hydra job directories (.hydra/overrides.yaml)")
+    _name_by_axes(rows)
     return pd.DataFrame(rows)
+
+
+def _name_by_axes(rows: list[dict]) -> None:
+    """Variants without a ``cfg.variant`` label are named by the overrides that vary across the sweep (its
+    axes), not by overrides every job shares (``logger.progress=false`` …)."""
+    per_row = [dict(_split(o) for o in r["overrides"].split(" ") if "=" in o) for r in rows]
+    keys = {k for ov in per_row for k in ov} - set(SEED_KEYS) - {"variant"}
+    axes = [k for k in sorted(keys) if len({ov.get(k) for ov in per_row}) > 1]
+    order = {k: i for i, k in enumerate(k for ov in per_row for k in ov)}
+    axes.sort(key=lambda k: order.get(k, 0))
+    for r, ov in zip(rows, per_row, strict=True):
+        if r["variant"] == variant_of(r["overrides"].split(" "), None) and axes:
+            r["variant"] = " ".join(f"{k}={ov[k]}" for k in axes if k in ov)
 
 
 # ------------------------------------------------------------------------------------------------ tables
