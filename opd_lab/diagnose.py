@@ -79,11 +79,11 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def distill_gradient(loss: str, z_V: torch.Tensor, teacher_logp_V: torch.Tensor, token: int,
-                     advantage: float | None = None, top_k: int = 32) -> torch.Tensor:
+                     top_k: int = 32) -> torch.Tensor:
     """d_t = −∂ℓ_t/∂z_t ``[V]`` at one node, by autograd through the loss functions the learner uses.
 
     ``sampled_token``: ℓ_t of :func:`~opd_lab.losses.sampled_token_loss` at π_θ = π_old (first pass), with the
-    node's advantage A_t (default r_t = log q(y_t) − log π(y_t)); ``lsm``: :func:`~opd_lab.losses.lsm_loss` on the
+    one-token advantage r_t = log q(y_t) − log π(y_t) (γ = 0); ``lsm``: :func:`~opd_lab.losses.lsm_loss` on the
     teacher's top-K support (renormalised); ``full_rkl``: :func:`~opd_lab.losses.full_reverse_kl`.
     """
     z = z_V.detach().double().clone().requires_grad_(True)
@@ -91,12 +91,8 @@ def distill_gradient(loss: str, z_V: torch.Tensor, teacher_logp_V: torch.Tensor,
     if loss == "sampled_token":
         logp = torch.log_softmax(z, -1)[token]
         old = logp.detach()
-        if advantage is not None:  # A_t replaces the one-token ratio: teacher log-prob chosen to give it
-            teacher = old + advantage
-        else:
-            teacher = logq[token]
         cfg = SampledTokenLossConfig()
-        ell, _ = sampled_token_loss(logp.view(1, 1), old.view(1, 1), teacher.view(1, 1), torch.ones(1, 1),
+        ell, _ = sampled_token_loss(logp.view(1, 1), old.view(1, 1), logq[token].view(1, 1), torch.ones(1, 1),
                                     cfg.clip_eps, cfg.dual_clip, 0.0, cfg.clip_log_ratio)
     elif loss == "lsm":
         support = torch.topk(logq, min(top_k, logq.numel())).indices
@@ -128,15 +124,28 @@ def choose_nodes(ent_T: torch.Tensor, mode: str, every_k: int, max_nodes: int) -
 
 
 # ------------------------------------------------------------------------------------------------ models
-def node_logits(model, prompt_ids: list[int], response_ids: list[int], positions: list[int]) -> torch.Tensor:
-    """Float32 logits ``[N, V]`` predicting response token t (the node h_t) for each t in ``positions``."""
+def response_states(model, prompt_ids: list[int], response_ids: list[int]) -> torch.Tensor:
+    """Final hidden states ``[T, H]`` at the nodes h_t that predict response tokens t = 0 … T−1."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids + response_ids[:-1]], device=device)
     with torch.no_grad():
-        h = model.base_model(input_ids=ids).last_hidden_state[0]
-        rows = torch.tensor([len(prompt_ids) - 1 + t for t in positions], device=device)
-        w = model.get_output_embeddings().weight
-        return (h[rows].float() @ w.float().T).cpu()
+        return model.base_model(input_ids=ids).last_hidden_state[0, len(prompt_ids) - 1 :]
+
+
+def head(model, h_N_H: torch.Tensor) -> torch.Tensor:
+    """Float32 logits ``[N, V]`` (on the CPU) of hidden states ``h_N_H``."""
+    with torch.no_grad():
+        return (h_N_H.float() @ model.get_output_embeddings().weight.float().T).cpu()
+
+
+def node_logits(model, prompt_ids: list[int], response_ids: list[int], positions: list[int]) -> torch.Tensor:
+    """Float32 logits ``[N, V]`` predicting response token t (the node h_t) for each t in ``positions``."""
+    return head(model, response_states(model, prompt_ids, response_ids)[positions])
+
+
+def response_entropy(model, h_T_H: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Entropy ``[T]`` of π_θ(·|h_t) at every node, ``chunk`` positions at a time (never a [T, V] tensor)."""
+    return torch.cat([entropy(head(model, h_T_H[i : i + chunk])) for i in range(0, h_T_H.shape[0], chunk)])
 
 
 @dataclass
@@ -146,7 +155,10 @@ class Teacher:
     context: str | None
 
     def prompt(self, tokenizer, problem, encode) -> list[int]:
-        system = self.context.format(answer=problem.answer, question=problem.question) if self.context else None
+        """The teacher's prompt: the student's, with ``context`` (filled in) as the system message when set."""
+        if not self.context:
+            return encode(tokenizer, [problem])[0]
+        system = self.context.format(answer=problem.answer, question=problem.question)
         return encode(tokenizer, [problem], system_prompt=system)[0]
 
 
@@ -154,10 +166,9 @@ class Teacher:
 def run(cfg: Config, run_dir: Path) -> pd.DataFrame:
     from tqdm.auto import tqdm
 
-    from opd_lab.evaluation import encode_prompts
     from opd_lab.models import check_same_vocab, load_model, load_tokenizer, loading, resolve_paths
     from opd_lab.tasks import build_task, grade
-    from opd_lab.train import make_engine, seed_everything
+    from opd_lab.train import make_engine, prompt_encoder, seed_everything
 
     d: DiagnoseConfig = cfg.diagnose
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -178,12 +189,8 @@ def run(cfg: Config, run_dir: Path) -> pd.DataFrame:
     pool = task.eval_problems()
     qids = random.Random(d.seed).sample(range(len(pool)), min(d.n_questions, len(pool)))  # held-out indices
     problems = [pool[i] for i in qids]
-    enc = {"enable_thinking": cfg.model.enable_thinking}
-    system = getattr(cfg.task, "system_prompt", None)
-    prompts = encode_prompts(tokenizer, problems, system_prompt=system, **enc)
-
-    def encode(tok, probs, system_prompt=None):
-        return encode_prompts(tok, probs, system_prompt=system_prompt or system, **enc)
+    encode = prompt_encoder(cfg)
+    prompts = encode(tokenizer, problems)
 
     engine = make_engine(cfg, student, tokenizer, paths.student)
     max_tokens = d.max_tokens or cfg.rollout.max_tokens
@@ -207,10 +214,10 @@ def run(cfg: Config, run_dir: Path) -> pd.DataFrame:
             if len(resp) < 2:
                 continue
             correct = (not bool(rollouts.truncated_B[b])) and grade(rollouts.response_text[b], problems[j])
-            z_all = node_logits(student, prompts[j], resp, list(range(len(resp))))
-            ent = entropy(z_all)
+            h = response_states(student, prompts[j], resp)
+            ent = response_entropy(student, h)
             nodes = choose_nodes(ent, d.node_mode, d.every_k, d.max_nodes)
-            z = z_all[nodes]
+            z = head(student, h[nodes])
             pi = torch.softmax(z.double(), -1).float()
             cands, rest_first = [], []
             for i, t in enumerate(nodes):
