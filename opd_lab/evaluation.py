@@ -34,6 +34,19 @@ def benchmark_table(per_problem: pd.DataFrame, ks: list[int]) -> pd.DataFrame:
     return out
 
 
+def benchmark_csv(per_problem: pd.DataFrame, ks: list[int]) -> pd.DataFrame:
+    """Per (model, step): a row per benchmark and a ``macro_mean`` row (the mean of the benchmarks' pass@k)."""
+    rows = []
+    for (model, step), g in per_problem.groupby(["model", "step"], sort=False):
+        table = benchmark_table(g, ks)
+        for bench, r in table.iterrows():
+            rows.append({"model": model, "step": step, "benchmark": bench, **r.to_dict()})
+        macro = {f"pass@{k}": table[f"pass@{k}"].mean() for k in ks}
+        rows.append({"model": model, "step": step, "benchmark": "macro_mean", "problems": table["problems"].sum(),
+                     **macro, "truncated_frac": g["truncated"].sum() / g["n"].sum()})
+    return pd.DataFrame(rows)
+
+
 @dataclass
 class EvalResult:
     """Per-problem table and the aggregate metrics of one evaluation."""

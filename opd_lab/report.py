@@ -14,7 +14,7 @@ pandas DataFrame with one row per run, then writes to ``results/<sweep>/`` (or `
   gate mean and std, mean |δ|.
 
 A variant is a run's overrides without its seed (``trainer.seed``, ``eval.seed``), named by ``cfg.variant``
-when the sweep sets one (``conf/variant``) and by the remaining overrides otherwise.
+when the sweep sets one (``conf/variant``) and otherwise by the overrides that vary across the sweep.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
+
+from opd_lab.tracking import read_metrics
 
 SEED_KEYS = ("trainer.seed", "eval.seed")
 CURVES = (
@@ -105,14 +107,6 @@ def _split(override: str) -> tuple[str, str]:
     return key.lstrip("+~"), value
 
 
-def variant_of(overrides: list[str], label: str | None) -> str:
-    """The variant's name: ``label`` (``cfg.variant``) or the overrides that are not seeds."""
-    if label:
-        return label
-    rest = [o for o in overrides if _split(o)[0] not in SEED_KEYS and _split(o)[0] != "variant"]
-    return " ".join(rest) or "default"
-
-
 def read_run(run_dir: Path) -> dict:
     """One run directory → one row (status ``unfinished`` if it never wrote a final status)."""
     overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
@@ -126,21 +120,12 @@ def read_run(run_dir: Path) -> dict:
     seed = (cfg.get("trainer") or {}).get("seed", values.get("trainer.seed"))
     eval_only = bool((cfg.get("eval") or {}).get("only"))
     row = {
-        "run_dir": str(run_dir), "overrides": " ".join(overrides),
-        "variant": variant_of(overrides, cfg.get("variant") or values.get("variant")),
+        "run_dir": str(run_dir), "overrides": " ".join(overrides), "_overrides": overrides,
+        "variant": cfg.get("variant") or values.get("variant") or None,
         "seed": int(seed) if seed is not None else None, "status": state, "error": status.get("error", ""),
         "steps_planned": 0 if eval_only else (cfg.get("trainer") or {}).get("steps"),
     }
-    train = []
-    metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.exists():
-        for line in metrics_path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if "loss" in rec:
-                train.append(rec)
+    train = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
     row["steps_done"] = max((r["step"] for r in train), default=0)
     tail = train[-max(1, len(train) // 10):] if train else []
     for key in TRAIN_MEANS:
@@ -153,16 +138,8 @@ def read_run(run_dir: Path) -> dict:
 
 def curves_of(run_dir: Path) -> pd.DataFrame:
     """Per-step training metrics of one run (``step`` plus the :data:`CURVES` keys that exist)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    recs = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "loss" in rec:
-                recs.append({"step": rec["step"], **{k: rec.get(k, math.nan) for k, _ in CURVES}})
+    recs = [{"step": r["step"], **{k: r.get(k, math.nan) for k, _ in CURVES}}
+            for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
     return pd.DataFrame(recs, columns=["step", *[k for k, _ in CURVES]])
 
 
@@ -191,8 +168,8 @@ def load_sweep(sweep_dir: str | os.PathLike) -> pd.DataFrame:
             ov = expected[num]
             values = dict(_split(o) for o in ov)
             seed = values.get("trainer.seed")
-            rows.append({"job": num, "run_dir": "", "overrides": " ".join(ov),
-                         "variant": variant_of(ov, values.get("variant")),
+            rows.append({"job": num, "run_dir": "", "overrides": " ".join(ov), "_overrides": ov,
+                         "variant": values.get("variant") or None,
                          "seed": int(seed) if seed not in (None, "") else None, "status": "not_started",
                          "error": "", "steps_done": 0})
     rows += [{"job": None, **read_run(d)} for d in extra]
@@ -203,16 +180,19 @@ def load_sweep(sweep_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 def _name_by_axes(rows: list[dict]) -> None:
-    """Variants without a ``cfg.variant`` label are named by the overrides that vary across the sweep (its
-    axes), not by overrides every job shares (``logger.progress=false`` …)."""
-    per_row = [dict(_split(o) for o in r["overrides"].split(" ") if "=" in o) for r in rows]
-    keys = {k for ov in per_row for k in ov} - set(SEED_KEYS) - {"variant"}
-    axes = [k for k in sorted(keys) if len({ov.get(k) for ov in per_row}) > 1]
-    order = {k: i for i, k in enumerate(k for ov in per_row for k in ov)}
-    axes.sort(key=lambda k: order.get(k, 0))
-    for r, ov in zip(rows, per_row, strict=True):
-        if r["variant"] == variant_of(r["overrides"].split(" "), None) and axes:
+    """Name the variants without a ``cfg.variant`` label by the overrides that vary across the sweep (its axes),
+    not by overrides every job shares (``logger.progress=false`` …); seeds never name a variant."""
+    raw = [r.pop("_overrides") for r in rows]
+    per_row = [dict(_split(o) for o in ov) for ov in raw]
+    order = list(dict.fromkeys(k for ov in per_row for k in ov if k not in SEED_KEYS and k != "variant"))
+    axes = [k for k in order if len({ov.get(k) for ov in per_row}) > 1]
+    for r, ov, rw in zip(rows, per_row, raw, strict=True):
+        if r["variant"]:
+            continue
+        if axes:
             r["variant"] = " ".join(f"{k}={ov[k]}" for k in axes if k in ov)
+        else:  # one job, or jobs that differ only by seed: every override that is not a seed
+            r["variant"] = " ".join(o for o in rw if _split(o)[0] not in (*SEED_KEYS, "variant")) or "default"
 
 
 # ------------------------------------------------------------------------------------------------ tables

@@ -53,6 +53,20 @@ class Tracker:
             self._wandb = None
 
 
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (empty if absent), skipping a last line cut short by a kill."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def run_tags(cfg: Config) -> list[str]:
     """wandb tags: the configured ones plus loss, gate, reuse, seed (and the variant when set)."""
     tags = [f"loss={cfg.loss.name}", f"gate={gate_name(cfg)}", f"reuse={cfg.rollout.reuse}",

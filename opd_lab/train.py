@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,11 @@ from omegaconf import OmegaConf
 
 from opd_lab import checkpoint
 from opd_lab.config import Config, ConfigError, LSMLossConfig, as_flat_dict
-from opd_lab.evaluation import EvalResult, benchmark_table, encode_prompts, evaluate
+from opd_lab.evaluation import EvalResult, benchmark_csv, encode_prompts, evaluate
 from opd_lab.models import check_same_vocab, load_model, load_tokenizer, loading, resolve_paths
 from opd_lab.rollout.base import get_engine_class
 from opd_lab.tasks import build_task
-from opd_lab.tracking import Tracker, gate_name
+from opd_lab.tracking import Tracker, gate_name, read_metrics
 
 
 def seed_everything(seed: int) -> None:
@@ -102,19 +103,6 @@ def save_checkpoint(model, tokenizer, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def benchmark_csv(per_problem: pd.DataFrame, ks: list[int]) -> pd.DataFrame:
-    """Per (model, step): a row per benchmark and a ``macro_mean`` row (the mean of the benchmarks' pass@k)."""
-    rows = []
-    for (model, step), g in per_problem.groupby(["model", "step"], sort=False):
-        table = benchmark_table(g, ks)
-        for bench, r in table.iterrows():
-            rows.append({"model": model, "step": step, "benchmark": bench, **r.to_dict()})
-        macro = {f"pass@{k}": table[f"pass@{k}"].mean() for k in ks}
-        rows.append({"model": model, "step": step, "benchmark": "macro_mean", "problems": table["problems"].sum(),
-                     **macro, "truncated_frac": g["truncated"].sum() / g["n"].sum()})
-    return pd.DataFrame(rows)
-
-
 def format_table(rows: dict[str, dict[str, float]], ks: list[int]) -> str:
     cols = [f"pass@{k}" for k in ks] + ["truncated_frac"]
     lines = [f"{'model':<16}" + "".join(f"{c:>15}" for c in cols)]
@@ -128,15 +116,9 @@ def keep_until_step(run_dir: Path, step: int) -> None:
     so a resumed run's records continue from ``step`` exactly as an uninterrupted run's would."""
     path = run_dir / "metrics.jsonl"
     if path.exists():
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut short by the kill
+        kept = [r for r in read_metrics(path) if r.get("step", step + 1) <= step]
         tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, path)
     for f in (run_dir / "evals").glob("student_step_*.csv"):
         if int(f.stem.rsplit("_", 1)[1]) > step:
@@ -148,6 +130,18 @@ def write_status(run_dir: Path, status: str, **extra) -> None:
     tmp = run_dir / "status.json.tmp"
     tmp.write_text(json.dumps({"status": status, **extra}, default=str))
     os.replace(tmp, run_dir / "status.json")
+
+
+@contextmanager
+def recorded_failure(run_dir: Path, tracker: Tracker):
+    """On any exception (Ctrl-C included): ``status.json`` says failed with the error, the wandb run is marked
+    failed, and the exception goes on."""
+    try:
+        yield
+    except BaseException as e:
+        write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+        tracker.finish(1)
+        raise
 
 
 def run_label(cfg: Config) -> str:
@@ -220,7 +214,7 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
         engine.sync_weights(student)
     teacher_scorer = make_teacher_scorer(cfg, teacher, tokenizer, paths.teacher)
     final: dict[str, float] = {}
-    try:
+    with recorded_failure(run_dir, tracker), closing(engine), closing(teacher_scorer):
         def on_step(step: int) -> None:
             nonlocal final
             if step == cfg.trainer.steps or (cfg.eval.every and step % cfg.eval.every == 0):
@@ -246,13 +240,6 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
         frames += [pd.read_csv(f, dtype={"question": str, "answer": str})
                    for f in sorted((run_dir / "evals").glob("student_step_*.csv"))]
         finish_run(cfg, run_dir, tracker, table, frames, final)
-    except BaseException as e:
-        write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
-        tracker.finish(1)
-        raise
-    finally:
-        engine.close()
-        teacher_scorer.close()
     return final
 
 
@@ -265,7 +252,7 @@ def evaluate_only(cfg: Config, run_dir: Path, paths, tokenizer, task) -> dict[st
     if cfg.eval.checkpoint:
         path, name = cfg.eval.checkpoint, "checkpoint"
     tracker = Tracker(cfg, run_dir, name=f"{run_label(cfg)}-seed{cfg.trainer.seed}")
-    try:
+    with recorded_failure(run_dir, tracker):
         def build():
             model = None
             if cfg.rollout.engine.value == "hf":
@@ -276,10 +263,6 @@ def evaluate_only(cfg: Config, run_dir: Path, paths, tokenizer, task) -> dict[st
         tracker.log(0, {f"eval/{k}": v for k, v in res.metrics.items()})
         finish_run(cfg, run_dir, tracker, {name: res.metrics}, [res.per_problem.assign(model=name, step=0)],
                    res.metrics)
-    except BaseException as e:
-        write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
-        tracker.finish(1)
-        raise
     return res.metrics
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from opd_lab.config import ConfigError, DatasetConfig, MathTaskConfig
-from opd_lab.evaluation import encode_prompts, evaluate
+from opd_lab.evaluation import benchmark_csv, encode_prompts, evaluate
 from opd_lab.rollout.base import RolloutBatch
 from opd_lab.tasks import user_message
 from opd_lab.tasks.math import MathTask, get_field, grade_math, last_boxed, load_problems
@@ -127,8 +127,6 @@ class ScriptedEngine:
 
 
 def test_truncation_counting_and_per_benchmark_pass_at_k(tmp_path, tokenizer):
-    from opd_lab.train import benchmark_csv
-
     probs = MathTask(math_cfg(write_fixtures(tmp_path))).eval_problems()  # aime24 ×2, aime25, math500 ×2, amc23
     ok = {"42": "\\boxed{42}", "6": "\\boxed{6}", "15": "\\boxed{15}", "\\frac{1}{2}": "\\boxed{0.5}",
           "\\text{(A)}": "\\boxed{A}", "7": "\\boxed{7}"}

@@ -13,7 +13,7 @@ from typing import Any
 from opd_lab.config import ConfigError, DatasetConfig, MathTaskConfig
 from opd_lab.tasks.arith import Problem
 
-LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 # ------------------------------------------------------------------------------------------------ loading
