@@ -299,10 +299,13 @@ class UpdateGuard:
 def repetition_B(response_ids_B_T: torch.Tensor, response_mask_B_T: torch.Tensor, n: int = 4) -> torch.Tensor:
     """Bool ``[B]``: a response whose distinct n-grams are under 20% of its n-grams (a degenerate loop)."""
     out = []
-    for ids, m in zip(response_ids_B_T.tolist(), response_mask_B_T.tolist(), strict=True):
-        toks = [t for t, keep in zip(ids, m, strict=True) if keep]
-        grams = [tuple(toks[i : i + n]) for i in range(len(toks) - n + 1)]
-        out.append(len(grams) >= 32 and len(set(grams)) < 0.2 * len(grams))
+    for ids, m in zip(response_ids_B_T, response_mask_B_T.bool(), strict=True):
+        toks = ids[m]
+        if toks.numel() - n + 1 < 32:
+            out.append(False)
+            continue
+        grams = toks.unfold(0, n, 1)  # [L−n+1, n], no Python tuples: responses run to thousands of tokens
+        out.append(torch.unique(grams, dim=0).shape[0] < 0.2 * grams.shape[0])
     return torch.tensor(out, dtype=torch.bool)
 
 
