@@ -6,6 +6,12 @@ RNG states, the update guard, the step counter, the wandb run id) and ``manifest
 the config fingerprint). It is written into a temporary folder and renamed into place, so a folder with that name
 is complete; the manifest also catches files damaged afterwards. Resume takes the newest checkpoint that verifies
 and says which ones it skipped and why. The last ``trainer.keep_checkpoints`` are kept.
+
+Under torchrun, rank 0 writes the checkpoint (DDP: every rank holds the same weights and Adam moments). With
+FSDP2 (``trainer.parallel=fsdp2``) the weights and Adam moments stay sharded: every rank writes its shard with
+``torch.distributed.checkpoint`` into ``shards/`` (a shared file system), rank 0 the rest (config, tokenizer,
+``trainer_state.pt`` without the optimizer) and the manifest; resume loads each rank's shard back
+(resharding if the number of ranks changed).
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class TrainState:
     guard: dict
     wandb_id: str | None
     path: Path
+    shards: Path | None = None  # FSDP2: the torch.distributed.checkpoint folder of weights and optimizer
 
 
 def rng_states() -> dict[str, Any]:
@@ -76,31 +83,69 @@ def _tuplify(x):
 
 
 def save(run_dir: Path, cfg: Config, step: int, model, tokenizer, optimizer, scheduler, sampler_rng: random.Random,
-         guard: dict, wandb_id: str | None) -> Path:
-    """Write ``checkpoints/step_<step>`` atomically (temporary folder → rename) and prune old ones."""
+         guard: dict, wandb_id: str | None, dist=None) -> Path:
+    """Write ``checkpoints/step_<step>`` atomically (temporary folder → rename) and prune old ones.
+
+    ``model``: the language model, or the learner's (DDP/FSDP2-wrapped) Policy under torchrun, where every rank
+    calls this with its ``dist`` (:class:`opd_lab.distributed.Dist`).
+    """
+    from opd_lab.distributed import SINGLE, is_sharded, unwrap
+
+    dist = dist or SINGLE
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "sampler_rng": sampler_rng.getstate(), "rng": rng_states(), "guard": guard, "wandb_id": wandb_id},
-               tmp / "trainer_state.pt")
-    files = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
-    (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files, "config": fingerprint(cfg)},
-                                                  indent=1))
-    for f in tmp.iterdir():  # flush file contents before the rename makes the folder visible
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    keep = max(1, cfg.trainer.keep_checkpoints)
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    lm = getattr(unwrap(model), "lm", model)
+    sharded = is_sharded(model)
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(lm, optimizer)
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp / "shards"))  # every rank, its shard
+    if dist.is_main:
+        if sharded:
+            lm.config.save_pretrained(tmp)
+        else:
+            lm.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": None if sharded else optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "sampler_rng": sampler_rng.getstate(), "rng": rng_states(),
+                    "guard": guard, "wandb_id": wandb_id, "world": dist.world}, tmp / "trainer_state.pt")
+        files = {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files, "config": fingerprint(cfg)},
+                                                      indent=1))
+        for f in tmp.rglob("*"):  # flush file contents before the rename makes the folder visible
+            if f.is_file():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        keep = max(1, cfg.trainer.keep_checkpoints)
+        for old in sorted(root.glob("step_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
     return final
+
+
+def load_shards(policy, optimizer, shards: Path) -> None:
+    """FSDP2 resume: this rank's shards of the weights and the optimizer state from ``shards`` (every rank)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from opd_lab.distributed import unwrap
+
+    lm = unwrap(policy).lm
+    msd, osd = get_state_dict(lm, optimizer)
+    state = {"model": msd, "optimizer": osd}
+    dcp.load(state, checkpoint_id=str(shards))
+    set_state_dict(lm, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def verify(path: Path) -> dict:
@@ -137,7 +182,8 @@ def latest(run_dir: Path, cfg: Config) -> TrainState | None:
         set_rng_states(state["rng"])
         return TrainState(step=state["step"], optimizer=state["optimizer"], scheduler=state["scheduler"],
                           sampler_rng=_tuplify(state["sampler_rng"]), guard=state["guard"],
-                          wandb_id=state["wandb_id"], path=path)
+                          wandb_id=state["wandb_id"], path=path,
+                          shards=path / "shards" if (path / "shards").is_dir() else None)
     if candidates:
         print(f"opd-lab: no usable checkpoint in {run_dir / 'checkpoints'}; starting from step 0",
               file=sys.stderr, flush=True)

@@ -136,6 +136,32 @@ class Backend(str, Enum):
     vllm = "vllm"
 
 
+class TeacherScorer(str, Enum):
+    """Who scores the teacher (``rollout.teacher_scorer``)."""
+
+    hf = "hf"  # a transformers forward of the teacher, on rollout.teacher_device
+    vllm = "vllm"  # an in-process vLLM engine: prompt log-probs with top-K
+    server = "server"  # a running vLLM OpenAI-compatible server (rollout.teacher_server): prompt log-probs with top-K
+
+
+@dataclass
+class TeacherServerConfig:
+    """A vLLM server serving the teacher (``vllm serve <teacher> --max-logprobs K``), for
+    ``rollout.teacher_scorer=server``: one teacher shared by many learners, on other GPUs or machines."""
+
+    url: str | None = None  # e.g. http://teacher-node:8000 (the /v1/completions endpoint is used)
+    model: str | None = None  # the served model name (null: the server's first model)
+    timeout_s: float = 600.0
+    batch_size: int = 64  # sequences per request
+    api_key_env: str = "OPENAI_API_KEY"  # sent as a bearer token when this environment variable is set
+
+    def __post_init__(self) -> None:
+        _check(self.url is None or self.url.startswith(("http://", "https://")), "rollout.teacher_server.url",
+               self.url, "null or an http(s):// URL")
+        _check(self.timeout_s > 0, "rollout.teacher_server.timeout_s", self.timeout_s, "> 0")
+        _check(self.batch_size >= 1, "rollout.teacher_server.batch_size", self.batch_size, "an integer >= 1")
+
+
 @dataclass
 class VLLMConfig:
     """vLLM engine settings (``rollout.engine=vllm`` and/or ``rollout.teacher_scorer=vllm``)."""
@@ -160,7 +186,9 @@ class RolloutConfig:
     """Sampling, batch layout and the reuse count R (optimisation passes per rollout batch)."""
 
     engine: Backend = Backend.vllm
-    teacher_scorer: Backend = Backend.hf
+    teacher_scorer: TeacherScorer = TeacherScorer.hf
+    teacher_device: str | None = None  # hf scorer: where the teacher lives (null: the learner's device; e.g. cuda:1)
+    teacher_server: TeacherServerConfig = field(default_factory=TeacherServerConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     n_prompts: int = 8
     n_samples: int = 4
@@ -179,6 +207,11 @@ class RolloutConfig:
             _check(getattr(self, name) >= 1, f"rollout.{name}", getattr(self, name), "an integer >= 1")
         _check(self.temperature > 0, "rollout.temperature", self.temperature, "temperature > 0")
         _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "0 < top_p <= 1")
+        _check(self.teacher_device is None or self.teacher_device == "cpu" or self.teacher_device.startswith("cuda"),
+               "rollout.teacher_device", self.teacher_device, "null, 'cpu' or 'cuda[:i]'")
+        _check(self.teacher_scorer != TeacherScorer.server or self.teacher_server.url is not None,
+               "rollout.teacher_server.url", self.teacher_server.url,
+               "the server's URL (http://host:port) when rollout.teacher_scorer=server")
         _check(
             self.batch_size % self.mini_batch_size == 0,
             "rollout.mini_batch_size",
@@ -325,6 +358,19 @@ class LossPath(str, Enum):
     chunked = "chunked"
 
 
+class Parallel(str, Enum):
+    """How ranks started by torchrun share the learner (``trainer.parallel``; ignored by a single process)."""
+
+    ddp = "ddp"  # DistributedDataParallel: every rank holds the whole student and its Adam moments
+    fsdp2 = "fsdp2"  # fully_shard per decoder layer + root: weights, gradients and Adam moments sharded
+
+
+class DistBackend(str, Enum):
+    auto = "auto"  # nccl on CUDA, gloo on CPU
+    nccl = "nccl"
+    gloo = "gloo"
+
+
 @dataclass
 class TrainerConfig:
     """Optimisation: ``steps`` rollout batches, each giving reuse × (batch / mini_batch_size) AdamW updates."""
@@ -349,6 +395,9 @@ class TrainerConfig:
     resume: str = "never"  # never | auto (this run dir, or the latest unfinished run with the same config) | a run dir
     max_bad_updates: int = 3  # abort after this many consecutive updates skipped for a non-finite loss/grad norm
     autocast_bf16: bool = False  # CUDA: bf16 autocast for the student forward (log-prob maths stays float32)
+    parallel: Parallel = Parallel.ddp  # under torchrun: ddp | fsdp2 (README "Beyond one GPU")
+    dist_backend: DistBackend = DistBackend.auto
+    dist_timeout_min: int = 30  # a collective waiting longer than this fails the run (a dead rank)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "trainer.steps", self.steps, "an integer >= 0")
@@ -370,6 +419,9 @@ class TrainerConfig:
         _check(self.chunk_size >= 1, "trainer.chunk_size", self.chunk_size, "an integer >= 1")
         _check(not self.autocast_bf16 or self.device.startswith("cuda"), "trainer.autocast_bf16",
                self.autocast_bf16, "true only with trainer.device=cuda")
+        _check(self.dist_timeout_min >= 1, "trainer.dist_timeout_min", self.dist_timeout_min, "an integer >= 1")
+        _check(self.dist_backend != DistBackend.nccl or self.device.startswith("cuda"), "trainer.dist_backend",
+               self.dist_backend.value, "gloo or auto with trainer.device=cpu (nccl needs CUDA)")
 
 
 # ----------------------------------------------------------------------------------------------- evaluate
@@ -545,11 +597,12 @@ def to_run_config(cfg: DictConfig) -> Config:
     assert isinstance(run, Config)
     for name in ("loss", "task"):
         _check(is_dataclass(getattr(run, name)), name, getattr(run, name), "an option of the config group")
-    if run.rollout.teacher_scorer == Backend.vllm:
-        _check(run.rollout.temperature == 1.0, "rollout.teacher_scorer", "vllm",
+    scorer = run.rollout.teacher_scorer
+    if scorer in (TeacherScorer.vllm, TeacherScorer.server):
+        _check(run.rollout.temperature == 1.0, "rollout.teacher_scorer", scorer.value,
                "hf when rollout.temperature != 1 (vLLM prompt log-probs ignore temperature)")
         lsm = isinstance(run.loss, LSMLossConfig)
-        _check(not lsm or run.loss.support == Support.teacher, "rollout.teacher_scorer", "vllm",
+        _check(not lsm or run.loss.support == Support.teacher, "rollout.teacher_scorer", scorer.value,
                "hf when loss.support is student or union (vLLM returns the teacher's top-K only)")
         _check(not lsm or run.loss.top_k <= run.rollout.vllm.max_logprobs, "loss.top_k",
                getattr(run.loss, "top_k", None), f"<= rollout.vllm.max_logprobs={run.rollout.vllm.max_logprobs}")

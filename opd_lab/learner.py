@@ -13,6 +13,7 @@ normaliser is needed before the clip, so a no-grad pre-pass computes it first.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import sys
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from opd_lab.config import Config, LSMLossConfig, SpecialMask
+from opd_lab.distributed import SINGLE, Dist, full_params, grad_sync, unwrap
 from opd_lab.gates import drift_gate
 from opd_lab.losses import LossInputs, get_loss, masked_sum
 from opd_lab.rollout.base import RolloutBatch, RolloutEngine, SamplingSpec
@@ -91,17 +93,23 @@ class StepData:
         }
 
 
-def score_batch(cfg: Config, student, teacher_scorer, batch: RolloutBatch, special_V, newline_V,
-                score_batch_size: int = 64) -> StepData:
-    """π_old and teacher scores for a rollout batch, the loss mask and (LSM) the support S_t."""
+def score_batch(cfg: Config, policy, teacher_scorer, batch: RolloutBatch, special_V, newline_V,
+                score_batch_size: int = 64, dist: Dist = SINGLE) -> StepData:
+    """π_old and teacher scores for a rollout batch, the loss mask and (LSM) the support S_t.
+
+    ``policy`` is the learner's (possibly wrapped) :class:`Policy`; under torchrun ``batch`` is this rank's share
+    and the token-mean statistics are over all ranks.
+    """
     t0 = time.perf_counter()
     T_s = cfg.rollout.temperature
     lsm = isinstance(cfg.loss, LSMLossConfig)
     support = cfg.loss.support.value if lsm else "teacher"
     need_old_topk = lsm and support in ("student", "union")
     K = cfg.loss.top_k if lsm else 0
-    old_logp, old_topk = score_student_old(student, batch, T_s, K if need_old_topk else 0, score_batch_size,
-                                           cfg.trainer.chunk_size)
+    policy = as_policy(policy)
+    with full_params(policy):
+        old_logp, old_topk = score_student_old(unwrap(policy).lm, batch, T_s, K if need_old_topk else 0,
+                                               score_batch_size, cfg.trainer.chunk_size)
     t1 = time.perf_counter()
     teach = teacher_scorer(batch, K if support != "student" else 0, T_s, old_topk if need_old_topk else None)
     t2 = time.perf_counter()
@@ -118,17 +126,19 @@ def score_batch(cfg: Config, student, teacher_scorer, batch: RolloutBatch, speci
     if lsm:
         data.support_ids_B_T_S, data.teacher_support_logp_B_T_S, data.support_mask_B_T_S = build_support(
             support, resp_ids, teach, old_topk, cfg.loss.add_sampled_token)
-    n_tok = int(resp_mask.sum())
-    m = resp_mask.bool()
+    m, lm = resp_mask.bool(), data.loss_mask_B_T.bool()
+    n_tok, n_loss, abs_sum, k3_sum, gap_sum, n_special = dist.sum(
+        m.sum(), lm.sum(), (batch.sampler_logp_B_T - old_logp)[m].abs().sum(),
+        _k3(old_logp - batch.sampler_logp_B_T)[m].sum(),  # k3 estimator of KL(π_s || π_old) on sampled tokens
+        (teach.logp_B_T - old_logp)[lm].sum(), special.sum())
     data.stats = {
         "time/score_old_s": t1 - t0,
         "time/score_teacher_s": t2 - t1,
-        "score/tokens_per_s": 2 * n_tok / max(t2 - t0, 1e-9),
-        "mismatch/sampler_old_abs": float((batch.sampler_logp_B_T - old_logp)[m].abs().mean()),
-        # k3 estimator of KL(π_s || π_old) on sampled tokens
-        "mismatch/sampler_old_kl": float(_k3(old_logp - batch.sampler_logp_B_T)[m].mean()),
-        "teacher_minus_old_logp": float((teach.logp_B_T - old_logp)[data.loss_mask_B_T.bool()].mean()),
-        "special_masked": float(special.sum()),
+        "score/tokens_per_s": 2 * n_tok / dist.world / max(t2 - t0, 1e-9),
+        "mismatch/sampler_old_abs": abs_sum / max(n_tok, 1.0),
+        "mismatch/sampler_old_kl": k3_sum / max(n_tok, 1.0),
+        "teacher_minus_old_logp": gap_sum / max(n_loss, 1.0),
+        "special_masked": n_special,
     }
     return data
 
@@ -138,25 +148,43 @@ def _k3(log_ratio: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ one optimizer step
-def micro_batch_forward(cfg: Config, model, rows: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor], LossInputs]:
-    """Forward one micro-batch: per-token loss ℓ_t, loss metrics and the loss inputs (with grad).
+class Policy(torch.nn.Module):
+    """The student's training forward as one module, so that DDP and FSDP2 see every parameter use inside
+    ``forward`` (the chunked path reads the LM-head weight directly): returns ``(lse_B_T, z_B_T_K)``, the
+    log-sum-exp and the logits at ``ids_B_T_K`` of every response position (scoring.py), float32."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: RolloutBatch, ids_B_T_K: torch.Tensor, temperature: float, chunk_size: int,
+                loss_path: str, autocast_bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast_bf16):
+            if loss_path == "chunked":
+                hidden = response_hidden(self.lm, batch)
+                w = self.lm.get_output_embeddings().weight
+                return head_stats_chunked(hidden, w, ids_B_T_K, temperature, chunk_size)
+            return head_stats_plain(response_logits(self.lm, batch, temperature), ids_B_T_K, chunk_size)
+
+
+def as_policy(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` if it is a (wrapped) :class:`Policy`, else a :class:`Policy` over the language model ``model``."""
+    return model if isinstance(unwrap(model), Policy) else Policy(model)
+
+
+def micro_batch_forward(cfg: Config, policy, rows: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor], LossInputs]:
+    """Forward one micro-batch through ``policy`` (:class:`Policy`, maybe DDP/FSDP2-wrapped): per-token loss ℓ_t,
+    loss metrics and the loss inputs (with grad).
 
     Only lse_t and the logits at [y_t, S_t] leave the model (``trainer.loss_path`` picks how, see scoring.py).
     """
     batch = rows["batch"]
     t = cfg.trainer
-    device = next(model.parameters()).device
+    device = next(policy.parameters()).device
     ids = batch.response_ids_B_T.to(device).unsqueeze(-1)
     if rows["support_ids"] is not None:
         ids = torch.cat([ids, rows["support_ids"].to(device)], dim=-1)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.autocast_bf16)
-    with autocast:
-        if t.loss_path.value == "chunked":
-            hidden = response_hidden(model, batch)
-            w = model.get_output_embeddings().weight
-            lse, z = head_stats_chunked(hidden, w, ids, cfg.rollout.temperature, t.chunk_size)
-        else:
-            lse, z = head_stats_plain(response_logits(model, batch, cfg.rollout.temperature), ids, t.chunk_size)
+    lse, z = policy(batch, ids, cfg.rollout.temperature, t.chunk_size, t.loss_path.value, t.autocast_bf16)
     x = LossInputs(
         logp_B_T=z[..., 0] - lse,
         old_logp_B_T=rows["old_logp"],
@@ -179,35 +207,58 @@ def _gate(cfg: Config, x: LossInputs, rows: dict) -> tuple[torch.Tensor, dict[st
     return g, extras, delta
 
 
-def optimizer_update(cfg: Config, model, optimizer, data: StepData, idx: torch.Tensor) -> dict[str, float]:
-    """One AdamW update on mini-batch rows ``idx``, split into ``trainer.grad_accum`` micro-batches."""
-    micro = [m for m in torch.tensor_split(idx, cfg.trainer.grad_accum) if m.numel() > 0]
-    device = next(model.parameters()).device
+def _micro_batches(idx: torch.Tensor, grad_accum: int, dist: Dist) -> list[torch.Tensor | None]:
+    """This rank's rows ``idx`` in ≤ ``grad_accum`` micro-batches, padded with ``None`` (a zero-weight micro-batch)
+    to the largest count on any rank: every rank runs as many forward/backward passes (FSDP2 gathers in each)."""
+    micro: list[torch.Tensor | None] = [m for m in torch.tensor_split(idx, grad_accum) if m.numel() > 0]
+    n = int(dist.max(len(micro))[0])
+    return micro + [None] * (n - len(micro))
+
+
+def optimizer_update(cfg: Config, policy, optimizer, data: StepData, idx: torch.Tensor,
+                     dist: Dist = SINGLE) -> dict[str, float]:
+    """One AdamW update on this rank's mini-batch rows ``idx`` (``trainer.grad_accum`` micro-batches).
+
+    With W ranks each back-propagates its Σ m g ℓ; DDP/FSDP2 average gradients over ranks in the last
+    micro-batch's backward, and the gradient is divided by Z / W with Z = Σ_ranks Σ m g (module docstring).
+    """
+    policy = as_policy(policy)
+    micro = _micro_batches(idx, cfg.trainer.grad_accum, dist)
+    device = next(policy.parameters()).device
+
+    def rows_of(m):
+        if m is not None:
+            return data.rows(m, device)
+        rows = data.rows(torch.zeros(1, dtype=torch.long), device)  # a zero-weight micro-batch: local row 0
+        rows["loss_mask"] = torch.zeros_like(rows["loss_mask"])  # with no valid token: every sum below is 0
+        return rows
+
     clip = cfg.gate.clip_min is not None or cfg.gate.clip_max is not None
-    n_valid = float(sum(data.loss_mask_B_T[m].sum() for m in micro))
+    n_valid = dist.sum(sum(float(data.loss_mask_B_T[m].sum()) for m in micro if m is not None))[0]
     scale = None
     if clip:  # the clip acts on normalised gates, so get Σ m g first
         with torch.no_grad():
             z_pre = 0.0
             for m in micro:
-                rows = data.rows(m, device)
-                _, _, x = micro_batch_forward(cfg, model, rows)
+                rows = rows_of(m)
+                _, _, x = micro_batch_forward(cfg, policy, rows)
                 g, _, _ = _gate(cfg, x, rows)
                 z_pre += float(masked_sum(g, x.mask_B_T))
-        scale = n_valid / max(z_pre, 1e-30)
+        scale = n_valid / max(dist.sum(z_pre)[0], 1e-30)
 
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = defaultdict(float)
-    gates, masks = [], []
+    gates = []
     denom = 0.0
-    for m in micro:
-        rows = data.rows(m, device)
-        loss_B_T, metrics, x = micro_batch_forward(cfg, model, rows)
-        g, extras, delta = _gate(cfg, x, rows)
-        if scale is not None:
-            g = (g * scale).clamp(min=cfg.gate.clip_min, max=cfg.gate.clip_max)
-        mask = x.mask_B_T.to(loss_B_T.device)
-        masked_sum(loss_B_T * g, mask).backward()
+    for i, m in enumerate(micro):
+        rows = rows_of(m)
+        with grad_sync(policy, i == len(micro) - 1):
+            loss_B_T, metrics, x = micro_batch_forward(cfg, policy, rows)
+            g, extras, delta = _gate(cfg, x, rows)
+            if scale is not None:
+                g = (g * scale).clamp(min=cfg.gate.clip_min, max=cfg.gate.clip_max)
+            mask = x.mask_B_T.to(loss_B_T.device)
+            masked_sum(loss_B_T * g, mask).backward()
         denom += float(masked_sum(g, mask)) if scale is None else 0.0
         sums["loss_sum"] += float(masked_sum(loss_B_T.detach() * g, mask))
         sums["ungated_loss_sum"] += float(masked_sum(loss_B_T.detach(), mask))
@@ -215,48 +266,64 @@ def optimizer_update(cfg: Config, model, optimizer, data: StepData, idx: torch.T
         sums["cancel_sum"] += float(masked_sum(extras["cancel_B_T"], mask))
         for k, v in metrics.items():
             sums[f"{k}_sum"] += float(masked_sum(v, mask))
-        gates.append(g[mask.bool()])
-        masks.append(mask)
-    denom = n_valid if scale is not None else denom
-    for p in model.parameters():
+        gates.append(g.detach()[mask.bool()])
+    keys = sorted(sums)
+    totals = dict(zip(keys, dist.sum(*(sums[k] for k in keys)), strict=True))
+    denom = n_valid if scale is not None else dist.sum(denom)[0]
+    for p in policy.parameters():
         if p.grad is not None:
-            p.grad.div_(max(denom, 1e-30))
-    if cfg.trainer.grad_clip is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
-    else:
-        grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
+            p.grad.div_(max(denom, 1e-30) / dist.world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        policy.parameters(), cfg.trainer.grad_clip if cfg.trainer.grad_clip is not None else math.inf)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     # Guard: a non-finite loss or gradient norm skips this update (the weights and Adam moments stay as they were).
-    finite = math.isfinite(sums["loss_sum"]) and math.isfinite(float(grad_norm))
+    finite = math.isfinite(totals.get("loss_sum", 0.0)) and math.isfinite(grad_norm)
     if finite:
         optimizer.step()
     else:
         optimizer.zero_grad(set_to_none=True)
 
-    gate_all = torch.cat(gates) * (n_valid / max(denom, 1e-30) if scale is None else 1.0)
     n = max(n_valid, 1.0)
-    out = {k[: -len("_sum")]: v / n for k, v in sums.items() if k != "loss_sum"}
-    out["loss"] = sums["loss_sum"] / (denom if scale is None else n)
-    out["grad_norm"] = float(grad_norm)
+    out = {k[: -len("_sum")]: v / n for k, v in totals.items() if k.endswith("_sum") and k != "loss_sum"}
+    out["loss"] = totals.get("loss_sum", 0.0) / (denom if scale is None else n)
+    out["grad_norm"] = grad_norm
     out["tokens"] = n_valid
     out["guard/skipped"] = 0.0 if finite else 1.0
-    if gate_all.numel():
-        out.update({"gate/mean": float(gate_all.mean()), "gate/min": float(gate_all.min()),
-                    "gate/max": float(gate_all.max()), "gate/std": float(gate_all.std(unbiased=False)),
-                    "gate/frac_below_0.5": float((gate_all < 0.5).float().mean())})
+    out.update(gate_metrics(torch.cat(gates) * (n_valid / max(denom, 1e-30) if scale is None else 1.0), dist))
     out["gate/cancel_rate"] = out.pop("cancel")
     out["drift/mean_abs_delta"] = out.pop("abs_delta")
     return out
 
 
-def train_step(cfg: Config, model, optimizer, scheduler, data: StepData, step: int) -> dict[str, float]:
-    """R passes over the scored batch in shuffled mini-batches; metrics averaged over the updates."""
+def gate_metrics(gate_N: torch.Tensor, dist: Dist = SINGLE) -> dict[str, float]:
+    """Mean, min, max, std and fraction below 0.5 of the normalised gates ``gate_N`` of all ranks."""
+    g = gate_N.double()
+    n, s, ss, below = dist.sum(g.numel(), g.sum(), (g * g).sum(), (g < 0.5).sum())
+    if not n:
+        return {}
+    lo = dist.min(g.min() if g.numel() else math.inf)[0]
+    hi = dist.max(g.max() if g.numel() else -math.inf)[0]
+    mean = s / n
+    return {"gate/mean": mean, "gate/min": lo, "gate/max": hi, "gate/std": math.sqrt(max(ss / n - mean * mean, 0.0)),
+            "gate/frac_below_0.5": below / n}
+
+
+def train_step(cfg: Config, policy, optimizer, scheduler, data: StepData, step: int,
+               dist: Dist = SINGLE) -> dict[str, float]:
+    """R passes over the scored batch in shuffled mini-batches; metrics averaged over the updates.
+
+    The permutation is over the global batch (W equal, contiguous rank shards of ``data.batch.size`` rows), so a
+    mini-batch holds the same sequences whatever W is; each rank updates with the rows of it that it holds.
+    """
     B = data.batch.size
+    lo = dist.rank * B
     gen = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + step)
     per_update: list[dict[str, float]] = []
     for _ in range(cfg.rollout.reuse):
-        perm = torch.randperm(B, generator=gen)
+        perm = torch.randperm(B * dist.world, generator=gen)
         for mb in perm.split(cfg.rollout.mini_batch_size):
-            per_update.append(optimizer_update(cfg, model, optimizer, data, mb))
+            local = mb[(mb >= lo) & (mb < lo + B)] - lo
+            per_update.append(optimizer_update(cfg, policy, optimizer, data, local, dist))
             scheduler.step()
     keys = per_update[0].keys()
     out = {k: sum(u[k] for u in per_update) / len(per_update) for k in keys if k not in ("tokens", "guard/skipped")}
@@ -277,10 +344,17 @@ class UpdateGuard:
     def __init__(self, max_bad: int) -> None:
         self.max_bad, self.run, self.total = max_bad, 0, 0
 
-    def update(self, step: int, m: dict[str, float]) -> int:
+    def count(self, m: dict[str, float]) -> int:
+        """Update the counters from a step's metrics; returns the current run of bad updates."""
         skipped = int(m["guard/skipped_updates"])
         self.total += skipped
         self.run = self.run + skipped if skipped == m["updates"] else int(m["guard/trailing_bad_updates"])
+        return self.run
+
+    def update(self, step: int, m: dict[str, float]) -> int:
+        """:meth:`count`, saying so on stderr when the step skipped updates."""
+        skipped = int(m["guard/skipped_updates"])
+        self.count(m)
         if skipped:
             print(f"opd-lab: step {step}: skipped {skipped}/{int(m['updates'])} updates with a non-finite loss or "
                   f"gradient norm (loss={m['loss']}, grad_norm={m['grad_norm']}, "
@@ -309,15 +383,14 @@ def repetition_B(response_ids_B_T: torch.Tensor, response_mask_B_T: torch.Tensor
     return torch.tensor(out, dtype=torch.bool)
 
 
-def collapse_signals(batch: RolloutBatch, metrics: dict[str, float], step: int) -> dict[str, float]:
+def collapse_signals(metrics: dict[str, float], step: int, warn: bool = True) -> dict[str, float]:
     """Warnings worth a look: most responses at the length cap, or most stuck in a repetition loop."""
-    rep = float(repetition_B(batch.response_ids_B_T, batch.response_mask_B_T).float().mean())
-    trunc = metrics["response/truncated_frac"]
+    rep, trunc = metrics["response/repetition_frac"], metrics["response/truncated_frac"]
     for name, frac in (("at the length cap", trunc), ("repeating themselves (distinct 4-grams < 20%)", rep)):
-        if frac > 0.5:
+        if frac > 0.5 and warn:
             print(f"opd-lab: warning: step {step}: {frac:.0%} of responses are {name}: possible collapse",
                   file=sys.stderr, flush=True)
-    return {"response/repetition_frac": rep, "collapse/warning": float(trunc > 0.5 or rep > 0.5)}
+    return {"collapse/warning": float(trunc > 0.5 or rep > 0.5)}
 
 
 def rollout_spec(cfg: Config, step: int) -> SamplingSpec:
@@ -347,45 +420,64 @@ def make_optimizer(cfg: Config, model):
     return opt, sched
 
 
-def run_training(cfg: Config, student, teacher_scorer, tokenizer, engine: RolloutEngine, task, tracker,
-                 encode_prompts, on_step=None, state=None, save_state=None) -> None:
+def run_training(cfg: Config, policy, teacher_scorer, tokenizer, engine: RolloutEngine, task, tracker,
+                 encode_prompts, on_step=None, state=None, save_state=None, dist: Dist = SINGLE) -> None:
     """The loop: for each step, rollout → score → R passes → sync the engine → log (→ eval via ``on_step``)
     (→ ``save_state`` every ``trainer.checkpoint_every`` steps). ``state`` (a :class:`opd_lab.checkpoint.TrainState`)
-    continues a checkpointed run: optimizer, schedule, prompt sampler and step counter as they were."""
+    continues a checkpointed run: optimizer, schedule, prompt sampler and step counter as they were.
+
+    ``policy``: the student's :class:`Policy` (DDP/FSDP2-wrapped under torchrun) or the language model itself.
+    Under torchrun every rank draws the same prompts and rolls out its contiguous share (distributed.py); the
+    logged metrics are over all ranks, so every rank holds the same numbers."""
     from tqdm.auto import tqdm
 
+    from opd_lab.distributed import full_state_dict, is_sharded
+
+    policy = as_policy(policy)
     special_set = set(cfg.loss.special_tokens)
     special_V = token_table(tokenizer, lambda s: s in special_set)
     newline_V = token_table(tokenizer, lambda s: "\n" in s)
-    optimizer, scheduler = make_optimizer(cfg, student)
+    optimizer, scheduler = make_optimizer(cfg, policy)
     rng = random.Random(cfg.trainer.seed)
     guard = UpdateGuard(cfg.trainer.max_bad_updates)
     start = 0
     if state is not None:
-        optimizer.load_state_dict(state.optimizer)
+        if state.shards is not None:  # FSDP2: this rank's shard of the weights and of the Adam moments
+            from opd_lab.checkpoint import load_shards
+
+            load_shards(policy, optimizer, state.shards)
+        else:
+            optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
         rng.setstate(state.sampler_rng)
         guard.run, guard.total = state.guard["run"], state.guard["total"]
         start = state.step
     every = cfg.trainer.checkpoint_every
-    bar = tqdm(range(start, cfg.trainer.steps), desc="OPD", disable=not cfg.logger.progress, dynamic_ncols=True,
-               initial=start, total=cfg.trainer.steps)
+    share = dist.shard(cfg.rollout.n_prompts)
+    lm = unwrap(policy).lm
+    bar = tqdm(range(start, cfg.trainer.steps), desc="OPD", disable=not (cfg.logger.progress and dist.is_main),
+               dynamic_ncols=True, initial=start, total=cfg.trainer.steps)
     for step in bar:
         t0 = time.perf_counter()
-        problems = task.train_problems(cfg.rollout.n_prompts, rng)
-        batch = engine.generate(encode_prompts(tokenizer, problems), rollout_spec(cfg, step))
-        data = score_batch(cfg, student, teacher_scorer, batch, special_V, newline_V)
+        problems = task.train_problems(cfg.rollout.n_prompts, rng)[share]
+        spec = dataclasses.replace(rollout_spec(cfg, step), prompt_offset=share.start)
+        batch = engine.generate(encode_prompts(tokenizer, problems), spec)
+        data = score_batch(cfg, policy, teacher_scorer, batch, special_V, newline_V, dist=dist)
         t1 = time.perf_counter()
-        metrics = train_step(cfg, student, optimizer, scheduler, data, step)
+        metrics = train_step(cfg, policy, optimizer, scheduler, data, step, dist)
         t2 = time.perf_counter()
-        sync_s = engine.sync_weights(student)
+        sync_s = engine.sync_weights(lm, full_state_dict(policy, dist) if is_sharded(policy) else None)
         lengths = batch.response_mask_B_T.sum(-1).float()
-        n_tok = float(lengths.sum())
+        n_tok, len_sum, n_trunc, n_rep = dist.sum(
+            lengths.sum(), lengths.sum(), batch.truncated_B.sum(),
+            repetition_B(batch.response_ids_B_T, batch.response_mask_B_T).sum())
+        n_seq = batch.size * dist.world
         metrics.update(batch.stats)
         metrics.update(data.stats)
         metrics.update({
-            "response/mean_len": float(lengths.mean()),
-            "response/truncated_frac": float(batch.truncated_B.float().mean()),
+            "response/mean_len": len_sum / n_seq,
+            "response/truncated_frac": n_trunc / n_seq,
+            "response/repetition_frac": n_rep / n_seq,
             "time/learner_s": t2 - t1,
             "time/sync_s": sync_s,
             "time/step_s": time.perf_counter() - t0,
@@ -393,13 +485,13 @@ def run_training(cfg: Config, student, teacher_scorer, tokenizer, engine: Rollou
             "tokens_per_s": n_tok / max(time.perf_counter() - t0, 1e-9),
             "lr": scheduler.get_last_lr()[0],
         })
-        bad_run = guard.update(step + 1, metrics)
+        bad_run = guard.update(step + 1, metrics) if dist.is_main else guard.count(metrics)
         metrics["guard/consecutive_bad_updates"] = bad_run
-        metrics.update(collapse_signals(batch, metrics, step + 1))
+        metrics.update(collapse_signals(metrics, step + 1, warn=dist.is_main))
         tracker.log(step + 1, metrics)
         guard.check(step + 1, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", len=f"{metrics['response/mean_len']:.0f}")
         if on_step is not None:
             on_step(step + 1)
         if save_state is not None and every and (step + 1) % every == 0 and step + 1 < cfg.trainer.steps:
-            save_state(step + 1, optimizer, scheduler, rng, {"run": guard.run, "total": guard.total})
+            save_state(step + 1, policy, optimizer, scheduler, rng, {"run": guard.run, "total": guard.total})

@@ -40,8 +40,9 @@ def at_least_f32(x: torch.Tensor) -> torch.Tensor:
 
 
 def masked_sum(values_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
-    """Σ_t m_t v_t over every position (the numerator of the step's token-mean)."""
-    return (values_B_T * mask_B_T.to(values_B_T.dtype)).sum()
+    """Σ_t m_t v_t over every position (the numerator of the step's token-mean); masked positions contribute an
+    exact 0 even where ``v`` is not finite (padding, a zero-weight micro-batch)."""
+    return torch.where(mask_B_T.bool(), values_B_T, torch.zeros_like(values_B_T)).sum()
 
 
 # ------------------------------------------------------------------------------------ sampled-token OPD

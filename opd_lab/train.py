@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from opd_lab import checkpoint
+from opd_lab import checkpoint, distributed
 from opd_lab.config import Config, ConfigError, LSMLossConfig, as_flat_dict
 from opd_lab.evaluation import EvalResult, benchmark_csv, encode_prompts, evaluate
 from opd_lab.models import check_same_vocab, load_model, load_tokenizer, loading, resolve_paths
@@ -31,20 +31,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_engine(cfg: Config, model, tokenizer, path: str):
-    """The configured rollout engine over ``model`` (HF) or the weights at ``path`` (vLLM)."""
+def make_engine(cfg: Config, model, tokenizer, path: str, sharded_root=None):
+    """The configured rollout engine over ``model`` (HF; ``sharded_root``: its FSDP2 root) or the weights at
+    ``path`` (vLLM)."""
     cls = get_engine_class(cfg.rollout.engine.value)
     if cfg.rollout.engine.value == "hf":
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, sharded_root=sharded_root)
     return cls(path, tokenizer, cfg)
 
 
 def make_teacher_scorer(cfg: Config, teacher, tokenizer, path: str):
-    """HF forward of the loaded teacher, or vLLM prompt log-probs over the weights at ``path``."""
-    if cfg.rollout.teacher_scorer.value == "hf":
+    """The configured teacher placement: an HF forward of the loaded teacher (on ``rollout.teacher_device``),
+    in-process vLLM prompt log-probs over the weights at ``path``, or a vLLM server."""
+    kind = cfg.rollout.teacher_scorer.value
+    if kind == "hf":
         from opd_lab.scoring import HFTeacherScorer
 
         return HFTeacherScorer(teacher, chunk_size=cfg.trainer.chunk_size)
+    if kind == "server":
+        from opd_lab.rollout.server import ServerTeacherScorer
+
+        return ServerTeacherScorer(cfg.rollout.teacher_server)
     from opd_lab.rollout.vllm import VLLMTeacherScorer
 
     return VLLMTeacherScorer(path, tokenizer, cfg)
@@ -90,11 +97,12 @@ def cached_eval(cfg: Config, path: str, build_engine, tokenizer, task) -> EvalRe
     return res
 
 
-def save_checkpoint(model, tokenizer, out: Path) -> None:
-    """``save_pretrained`` into a temporary folder, then rename over ``out`` (never a half-written folder)."""
+def save_checkpoint(model, tokenizer, out: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """``save_pretrained`` (of ``state_dict`` when given: the gathered weights of a sharded model) into a
+    temporary folder, then rename over ``out`` (never a half-written folder)."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     old = out.with_name(out.name + ".old")
     if out.exists():
@@ -133,13 +141,14 @@ def write_status(run_dir: Path, status: str, **extra) -> None:
 
 
 @contextmanager
-def recorded_failure(run_dir: Path, tracker: Tracker):
-    """On any exception (Ctrl-C included): ``status.json`` says failed with the error, the wandb run is marked
-    failed, and the exception goes on."""
+def recorded_failure(run_dir: Path, tracker: Tracker, writes: bool = True):
+    """On any exception (Ctrl-C included): ``status.json`` says failed with the error (unless ``writes`` is off:
+    torchrun ranks other than 0), the wandb run is marked failed, and the exception goes on."""
     try:
         yield
     except BaseException as e:
-        write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+        if writes:
+            write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         tracker.finish(1)
         raise
 
@@ -153,28 +162,65 @@ def run_label(cfg: Config) -> str:
     return f"{cfg.loss.name}-{gate_name(cfg)}"
 
 
+class NullTracker:
+    """The tracker of ranks other than 0 under torchrun: they compute the same metrics and log nothing."""
+
+    run_id = None
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+
 def main(cfg: Config, run_dir: Path) -> dict[str, float]:
     """Run one OPD experiment into ``run_dir``; returns the final evaluation metrics of the student.
 
     With ``eval.only`` set it is an evaluation-only run of that untrained model (base student or teacher).
+    Under torchrun every rank calls this; rank 0 decides the run directory and writes everything.
     """
-    resume_dir = checkpoint.find_run_to_resume(cfg, run_dir) if cfg.eval.only is None else None
+    dist = distributed.init(cfg.trainer.parallel.value, cfg.trainer.device, cfg.trainer.dist_backend.value,
+                            cfg.trainer.dist_timeout_min)
+    try:
+        return _main(cfg, run_dir, dist)
+    finally:
+        distributed.shutdown(dist)
+
+
+def _main(cfg: Config, run_dir: Path, dist: distributed.Dist) -> dict[str, float]:
+    if dist.enabled:
+        if cfg.rollout.n_prompts % dist.world:
+            raise ConfigError(f"rollout.n_prompts={cfg.rollout.n_prompts} is invalid with {dist.world} ranks: allowed "
+                              "a multiple of the number of ranks (each rank rolls out an equal share)")
+        if cfg.eval.only is not None:
+            raise ConfigError("eval.only is set: an evaluation-only run uses one process (run it without torchrun)")
+    resume_dir = checkpoint.find_run_to_resume(cfg, run_dir) if cfg.eval.only is None and dist.is_main else None
+    run_dir, resume_dir = dist.broadcast((run_dir, resume_dir))  # rank 0's: torchrun ranks may differ in ${now:}
     if resume_dir is not None:
-        if resume_dir != run_dir:
+        if resume_dir != run_dir and dist.is_main:
             print(f"opd-lab: trainer.resume={cfg.trainer.resume}: continuing {resume_dir}", flush=True)
         run_dir = resume_dir
         status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
         if status.get("status") == "completed":
             print(f"opd-lab: {run_dir} already completed; nothing to resume", flush=True)
             return status.get("final", {})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    write_status(run_dir, "running", pid=os.getpid())
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        write_status(run_dir, "running", pid=os.getpid(), world=dist.world)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     seed_everything(cfg.trainer.seed)
     task = build_task(cfg.task)
-    paths = resolve_paths(cfg)
+    if dist.is_main:  # the embedded pair is built once, by rank 0, before the others look for it
+        paths = resolve_paths(cfg)
+    dist.barrier()
+    if not dist.is_main:
+        paths = resolve_paths(cfg)
     with loading("model.tokenizer" if cfg.model.tokenizer else "model.student", paths.tokenizer):
         tokenizer = load_tokenizer(paths.tokenizer, cfg.model.chat_template)
     with loading("model.teacher", paths.teacher):
@@ -185,61 +231,71 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
         return evaluate_only(cfg, run_dir, paths, tokenizer, task)
     if hasattr(task, "load_train"):
         task.load_train()  # a bad training-set path fails here, before any model loads
-    device = cfg.trainer.device
+    device = distributed.rank_device(cfg.trainer.device, dist)
     with loading("model.student", paths.student):
         student = load_model(paths.student, cfg.model.dtype, device, trainable=True)
     hf_teacher = cfg.rollout.teacher_scorer.value == "hf" or cfg.rollout.engine.value == "hf"
     teacher = None
     if hf_teacher:
         with loading("model.teacher", paths.teacher):
-            teacher = load_model(paths.teacher, cfg.model.dtype, device, trainable=False)
+            teacher = load_model(paths.teacher, cfg.model.dtype, cfg.rollout.teacher_device or device,
+                                 trainable=False)
 
     table: dict[str, dict[str, float]] = {}
     frames = []
-    if cfg.eval.baselines:
+    if cfg.eval.baselines and dist.is_main:
         for name, model, path in (("base_student", student, paths.student), ("teacher", teacher, paths.teacher)):
             res = cached_eval(cfg, path, lambda m=model, p=path: make_engine(cfg, m, tokenizer, p), tokenizer, task)
             table[name] = res.metrics
             frames.append(res.per_problem.assign(model=name, step=0))
+    dist.barrier()
 
     state = checkpoint.latest(run_dir, cfg) if resume_dir is not None else None
-    keep_until_step(run_dir, state.step if state else 0)
-    if state is not None:  # the student continues from the checkpoint's weights (baselines used the base ones)
+    if dist.is_main:
+        keep_until_step(run_dir, state.step if state else 0)
+    if state is not None and state.shards is None:  # continue from the checkpoint's weights (baselines used the base)
         student.load_state_dict(load_model(str(state.path), cfg.model.dtype, device, trainable=True).state_dict())
+    if state is not None and dist.is_main:
         print(f"opd-lab: resuming from {state.path} (step {state.step})", flush=True)
+    from opd_lab.learner import Policy, run_training
+
+    policy = distributed.wrap(Policy(student), dist)  # FSDP2 resume loads its shards into this (run_training)
     tracker = Tracker(cfg, run_dir, name=f"{run_label(cfg)}-seed{cfg.trainer.seed}",
-                      resume_id=state.wandb_id if state else None)
-    engine = make_engine(cfg, student, tokenizer, paths.student)
-    if state is not None:
+                      resume_id=state.wandb_id if state else None) if dist.is_main else NullTracker()
+    engine = make_engine(cfg, student, tokenizer, paths.student,
+                         sharded_root=policy if distributed.is_sharded(policy) else None)
+    if state is not None and state.shards is None:
         engine.sync_weights(student)
     teacher_scorer = make_teacher_scorer(cfg, teacher, tokenizer, paths.teacher)
     final: dict[str, float] = {}
-    with recorded_failure(run_dir, tracker), closing(engine), closing(teacher_scorer):
+    with recorded_failure(run_dir, tracker, dist.is_main), closing(engine), closing(teacher_scorer):
         def on_step(step: int) -> None:
             nonlocal final
             if step == cfg.trainer.steps or (cfg.eval.every and step % cfg.eval.every == 0):
-                res = run_eval(cfg, engine, tokenizer, task)
-                tracker.log(step, {f"eval/{k}": v for k, v in res.metrics.items()})
-                (run_dir / "evals").mkdir(exist_ok=True)
-                res.per_problem.assign(model="student", step=step).to_csv(
-                    run_dir / "evals" / f"student_step_{step:06d}.csv", index=False)
+                res = run_eval(cfg, engine, tokenizer, task)  # every rank: FSDP2 sampling gathers across ranks
                 final = res.metrics
+                if dist.is_main:
+                    tracker.log(step, {f"eval/{k}": v for k, v in res.metrics.items()})
+                    (run_dir / "evals").mkdir(exist_ok=True)
+                    res.per_problem.assign(model="student", step=step).to_csv(
+                        run_dir / "evals" / f"student_step_{step:06d}.csv", index=False)
 
-        def save_state(step: int, optimizer, scheduler, sampler_rng, guard: dict) -> None:
-            checkpoint.save(run_dir, cfg, step, student, tokenizer, optimizer, scheduler, sampler_rng, guard,
-                            tracker.run_id)
+        def save_state(step: int, policy, optimizer, scheduler, sampler_rng, guard: dict) -> None:
+            checkpoint.save(run_dir, cfg, step, policy, tokenizer, optimizer, scheduler, sampler_rng, guard,
+                            tracker.run_id, dist)
 
-        from opd_lab.learner import run_training
-
-        run_training(cfg, student, teacher_scorer, tokenizer, engine, task, tracker, prompt_encoder(cfg),
-                     on_step, state=state, save_state=save_state)
+        run_training(cfg, policy, teacher_scorer, tokenizer, engine, task, tracker, prompt_encoder(cfg),
+                     on_step, state=state, save_state=save_state, dist=dist)
         if cfg.trainer.steps == 0:
             on_step(0)
-        table["trained_student"] = final
-        save_checkpoint(student, tokenizer, run_dir / "checkpoint")
-        frames += [pd.read_csv(f, dtype={"question": str, "answer": str})
-                   for f in sorted((run_dir / "evals").glob("student_step_*.csv"))]
-        finish_run(cfg, run_dir, tracker, table, frames, final)
+        weights = distributed.full_state_dict(policy, dist)  # every rank (FSDP2 gathers); rank 0 saves
+        if dist.is_main:
+            table["trained_student"] = final
+            save_checkpoint(student, tokenizer, run_dir / "checkpoint", weights)
+            frames += [pd.read_csv(f, dtype={"question": str, "answer": str})
+                       for f in sorted((run_dir / "evals").glob("student_step_*.csv"))]
+            finish_run(cfg, run_dir, tracker, table, frames, final)
+        dist.barrier()
     return final
 
 

@@ -21,13 +21,18 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    """What to sample: ``n`` responses per prompt at ``temperature``/``top_p``, at most ``max_tokens``."""
+    """What to sample: ``n`` responses per prompt at ``temperature``/``top_p``, at most ``max_tokens``.
+
+    ``prompt_offset``: the global index of the first prompt (a rank's share under torchrun); engines that seed
+    per prompt (vLLM) use it, so a prompt's samples do not depend on how the batch is split over ranks.
+    """
 
     n: int
     temperature: float
     top_p: float
     max_tokens: int
     seed: int
+    prompt_offset: int = 0
 
 
 @dataclass
@@ -73,8 +78,9 @@ class RolloutEngine(Protocol):
         """Sample ``spec.n`` responses for each prompt (token ids, no padding); rows are prompt-major."""
         ...
 
-    def sync_weights(self, model: torch.nn.Module) -> float:
-        """Load the learner's current weights; returns the seconds it took."""
+    def sync_weights(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> float:
+        """Load the learner's current weights (``state_dict``: the full weights when ``model`` is sharded);
+        returns the seconds it took."""
         ...
 
     def close(self) -> None: ...
@@ -133,3 +139,38 @@ def assemble_batch(
         prompt_index_B=torch.arange(B) // n,
         response_text=texts,
     )
+
+
+def unpadded_sequences(batch: RolloutBatch) -> list[list[int]]:
+    """Each row's prompt + response token ids without padding (what a prompt-log-prob scorer is sent)."""
+    return [batch.input_ids_B_L[i][batch.attention_mask_B_L[i].bool()].tolist() for i in range(batch.size)]
+
+
+def scores_from_prompt_logprobs(batch: RolloutBatch, seqs: list[list[int]],
+                                entries: list[list[dict[int, tuple[float, int]] | None]], top_k: int):
+    """:class:`~opd_lab.scoring.TeacherScores` from vLLM prompt log-probs (in-process or served).
+
+    ``entries[i][p]`` maps token id → (log-prob, rank) at position ``p`` of ``seqs[i]``: the top-K of the
+    distribution predicting token ``p`` plus the actual token ``seqs[i][p]``. Response token t of row i sits at
+    ``p = len(seqs[i]) − n_resp + t``. Returns log q(y_t) ``[B, T]`` and (``top_k`` > 0) the top-K ids and
+    log-probs ``[B, T, K]`` in rank order.
+    """
+    from opd_lab.scoring import TeacherScores
+
+    k = max(top_k, 1)
+    B, T = batch.response_mask_B_T.shape
+    logp = torch.zeros(B, T)
+    tk_ids = torch.zeros(B, T, k, dtype=torch.long)
+    tk_logp = torch.full((B, T, k), -1e30)
+    for i, seq in enumerate(seqs):
+        n_resp = int(batch.response_mask_B_T[i].sum())
+        n_prompt = len(seq) - n_resp
+        for t in range(n_resp):
+            entry = entries[i][n_prompt + t]
+            logp[i, t] = entry[seq[n_prompt + t]][0]
+            ranked = sorted((rank, tok, lp) for tok, (lp, rank) in entry.items() if rank <= k)
+            for j, (_, tok, lp) in enumerate(ranked[:k]):
+                tk_ids[i, t, j] = tok
+                tk_logp[i, t, j] = lp
+    return TeacherScores(logp_B_T=logp, topk_ids_B_T_K=tk_ids if top_k > 0 else None,
+                         topk_logp_B_T_K=tk_logp if top_k > 0 else None)

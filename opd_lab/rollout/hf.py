@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -13,11 +14,16 @@ class HFEngine:
     """Samples with ``model.generate``; π_s is the processed (temperature + top-p) distribution.
 
     The engine holds a reference to the learner's module, so :meth:`sync_weights` has nothing to copy.
-    Sampling is seeded per call from ``spec.seed`` inside a forked RNG, leaving the global torch RNG as it was.
+    Sampling is seeded per call from ``spec.seed`` (and ``spec.prompt_offset``) inside a forked RNG, leaving the
+    global torch RNG as it was. ``sharded_root``: the FSDP2 root the module belongs to (torchrun,
+    ``trainer.parallel=fsdp2``); its parameters are gathered while sampling and every rank keeps stepping until
+    all are done (``synced_gpus``), since each forward all-gathers.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 256) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 256,
+                 sharded_root: torch.nn.Module | None = None) -> None:
         self.model = model
+        self.sharded_root = sharded_root
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.eos_id = tokenizer.eos_token_id
@@ -46,13 +52,14 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         rows = [p for p in prompts for _ in range(spec.n)]
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(spec.seed)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self._gathered():
+            torch.manual_seed(spec.seed + 7919 * spec.prompt_offset)
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start : start + self.batch_size]
                 ids, mask = pad_prompts(chunk, self.pad_id)
                 out = self.model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
+                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
+                    **({"synced_gpus": True} if self.sharded_root is not None else {}),
                 )
                 gen = out.sequences[:, ids.shape[1] :].cpu()
                 scores = torch.stack(out.scores, dim=1).float().cpu()  # [b, T, V] processed logits
@@ -71,9 +78,14 @@ class HFEngine:
         batch.stats = {"rollout/seconds": dt, "rollout/tokens_per_s": n_tokens / max(dt, 1e-9)}
         return batch
 
-    def sync_weights(self, model: torch.nn.Module) -> float:
+    def _gathered(self):
+        from opd_lab.distributed import full_params
+
+        return full_params(self.sharded_root) if self.sharded_root is not None else contextlib.nullcontext()
+
+    def sync_weights(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> float:
         if model is not self.model:
-            self.model.load_state_dict(model.state_dict())
+            self.model.load_state_dict(state_dict if state_dict is not None else model.state_dict())
         return 0.0
 
     def close(self) -> None:

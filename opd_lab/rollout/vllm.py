@@ -21,7 +21,13 @@ import time
 
 import torch
 
-from opd_lab.rollout.base import RolloutBatch, SamplingSpec, assemble_batch
+from opd_lab.rollout.base import (
+    RolloutBatch,
+    SamplingSpec,
+    assemble_batch,
+    scores_from_prompt_logprobs,
+    unpadded_sequences,
+)
 from opd_lab.scoring import TeacherScores
 
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -107,7 +113,7 @@ class VLLMEngine:
         self._wake()
         params = [
             SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p, top_k=-1,
-                           max_tokens=spec.max_tokens, seed=spec.seed * 100_003 + i, logprobs=0,
+                           max_tokens=spec.max_tokens, seed=spec.seed * 100_003 + spec.prompt_offset + i, logprobs=0,
                            skip_special_tokens=False, detokenize=False)
             for i in range(len(prompts))
         ]
@@ -129,13 +135,13 @@ class VLLMEngine:
         return batch
 
     # ---------------------------------------------------------------------------------------- weight sync
-    def sync_weights(self, model: torch.nn.Module) -> float:
+    def sync_weights(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> float:
         t0 = time.perf_counter()
         self._wake()
-        state = model.state_dict()
+        state = state_dict if state_dict is not None else model.state_dict()
         weights = [(k, v.detach()) for k, v in state.items()]
-        if "lm_head.weight" not in state:
-            weights.append(("lm_head.weight", model.get_output_embeddings().weight.detach()))
+        if "lm_head.weight" not in state:  # tied: the embedding is the head
+            weights.append(("lm_head.weight", state["model.embed_tokens.weight"].detach()))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
         self._sleep()
@@ -150,29 +156,12 @@ class VLLMEngine:
         k = max(top_k, 1)
         params = SamplingParams(max_tokens=1, prompt_logprobs=k, temperature=1.0, detokenize=False)
         self._wake()
-        seqs = []
-        for i in range(batch.size):
-            att = batch.attention_mask_B_L[i].bool()
-            seqs.append(batch.input_ids_B_L[i][att].tolist())
+        seqs = unpadded_sequences(batch)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
         self._sleep()
-        B, T = batch.response_mask_B_T.shape
-        logp = torch.zeros(B, T)
-        tk_ids = torch.zeros(B, T, k, dtype=torch.long)
-        tk_logp = torch.full((B, T, k), -1e30)
-        for i, out in enumerate(outs):
-            n_resp = int(batch.response_mask_B_T[i].sum())
-            n_prompt = len(seqs[i]) - n_resp
-            resp = seqs[i][n_prompt:]
-            for t in range(n_resp):
-                entry = out.prompt_logprobs[n_prompt + t]  # dict token_id -> Logprob for position n_prompt + t
-                logp[i, t] = entry[resp[t]].logprob
-                ranked = sorted(((lp.rank, tok, lp.logprob) for tok, lp in entry.items() if lp.rank <= k))
-                for j, (_, tok, lp) in enumerate(ranked[:k]):
-                    tk_ids[i, t, j] = tok
-                    tk_logp[i, t, j] = lp
-        return TeacherScores(logp_B_T=logp, topk_ids_B_T_K=tk_ids if top_k > 0 else None,
-                             topk_logp_B_T_K=tk_logp if top_k > 0 else None)
+        entries = [[{tok: (lp.logprob, lp.rank) for tok, lp in pos.items()} if pos else None
+                    for pos in out.prompt_logprobs] for out in outs]
+        return scores_from_prompt_logprobs(batch, seqs, entries, top_k)
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

@@ -1,0 +1,201 @@
+"""Data parallelism with torch.distributed: DDP or FSDP2 (``fully_shard``), launched by ``torchrun``.
+
+``torchrun --nproc-per-node=W -m opd_lab ...`` starts W ranks. Every rank draws the same prompts (same sampler
+seed), rolls out and scores its contiguous 1/W share of them, and the learner runs each update on the global
+mini-batch: the same rows a single process would take, each rank forwarding the ones it holds.
+
+What must be global for the update to equal the single-process one (METHODS.md's token mean and gate
+normalisation are ratios of sums over the whole mini-batch)::
+
+    loss = Σ_ranks Σ m g ℓ / Σ_ranks Σ m g          (gate's unit mean and token mean over all ranks)
+
+Each rank back-propagates its unnormalised Σ m g ℓ; DDP / FSDP2 average the gradients over the W ranks during
+the backward of the last micro-batch (earlier ones accumulate locally: ``no_sync`` /
+``set_requires_gradient_sync(False)``), so the learner divides by Z / W with Z the all-reduced Σ m g.
+Every rank runs the same number of forward and backward passes per update (FSDP2 all-gathers inside each one):
+a rank with fewer rows of a mini-batch runs zero-weight micro-batches. Metrics are all-reduced sums, so every
+rank logs the same numbers; only rank 0 writes them (wandb, ``metrics.jsonl``), evaluates and checkpoints.
+
+A single process uses :data:`SINGLE`: no collectives, no wrapper, the code path the rest of the project tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job: ``rank`` of ``world`` (``local_rank`` on its node)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    strategy: str = "none"  # none | ddp | fsdp2
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------------------------------ collectives
+    def _reduce(self, values, op: str) -> list[float]:
+        if not self.enabled:
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.comm_device())
+        torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
+        return t.cpu().tolist()
+
+    def sum(self, *values: float) -> list[float]:
+        """Element-wise sums over ranks (float64)."""
+        return self._reduce(values, "SUM")
+
+    def max(self, *values: float) -> list[float]:
+        return self._reduce(values, "MAX")
+
+    def min(self, *values: float) -> list[float]:
+        return self._reduce(values, "MIN")
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank (any picklable object)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def comm_device(self) -> str:
+        return f"cuda:{self.local_rank}" if torch.distributed.get_backend() == "nccl" else "cpu"
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous share of ``n`` items (``n`` divisible by ``world``)."""
+        per = n // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+
+SINGLE = Dist()
+
+
+def launched_world() -> int:
+    """``WORLD_SIZE`` set by torchrun (1 when started as a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init(strategy: str, device: str, backend: str = "auto", timeout_min: int = 30) -> Dist:
+    """Join the torchrun job (if any): the process group and this rank's device. A single process gets SINGLE."""
+    world = launched_world()
+    if world == 1:
+        return SINGLE
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "auto":
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
+    return Dist(rank=rank, world=world, local_rank=local, strategy=strategy)
+
+
+def rank_device(device: str, dist: Dist) -> str:
+    """``cuda`` → ``cuda:<local_rank>`` under torchrun (one GPU per rank); anything else unchanged."""
+    if dist.enabled and device == "cuda":
+        return f"cuda:{dist.local_rank}"
+    return device
+
+
+def shutdown(dist: Dist) -> None:
+    if dist.enabled and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------- wrapping
+def wrap(policy: torch.nn.Module, dist: Dist) -> torch.nn.Module:
+    """``policy`` (a :class:`opd_lab.learner.Policy`) under DDP or FSDP2; unchanged for a single process.
+
+    FSDP2: every decoder layer is its own ``fully_shard`` unit and the root (embeddings, final norm, LM head)
+    another, so at most one layer's full parameters exist beyond the root's.
+    """
+    if not dist.enabled:
+        return policy
+    if dist.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        dev = next(policy.parameters()).device
+        return DistributedDataParallel(policy, device_ids=[dev.index] if dev.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in policy.lm.base_model.layers:
+        fully_shard(layer)
+    fully_shard(policy)
+    # FSDP2 sets up its root lazily in the first forward through the root; π_old scoring and HF sampling call
+    # the layers before that, so set it up now (private API: no public one exists as of torch 2.13).
+    policy._get_fsdp_state()._lazy_init()
+    return policy
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The :class:`Policy` inside a DDP wrapper (FSDP2 shards in place)."""
+    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
+
+
+def grad_sync(model: torch.nn.Module, enabled: bool):
+    """Context: gradients of the backward passes inside are (not) reduced across ranks."""
+    if enabled:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        @contextlib.contextmanager
+        def paused():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+
+        return paused()
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def full_params(model: torch.nn.Module):
+    """No-grad calls that bypass the root's forward (π_old scoring, HF generate) see full root parameters
+    under FSDP2 (its layers gather themselves in their own forward hooks); a no-op otherwise."""
+    if hasattr(model, "unshard") and hasattr(model, "reshard"):
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
+    else:
+        yield
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return hasattr(model, "unshard") and hasattr(model, "reshard")
+
+
+def full_state_dict(model: torch.nn.Module, dist: Dist) -> dict[str, torch.Tensor]:
+    """The unwrapped language model's full state dict (gathered from the shards under FSDP2; every rank must
+    call it then). Keys are the Hugging Face model's own."""
+    lm = unwrap(model).lm
+    if not is_sharded(model):
+        return lm.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    if getattr(lm.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # the embedding, under its other name (save_pretrained drops it too)
+    return state

@@ -1,0 +1,99 @@
+"""Data parallelism: 2 CPU ranks (torchrun, gloo) on the embedded default equal one process with the same global
+batch, in loss, gates, every logged learner metric and the trained weights; FSDP2's sharded checkpoint resumes
+to the uninterrupted run's weights."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opd_lab.distributed import SINGLE, Dist
+from tests.test_e2e import ROOT
+
+# A few steps on the embedded default (shipped models), small batches; both ranks get one thread each.
+BASE = ["rollout.n_prompts=4", "rollout.n_samples=2", "rollout.mini_batch_size=4", "rollout.reuse=2",
+        "rollout.max_tokens=96", "trainer.grad_accum=2", "trainer.steps=3", "trainer.threads=1", "trainer.lr=1e-3",
+        "eval.baselines=false", "eval.n_samples=2", "eval.ks=[1,2]", "eval.max_tokens=64",
+        "logger.wandb.mode=disabled", "logger.progress=false"]
+LEARNER = ("loss", "ungated_loss", "grad_norm", "gate/mean", "gate/std", "gate/min", "gate/max", "gate/frac_below_0.5",
+           "gate/cancel_rate", "drift/mean_abs_delta", "teacher_minus_old_logp", "response/mean_len",
+           "mismatch/sampler_old_abs")
+
+
+def _run(args, world: int, timeout=600):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+    cmd = [*(launcher if world > 1 else [sys.executable]), "-m", "opd_lab", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def _steps(run: Path):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def _weights(path: Path):
+    return load_file(path / "model.safetensors")
+
+
+def _assert_same_run(a: Path, b: Path, atol=1e-5):
+    sa, sb = _steps(a), _steps(b)
+    assert len(sa) == len(sb) == 3
+    for ra, rb in zip(sa, sb, strict=True):
+        for k in LEARNER:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (k, ra["step"], ra[k], rb[k])
+    wa, wb = _weights(a / "checkpoint"), _weights(b / "checkpoint")
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=k)
+    base = load_file(ROOT / "opd_lab/assets/embedded/student/model.safetensors")
+    assert max(float((wa[k] - base[k]).abs().max()) for k in base) > 1e-3  # it did train
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_equal_one_process_with_vllm_rollouts(tmp_path):
+    """vLLM seeds each prompt by its global index, so the two ranks' rollouts are the single process's."""
+    args = [*BASE, "rollout.engine=vllm", "loss=lsm", "gate=token"]
+    _run([*args, f"hydra.run.dir={tmp_path / 'one'}"], world=1)
+    _run([*args, "trainer.parallel=ddp", f"hydra.run.dir={tmp_path / 'two'}"], world=2)
+    _assert_same_run(tmp_path / "two", tmp_path / "one")
+    status = json.loads((tmp_path / "two" / "status.json").read_text())
+    assert status["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_fsdp2_two_ranks_equal_one_process_and_sharded_resume(tmp_path):
+    """HF sampling at top_p → 0 is greedy (rank-independent); sampled-token loss, sequence gate with a clip (the
+    normaliser pre-pass). A sharded checkpoint at step 2, resumed, ends at the uninterrupted run's weights."""
+    args = [*BASE, "rollout.engine=hf", "rollout.top_p=0.000001", "loss=sampled_token", "gate=sequence",
+            "gate.clip_max=2.0", "trainer.checkpoint_every=2"]
+    one, two, cut = tmp_path / "one", tmp_path / "two", tmp_path / "cut"
+    _run([*args, f"hydra.run.dir={one}"], world=1)
+    _run([*args, "trainer.parallel=fsdp2", f"hydra.run.dir={two}"], world=2)
+    _assert_same_run(two, one)
+    ckpt = two / "checkpoints" / "step_000002"
+    assert (ckpt / "shards").is_dir() and not (ckpt / "model.safetensors").exists()
+    assert len(list((ckpt / "shards").glob("*.distcp"))) == 2  # one shard file per rank
+
+    # The run as if killed right after its step-2 checkpoint: resume it from there.
+    shutil.copytree(two, cut)
+    shutil.rmtree(cut / "checkpoint")
+    (cut / "status.json").write_text(json.dumps({"status": "running"}))
+    _run([*args, "trainer.parallel=fsdp2", f"trainer.resume={cut}", f"hydra.run.dir={tmp_path / 'other'}"], world=2)
+    assert [r["loss"] for r in _steps(cut)] == pytest.approx([r["loss"] for r in _steps(two)], rel=1e-6)
+    wa, wb = _weights(cut / "checkpoint"), _weights(two / "checkpoint")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_rank_shares_and_single_process_reductions():
+    d = Dist(rank=1, world=2)
+    assert d.shard(8) == slice(4, 8) and SINGLE.shard(8) == slice(0, 8)
+    assert SINGLE.sum(1, 2.5) == [1.0, 2.5] and SINGLE.max(3) == [3.0] and SINGLE.broadcast("x") == "x"
