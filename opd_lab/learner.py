@@ -393,6 +393,18 @@ def collapse_signals(metrics: dict[str, float], step: int, warn: bool = True) ->
     return {"collapse/warning": float(trunc > 0.5 or rep > 0.5)}
 
 
+def cuda_memory(model: torch.nn.Module) -> dict[str, float]:
+    """Peak CUDA memory of this step on the model's device (GiB; allocated by tensors and reserved by the caching
+    allocator), then the peak is reset; nothing on the CPU."""
+    dev = next(model.parameters()).device
+    if dev.type != "cuda":
+        return {}
+    out = {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(dev) / 2**30,
+           "memory/peak_reserved_gib": torch.cuda.max_memory_reserved(dev) / 2**30}
+    torch.cuda.reset_peak_memory_stats(dev)
+    return out
+
+
 def rollout_spec(cfg: Config, step: int) -> SamplingSpec:
     r = cfg.rollout
     return SamplingSpec(n=r.n_samples, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
@@ -484,6 +496,7 @@ def run_training(cfg: Config, policy, teacher_scorer, tokenizer, engine: Rollout
             "learner/tokens_per_s": n_tok * cfg.rollout.reuse / max(t2 - t1, 1e-9),
             "tokens_per_s": n_tok / max(time.perf_counter() - t0, 1e-9),
             "lr": scheduler.get_last_lr()[0],
+            **cuda_memory(lm),
         })
         bad_run = guard.update(step + 1, metrics) if dist.is_main else guard.count(metrics)
         metrics["guard/consecutive_bad_updates"] = bad_run
