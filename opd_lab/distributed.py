@@ -101,8 +101,8 @@ def init(strategy: str, device: str, backend: str = "auto", timeout_min: int = 3
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "auto":
         backend = "nccl" if device.startswith("cuda") else "gloo"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local)
+    if device.startswith("cuda"):  # "cuda": one GPU per rank (cuda:<local_rank>); "cuda:i": all ranks on GPU i
+        torch.cuda.set_device(local if device == "cuda" else int(device.split(":")[1]))
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
     return Dist(rank=rank, world=world, local_rank=local, strategy=strategy)
