@@ -422,6 +422,10 @@ class TrainerConfig:
         _check(self.dist_timeout_min >= 1, "trainer.dist_timeout_min", self.dist_timeout_min, "an integer >= 1")
         _check(self.dist_backend != DistBackend.nccl or self.device.startswith("cuda"), "trainer.dist_backend",
                self.dist_backend.value, "gloo or auto with trainer.device=cpu (nccl needs CUDA)")
+        _check(not (self.parallel == Parallel.fsdp2 and self.device.startswith("cuda")
+                    and self.dist_backend == DistBackend.gloo), "trainer.dist_backend", self.dist_backend.value,
+               "nccl or auto with trainer.parallel=fsdp2 on CUDA (FSDP2's collectives on CUDA tensors need NCCL; "
+               "gloo crashed on an H100)")
 
 
 # ----------------------------------------------------------------------------------------------- evaluate
