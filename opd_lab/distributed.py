@@ -93,8 +93,25 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def env_from_slurm(env=os.environ) -> bool:
+    """A multi-task SLURM job started by submitit (``hydra/launcher=slurm_multigpu``) has no torchrun: set torch's
+    ``env://`` variables from SLURM's (rank, world size, local rank; the job's first node as the master, a port
+    derived from the job id). Returns whether it did; torchrun's own variables always win."""
+    if "WORLD_SIZE" in env or env.get("SUBMITIT_EXECUTOR") != "slurm" or int(env.get("SLURM_NTASKS", "1")) <= 1:
+        return False
+    from submitit import JobEnvironment
+
+    job = JobEnvironment()
+    env.update(RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank))
+    env.setdefault("MASTER_ADDR", job.hostnames[0])
+    env.setdefault("MASTER_PORT", str(20000 + int(env["SLURM_JOB_ID"]) % 20000))
+    return True
+
+
 def init(strategy: str, device: str, backend: str = "auto", timeout_min: int = 30) -> Dist:
-    """Join the torchrun job (if any): the process group and this rank's device. A single process gets SINGLE."""
+    """Join the torchrun (or multi-task SLURM) job, if any: the process group and this rank's device. A single
+    process gets SINGLE."""
+    env_from_slurm()
     world = launched_world()
     if world == 1:
         return SINGLE

