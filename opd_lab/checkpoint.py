@@ -33,7 +33,9 @@ from opd_lab.config import Config, ConfigError, as_flat_dict
 
 # Fields that may change between a run and its resumption (where things go and how they are logged).
 RESUMABLE_CHANGES = ("output_dir", "cache_dir", "logger.", "trainer.resume", "trainer.checkpoint_every",
-                     "trainer.keep_checkpoints", "trainer.threads", "trainer.max_bad_updates", "eval.every")
+                     "trainer.keep_checkpoints", "trainer.threads", "trainer.max_bad_updates", "eval.every",
+                     "trainer.dist_backend", "trainer.dist_timeout_min", "rollout.teacher_device",
+                     "rollout.teacher_server.")
 
 
 def fingerprint(cfg: Config) -> dict[str, Any]:

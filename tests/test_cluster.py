@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+
 from opd_lab.config import register_configs
 from opd_lab.distributed import env_from_slurm
 from tests.conftest import compose as conftest_compose

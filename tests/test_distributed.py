@@ -97,3 +97,15 @@ def test_rank_shares_and_single_process_reductions():
     d = Dist(rank=1, world=2)
     assert d.shard(8) == slice(4, 8) and SINGLE.shard(8) == slice(0, 8)
     assert SINGLE.sum(1, 2.5) == [1.0, 2.5] and SINGLE.max(3) == [3.0] and SINGLE.broadcast("x") == "x"
+
+
+def test_a_rank_with_fewer_rows_pads_with_zero_weight_micro_batches():
+    from opd_lab.learner import _micro_batches
+
+    class OtherRankHasThree(Dist):
+        def max(self, *values):
+            return [3.0]
+
+    micro = _micro_batches(torch.arange(2), 4, OtherRankHasThree(rank=0, world=2))
+    assert [m.tolist() if m is not None else None for m in micro] == [[0], [1], None]
+    assert _micro_batches(torch.arange(5), 2, SINGLE)[1].tolist() == [3, 4]
