@@ -10,6 +10,8 @@
   is always sent (also when tied) and the prefix cache is reset afterwards (stale KV otherwise).
 - Teacher scoring: ``SamplingParams(max_tokens=1, prompt_logprobs=K)`` on prompt+response. Prompt log-probs
   ignore temperature, so this scorer serves T_s = 1 only (checked at start-up; the HF scorer covers the rest).
+- torchrun: every rank runs its own engine through vLLM's ``external_launcher`` (data parallel, one engine per
+  rank on the rank's ``LOCAL_RANK`` device), sampling and scoring only that rank's share.
 - GPU: ``gpu_memory_utilization`` bounds the engine's share of the device; ``sleep_mode`` offloads its weights
   and frees its KV cache between rollouts so the learner can use the memory.
 """
@@ -89,6 +91,11 @@ class VLLMEngine:
                           max_num_batched_tokens=max(kwargs["max_model_len"], v.max_num_batched_tokens))
         else:
             kwargs.update(gpu_memory_utilization=v.gpu_memory_utilization, enable_sleep_mode=v.sleep_mode)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # torchrun: one engine per rank, each on its own rank's prompts and its LOCAL_RANK device (vLLM's
+            # data parallelism with an external launcher; the default executor would put every rank on device 0)
+            kwargs.update(distributed_executor_backend="external_launcher",
+                          data_parallel_size=torch.distributed.get_world_size())
         self.llm = LLM(**kwargs)
         self.sleep_mode = (not cpu) and v.sleep_mode
         self.asleep = False
