@@ -21,6 +21,7 @@ A single process uses :data:`SINGLE`: no collectives, no wrapper, the code path 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -120,8 +121,9 @@ def init(strategy: str, device: str, backend: str = "auto", timeout_min: int = 3
         backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):  # "cuda": one GPU per rank (cuda:<local_rank>); "cuda:i": all ranks on GPU i
         torch.cuda.set_device(local if device == "cuda" else int(device.split(":")[1]))
-    if not torch.distributed.is_initialized():
+    if not torch.distributed.is_initialized():  # once per process: a --multirun's later jobs reuse the group
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
+        atexit.register(_shutdown)
     return Dist(rank=rank, world=world, local_rank=local, strategy=strategy)
 
 
@@ -132,8 +134,8 @@ def rank_device(device: str, dist: Dist) -> str:
     return device
 
 
-def shutdown(dist: Dist) -> None:
-    if dist.enabled and torch.distributed.is_initialized():
+def _shutdown() -> None:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 

@@ -162,6 +162,13 @@ def run_label(cfg: Config) -> str:
     return f"{cfg.loss.name}-{gate_name(cfg)}"
 
 
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 class NullTracker:
     """The tracker of ranks other than 0 under torchrun: they compute the same metrics and log nothing."""
 
@@ -185,19 +192,17 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
     """
     dist = distributed.init(cfg.trainer.parallel.value, cfg.trainer.device, cfg.trainer.dist_backend.value,
                             cfg.trainer.dist_timeout_min)
-    try:
-        return _main(cfg, run_dir, dist)
-    finally:
-        distributed.shutdown(dist)
-
-
-def _main(cfg: Config, run_dir: Path, dist: distributed.Dist) -> dict[str, float]:
     if dist.enabled:
         if cfg.rollout.n_prompts % dist.world:
             raise ConfigError(f"rollout.n_prompts={cfg.rollout.n_prompts} is invalid with {dist.world} ranks: allowed "
                               "a multiple of the number of ranks (each rank rolls out an equal share)")
         if cfg.eval.only is not None:
             raise ConfigError("eval.only is set: an evaluation-only run uses one process (run it without torchrun)")
+        vllm = "vllm" in (cfg.rollout.engine.value, cfg.rollout.teacher_scorer.value)
+        if vllm and _in_multirun():
+            raise ConfigError("rollout.engine/teacher_scorer=vllm with --multirun under torchrun: a second vLLM "
+                              "engine in the same torchrun processes hangs; sweep with hydra/launcher=slurm_multigpu "
+                              "(one job per grid point) or one torchrun per job, or use rollout.engine=hf")
     resume_dir = checkpoint.find_run_to_resume(cfg, run_dir) if cfg.eval.only is None and dist.is_main else None
     run_dir, resume_dir = dist.broadcast((run_dir, resume_dir))  # rank 0's: torchrun ranks may differ in ${now:}
     if resume_dir is not None:

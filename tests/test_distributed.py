@@ -109,3 +109,18 @@ def test_a_rank_with_fewer_rows_pads_with_zero_weight_micro_batches():
     micro = _micro_batches(torch.arange(2), 4, OtherRankHasThree(rank=0, world=2))
     assert [m.tolist() if m is not None else None for m in micro] == [[0], [1], None]
     assert _micro_batches(torch.arange(5), 2, SINGLE)[1].tolist() == [3, 4]
+
+
+@pytest.mark.slow
+def test_a_multirun_under_torchrun_runs_every_job(tmp_path):
+    """The process group is created once per process and reused by the sweep's later jobs (HF rollouts; a second
+    vLLM engine in the same processes is refused up front)."""
+    args = [*BASE, "rollout.engine=hf", "trainer.steps=1", "trainer.seed=0,1", f"hydra.sweep.dir={tmp_path}"]
+    _run(["--multirun", *args], world=2)
+    for job in ("0", "1"):
+        assert json.loads((tmp_path / job / "status.json").read_text())["status"] == "completed"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "opd_lab", "--multirun", *args[:-1], "rollout.engine=vllm",
+                           f"hydra.sweep.dir={tmp_path / 'vllm'}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and "hydra/launcher=slurm_multigpu" in proc.stderr
