@@ -11,10 +11,16 @@ normalisation are ratios of sums over the whole mini-batch)::
 
 Each rank back-propagates its unnormalised Σ m g ℓ; DDP / FSDP2 average the gradients over the W ranks during
 the backward of the last micro-batch (earlier ones accumulate locally: ``no_sync`` /
-``set_requires_gradient_sync(False)``), so the learner divides by Z / W with Z the all-reduced Σ m g.
+``set_requires_gradient_sync(False)``), so the learner divides by Z / W with Z the all-reduced Σ m g (with a
+gate clip, the no-grad pre-pass all-reduces Σ m g before the clip and Z = Σ_ranks Σ m).
 Every rank runs the same number of forward and backward passes per update (FSDP2 all-gathers inside each one):
 a rank with fewer rows of a mini-batch runs zero-weight micro-batches. Metrics are all-reduced sums, so every
-rank logs the same numbers; only rank 0 writes them (wandb, ``metrics.jsonl``), evaluates and checkpoints.
+rank holds the same numbers; only rank 0 writes them (wandb, ``metrics.jsonl``) and the evaluation files
+(every rank evaluates: under FSDP2 sampling gathers across ranks). Checkpoints: rank 0 (DDP) or every rank
+its shard and rank 0 the rest (FSDP2, checkpoint.py).
+
+Besides torchrun, a multi-task SLURM job started by submitit (``hydra/launcher=slurm_multigpu``) joins the same
+way: :func:`env_from_slurm` turns SLURM's task variables into torch's ``env://`` ones.
 
 A single process uses :data:`SINGLE`: no collectives, no wrapper, the code path the rest of the project tests.
 """
