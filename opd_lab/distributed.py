@@ -44,10 +44,11 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     strategy: str = "none"  # none | ddp | fsdp2
+    launched: bool = False  # started by torchrun (or SLURM tasks): a process group, even with one rank
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.launched
 
     @property
     def is_main(self) -> bool:
@@ -95,9 +96,9 @@ class Dist:
 SINGLE = Dist()
 
 
-def launched_world() -> int:
-    """``WORLD_SIZE`` set by torchrun (1 when started as a plain process)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def launched_world() -> int | None:
+    """``WORLD_SIZE`` set by torchrun (None when started as a plain process)."""
+    return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
 
 
 def env_from_slurm(env=os.environ) -> bool:
@@ -116,11 +117,11 @@ def env_from_slurm(env=os.environ) -> bool:
 
 
 def init(strategy: str, device: str, backend: str = "auto", timeout_min: int = 30) -> Dist:
-    """Join the torchrun (or multi-task SLURM) job, if any: the process group and this rank's device. A single
-    process gets SINGLE."""
+    """Join the torchrun (or multi-task SLURM) job, if any: the process group and this rank's device. A plain
+    process gets SINGLE; ``torchrun --nproc-per-node=1`` a one-rank group (the DDP/FSDP2 code path on one GPU)."""
     env_from_slurm()
     world = launched_world()
-    if world == 1:
+    if world is None:
         return SINGLE
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "auto":
@@ -130,7 +131,7 @@ def init(strategy: str, device: str, backend: str = "auto", timeout_min: int = 3
     if not torch.distributed.is_initialized():  # once per process: a --multirun's later jobs reuse the group
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
         atexit.register(_shutdown)
-    return Dist(rank=rank, world=world, local_rank=local, strategy=strategy)
+    return Dist(rank=rank, world=world, local_rank=local, strategy=strategy, launched=True)
 
 
 def rank_device(device: str, dist: Dist) -> str:
