@@ -44,11 +44,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     strategy: str = "none"  # none | ddp | fsdp2
-    launched: bool = False  # started by torchrun (or SLURM tasks): a process group, even with one rank
-
-    @property
-    def enabled(self) -> bool:
-        return self.launched
+    enabled: bool = False  # started by torchrun (or SLURM tasks): a process group, even with one rank
 
     @property
     def is_main(self) -> bool:
@@ -131,7 +127,7 @@ def init(strategy: str, device: str, backend: str = "auto", timeout_min: int = 3
     if not torch.distributed.is_initialized():  # once per process: a --multirun's later jobs reuse the group
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
         atexit.register(_shutdown)
-    return Dist(rank=rank, world=world, local_rank=local, strategy=strategy, launched=True)
+    return Dist(rank=rank, world=world, local_rank=local, strategy=strategy, enabled=True)
 
 
 def rank_device(device: str, dist: Dist) -> str:
@@ -198,8 +194,8 @@ def grad_sync(model: torch.nn.Module, enabled: bool):
 @contextlib.contextmanager
 def full_params(model: torch.nn.Module):
     """No-grad calls that bypass the root's forward (π_old scoring, HF generate) see full root parameters
-    under FSDP2 (its layers gather themselves in their own forward hooks); a no-op otherwise."""
-    if hasattr(model, "unshard") and hasattr(model, "reshard"):
+    under FSDP2 (its layers gather themselves in their own forward hooks); a no-op otherwise (``None`` too)."""
+    if is_sharded(model):
         model.unshard()
         try:
             yield
@@ -213,12 +209,12 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return hasattr(model, "unshard") and hasattr(model, "reshard")
 
 
-def full_state_dict(model: torch.nn.Module, dist: Dist) -> dict[str, torch.Tensor]:
-    """The unwrapped language model's full state dict (gathered from the shards under FSDP2; every rank must
-    call it then). Keys are the Hugging Face model's own."""
-    lm = unwrap(model).lm
+def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Under FSDP2, the language model's full state dict gathered from the shards (every rank must call it;
+    keys are the Hugging Face model's own); None otherwise, where the module's own weights are complete."""
     if not is_sharded(model):
-        return lm.state_dict()
+        return None
+    lm = unwrap(model).lm
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=False))

@@ -13,7 +13,6 @@ normaliser is needed before the clip, so a no-grad pre-pass computes it first.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import sys
@@ -249,7 +248,6 @@ def optimizer_update(cfg: Config, policy, optimizer, data: StepData, idx: torch.
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = defaultdict(float)
     gates = []
-    denom = 0.0
     for i, m in enumerate(micro):
         rows = rows_of(m)
         with grad_sync(policy, i == len(micro) - 1):
@@ -259,7 +257,7 @@ def optimizer_update(cfg: Config, policy, optimizer, data: StepData, idx: torch.
                 g = (g * scale).clamp(min=cfg.gate.clip_min, max=cfg.gate.clip_max)
             mask = x.mask_B_T.to(loss_B_T.device)
             masked_sum(loss_B_T * g, mask).backward()
-        denom += float(masked_sum(g, mask)) if scale is None else 0.0
+        sums["gate_denom"] += float(masked_sum(g, mask)) if scale is None else 0.0  # Z (no _sum: not a metric)
         sums["loss_sum"] += float(masked_sum(loss_B_T.detach() * g, mask))
         sums["ungated_loss_sum"] += float(masked_sum(loss_B_T.detach(), mask))
         sums["abs_delta_sum"] += float(masked_sum(delta.abs(), mask))
@@ -268,8 +266,8 @@ def optimizer_update(cfg: Config, policy, optimizer, data: StepData, idx: torch.
             sums[f"{k}_sum"] += float(masked_sum(v, mask))
         gates.append(g.detach()[mask.bool()])
     keys = sorted(sums)
-    totals = dict(zip(keys, dist.sum(*(sums[k] for k in keys)), strict=True))
-    denom = n_valid if scale is not None else dist.sum(denom)[0]
+    totals = dict(zip(keys, dist.sum(*(sums[k] for k in keys)), strict=True))  # one all-reduce for every sum
+    denom = n_valid if scale is not None else totals["gate_denom"]
     for p in policy.parameters():
         if p.grad is not None:
             p.grad.div_(max(denom, 1e-30) / dist.world)
@@ -344,18 +342,13 @@ class UpdateGuard:
     def __init__(self, max_bad: int) -> None:
         self.max_bad, self.run, self.total = max_bad, 0, 0
 
-    def count(self, m: dict[str, float]) -> int:
-        """Update the counters from a step's metrics; returns the current run of bad updates."""
+    def update(self, step: int, m: dict[str, float], warn: bool = True) -> int:
+        """Count a step's skipped updates (saying so on stderr when ``warn``); returns the current run of bad
+        updates."""
         skipped = int(m["guard/skipped_updates"])
         self.total += skipped
         self.run = self.run + skipped if skipped == m["updates"] else int(m["guard/trailing_bad_updates"])
-        return self.run
-
-    def update(self, step: int, m: dict[str, float]) -> int:
-        """:meth:`count`, saying so on stderr when the step skipped updates."""
-        skipped = int(m["guard/skipped_updates"])
-        self.count(m)
-        if skipped:
+        if skipped and warn:
             print(f"opd-lab: step {step}: skipped {skipped}/{int(m['updates'])} updates with a non-finite loss or "
                   f"gradient norm (loss={m['loss']}, grad_norm={m['grad_norm']}, "
                   f"teacher_minus_old_logp={m.get('teacher_minus_old_logp')}); {self.run} bad in a row",
@@ -405,10 +398,10 @@ def cuda_memory(model: torch.nn.Module) -> dict[str, float]:
     return out
 
 
-def rollout_spec(cfg: Config, step: int) -> SamplingSpec:
+def rollout_spec(cfg: Config, step: int, prompt_offset: int = 0) -> SamplingSpec:
     r = cfg.rollout
     return SamplingSpec(n=r.n_samples, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
-                        seed=cfg.trainer.seed * 1_000_003 + step)
+                        seed=cfg.trainer.seed * 1_000_003 + step, prompt_offset=prompt_offset)
 
 
 def lr_factor(update: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -443,7 +436,7 @@ def run_training(cfg: Config, policy, teacher_scorer, tokenizer, engine: Rollout
     logged metrics are over all ranks, so every rank holds the same numbers."""
     from tqdm.auto import tqdm
 
-    from opd_lab.distributed import full_state_dict, is_sharded
+    from opd_lab.distributed import gathered_state_dict
 
     policy = as_policy(policy)
     special_set = set(cfg.loss.special_tokens)
@@ -472,22 +465,21 @@ def run_training(cfg: Config, policy, teacher_scorer, tokenizer, engine: Rollout
     for step in bar:
         t0 = time.perf_counter()
         problems = task.train_problems(cfg.rollout.n_prompts, rng)[share]
-        spec = dataclasses.replace(rollout_spec(cfg, step), prompt_offset=share.start)
-        batch = engine.generate(encode_prompts(tokenizer, problems), spec)
+        batch = engine.generate(encode_prompts(tokenizer, problems), rollout_spec(cfg, step, share.start))
         data = score_batch(cfg, policy, teacher_scorer, batch, special_V, newline_V, dist=dist)
         t1 = time.perf_counter()
         metrics = train_step(cfg, policy, optimizer, scheduler, data, step, dist)
         t2 = time.perf_counter()
-        sync_s = engine.sync_weights(lm, full_state_dict(policy, dist) if is_sharded(policy) else None)
+        sync_s = engine.sync_weights(lm, gathered_state_dict(policy))
         lengths = batch.response_mask_B_T.sum(-1).float()
-        n_tok, len_sum, n_trunc, n_rep = dist.sum(
-            lengths.sum(), lengths.sum(), batch.truncated_B.sum(),
+        n_tok, n_trunc, n_rep = dist.sum(
+            lengths.sum(), batch.truncated_B.sum(),
             repetition_B(batch.response_ids_B_T, batch.response_mask_B_T).sum())
         n_seq = batch.size * dist.world
         metrics.update(batch.stats)
         metrics.update(data.stats)
         metrics.update({
-            "response/mean_len": len_sum / n_seq,
+            "response/mean_len": n_tok / n_seq,
             "response/truncated_frac": n_trunc / n_seq,
             "response/repetition_frac": n_rep / n_seq,
             "time/learner_s": t2 - t1,
@@ -498,7 +490,7 @@ def run_training(cfg: Config, policy, teacher_scorer, tokenizer, engine: Rollout
             "lr": scheduler.get_last_lr()[0],
             **cuda_memory(lm),
         })
-        bad_run = guard.update(step + 1, metrics) if dist.is_main else guard.count(metrics)
+        bad_run = guard.update(step + 1, metrics, warn=dist.is_main)
         metrics["guard/consecutive_bad_updates"] = bad_run
         metrics.update(collapse_signals(metrics, step + 1, warn=dist.is_main))
         tracker.log(step + 1, metrics)

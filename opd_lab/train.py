@@ -293,7 +293,7 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
                      on_step, state=state, save_state=save_state, dist=dist)
         if cfg.trainer.steps == 0:
             on_step(0)
-        weights = distributed.full_state_dict(policy, dist)  # every rank (FSDP2 gathers); rank 0 saves
+        weights = distributed.gathered_state_dict(policy)  # every rank (FSDP2 gathers); rank 0 saves
         if dist.is_main:
             table["trained_student"] = final
             save_checkpoint(student, tokenizer, run_dir / "checkpoint", weights)

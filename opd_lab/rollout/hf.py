@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
 
+from opd_lab.distributed import full_params
 from opd_lab.rollout.base import RolloutBatch, SamplingSpec, assemble_batch, pad_prompts
 
 
@@ -52,7 +52,7 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         rows = [p for p in prompts for _ in range(spec.n)]
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self._gathered():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), full_params(self.sharded_root):
             torch.manual_seed(spec.seed + 7919 * spec.prompt_offset)
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start : start + self.batch_size]
@@ -77,11 +77,6 @@ class HFEngine:
         n_tokens = int(batch.response_mask_B_T.sum())
         batch.stats = {"rollout/seconds": dt, "rollout/tokens_per_s": n_tokens / max(dt, 1e-9)}
         return batch
-
-    def _gathered(self):
-        from opd_lab.distributed import full_params
-
-        return full_params(self.sharded_root) if self.sharded_root is not None else contextlib.nullcontext()
 
     def sync_weights(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> float:
         if model is not self.model:
