@@ -43,16 +43,18 @@ class Support(str, Enum):
 
 @dataclass
 class LossConfig:
-    """Fields shared by every loss: which sampled tokens are masked (m_t = 0) as special tokens."""
+    """Fields shared by every loss: which sampled tokens are masked (m_t = 0) as special tokens (the strings are
+    ``model.special_tokens``) and the rollout top-p the loss is published with (``rollout.top_p`` defaults to it)."""
 
     name: str = MISSING
     mask_special: SpecialMask = SpecialMask.first
-    special_tokens: list[str] = field(default_factory=lambda: ["<", "think", "<|im_end|>"])
+    rollout_top_p: float = 1.0
 
     def _validate(self) -> None:
         pass
 
     def __post_init__(self) -> None:
+        _check(0 < self.rollout_top_p <= 1, "loss.rollout_top_p", self.rollout_top_p, "0 < rollout_top_p <= 1")
         self._validate()
 
 
@@ -61,6 +63,7 @@ class SampledTokenLossConfig(LossConfig):
     """PPO-style sampled-token OPD: A_t from r_t = log q − log π_old, clip ε, dual clip c, discount γ."""
 
     name: str = "sampled_token"
+    rollout_top_p: float = 1.0  # as published: top-p was applied to the LSM runs only (METHODS.md)
     clip_eps: float = 0.2
     dual_clip: float = 3.0
     gamma: float = 0.0
@@ -84,6 +87,7 @@ class LSMLossConfig(LossConfig):
     """Teacher top-K local support matching: reverse KL of π̂_θ and q̂ renormalised on the support S_t."""
 
     name: str = "lsm"
+    rollout_top_p: float = 0.9
     top_k: int = 32
     renormalise: bool = True
     support: Support = Support.teacher
@@ -112,20 +116,28 @@ class GateKind(str, Enum):
 
 @dataclass
 class GateConfig:
-    """Blockwise policy-drift gate g_t = exp(−τ·|m_G|), normalised to unit mean over the step."""
+    """Blockwise policy-drift gate g_t = exp(−τ·|m_G|), normalised to unit mean over the optimizer update, then
+    optionally clipped to [clip_min, clip_max]. ``block_size`` belongs to ``kind=block`` only."""
 
     kind: GateKind = GateKind.none
-    block_size: int = 64
+    block_size: int | None = None
     tau: float = 1.0
     clip_min: float | None = None
     clip_max: float | None = None
 
     def __post_init__(self) -> None:
-        _check(self.block_size >= 1, "gate.block_size", self.block_size, "an integer >= 1")
+        block = self.kind == GateKind.block
+        _check(block == (self.block_size is not None), "gate.block_size", self.block_size,
+               "an integer >= 1 with gate.kind=block (gate=block32|block64|block128), and null with any other kind")
+        _check(not block or self.block_size >= 1, "gate.block_size", self.block_size, "an integer >= 1")
         _check(self.tau >= 0.0, "gate.tau", self.tau, "tau >= 0")
+        clip = (self.clip_min, self.clip_max)
+        _check(self.kind != GateKind.none or clip == (None, None), "gate.clip_min/clip_max", clip,
+               "null with gate=none (there is no gate to clip)")
         lo = 0.0 if self.clip_min is None else self.clip_min
         hi = float("inf") if self.clip_max is None else self.clip_max
-        _check(0.0 <= lo < hi, "gate.clip_min/clip_max", (self.clip_min, self.clip_max), "0 <= clip_min < clip_max")
+        _check(0.0 <= lo <= 1.0 <= hi and lo < hi, "gate.clip_min/clip_max", clip,
+               "0 <= clip_min <= 1 <= clip_max with clip_min < clip_max (a clip must keep the unit gate)")
 
 
 # ------------------------------------------------------------------------------------------------ rollout
@@ -176,6 +188,7 @@ class VLLMConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_model_len >= 16, "rollout.vllm.max_model_len", self.max_model_len, ">= 16")
+        _check(self.max_logprobs >= 1, "rollout.vllm.max_logprobs", self.max_logprobs, "an integer >= 1")
         _check(self.kv_cache_gib > 0, "rollout.vllm.kv_cache_gib", self.kv_cache_gib, "> 0")
         _check(0 < self.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization",
                self.gpu_memory_utilization, "0 < value <= 1")
@@ -269,6 +282,8 @@ class ModelConfig:
     teacher: str = MISSING
     tokenizer: str | None = None
     dtype: str = "float32"
+    # Sampled tokens masked out of the loss (loss.mask_special); each must be a single token of the tokenizer.
+    special_tokens: list[str] = field(default_factory=lambda: ["<think>", "</think>", "<|im_end|>"])
     prepare: PrepareConfig | None = None
     chat_template: str | None = None  # a .jinja file or template text replacing the tokenizer's own
     enable_thinking: bool | None = None  # passed to the chat template (Qwen3 thinking mode); null: template default
@@ -394,7 +409,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # how many resumable checkpoints to keep (newest)
     resume: str = "never"  # never | auto (this run dir, or the latest unfinished run with the same config) | a run dir
     max_bad_updates: int = 3  # abort after this many consecutive updates skipped for a non-finite loss/grad norm
-    autocast_bf16: bool = False  # CUDA: bf16 autocast for the student forward (log-prob maths stays float32)
+    autocast_bf16: bool = False  # bf16 autocast of the student forward, π_old included (log-prob maths stays float32)
     parallel: Parallel = Parallel.ddp  # under torchrun: ddp | fsdp2 (README "Beyond one GPU")
     dist_backend: DistBackend = DistBackend.auto
     dist_timeout_min: int = 30  # a collective waiting longer than this fails the run (a dead rank)
@@ -406,6 +421,8 @@ class TrainerConfig:
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "trainer.beta1/beta2", (self.beta1, self.beta2),
                "values in [0, 1)")
         _check(self.warmup_steps >= 0, "trainer.warmup_steps", self.warmup_steps, ">= 0")
+        _check(self.steps == 0 or self.warmup_steps < self.steps, "trainer.warmup_steps", self.warmup_steps,
+               f"fewer than trainer.steps={self.steps} (warm-up would take every update of the run)")
         _check(0 <= self.min_lr_ratio <= 1, "trainer.min_lr_ratio", self.min_lr_ratio, "0 <= min_lr_ratio <= 1")
         _check(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip", self.grad_clip, "null or > 0")
         _check(self.grad_accum >= 1, "trainer.grad_accum", self.grad_accum, "an integer >= 1")
@@ -417,8 +434,6 @@ class TrainerConfig:
         _check(self.device == "cpu" or self.device.startswith("cuda"), "trainer.device", self.device,
                "'cpu' or 'cuda[:i]'")
         _check(self.chunk_size >= 1, "trainer.chunk_size", self.chunk_size, "an integer >= 1")
-        _check(not self.autocast_bf16 or self.device.startswith("cuda"), "trainer.autocast_bf16",
-               self.autocast_bf16, "true only with trainer.device=cuda")
         _check(self.dist_timeout_min >= 1, "trainer.dist_timeout_min", self.dist_timeout_min, "an integer >= 1")
         _check(self.dist_backend != DistBackend.nccl or self.device.startswith("cuda"), "trainer.dist_backend",
                self.dist_backend.value, "gloo or auto with trainer.device=cpu (nccl needs CUDA)")
@@ -457,6 +472,7 @@ class EvalConfig:
         _check(self.n_samples >= 1, "eval.n_samples", self.n_samples, "an integer >= 1")
         _check(len(self.ks) > 0 and all(1 <= k <= self.n_samples for k in self.ks), "eval.ks", self.ks,
                f"a non-empty list of k with 1 <= k <= eval.n_samples={self.n_samples}")
+        _check(len(set(self.ks)) == len(self.ks), "eval.ks", list(self.ks), "distinct values of k")
         _check(self.temperature > 0, "eval.temperature", self.temperature, "temperature > 0")
         _check(0 < self.top_p <= 1, "eval.top_p", self.top_p, "0 < top_p <= 1")
         _check(self.every >= 0, "eval.every", self.every, "0 (only at the end) or a step interval >= 1")
@@ -612,6 +628,10 @@ def to_run_config(cfg: DictConfig) -> Config:
                getattr(run.loss, "top_k", None), f"<= rollout.vllm.max_logprobs={run.rollout.vllm.max_logprobs}")
     _check(run.eval.checkpoint is None or run.eval.only is not None, "eval.checkpoint", run.eval.checkpoint,
            "null unless eval.only is set (an evaluation-only run)")
+    uses_vllm = Backend.vllm in (run.rollout.engine,) or scorer == TeacherScorer.vllm
+    for name, cap in (("rollout.max_tokens", run.rollout.max_tokens), ("eval.max_tokens", run.eval.max_tokens)):
+        _check(not uses_vllm or cap < run.rollout.vllm.max_model_len, name, cap,
+               f"< rollout.vllm.max_model_len={run.rollout.vllm.max_model_len} (prompt + response must fit)")
     mb = run.rollout.mini_batch_size
     _check(
         run.trainer.grad_accum <= mb,

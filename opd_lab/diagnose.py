@@ -4,7 +4,9 @@
 For a question x, a student rollout y and a node h_t (a response position chosen every k tokens or by entropy):
 
 - Q(h_t, v): the probability that the student solves x continuing from h_t·v, estimated by M continuations per
-  candidate token v. Candidates C_t: the student's top-m tokens plus the sampled token y_t. The remaining
+  candidate token v, each with the rollout's remaining token budget; an end-of-response candidate (a stop id)
+  ends the response, so its Q is the grade of the prefix itself. Candidates C_t: the student's top-m tokens
+  plus the sampled token y_t. The remaining
   vocabulary R_t is either dropped (``rest=drop``: π restricted to C_t and renormalised, g* = 0 on R_t) or shares
   one estimate Q(h_t, R) from M continuations whose first token is drawn from π restricted to R_t (``rest=share``).
 - V(h_t) = Σ_v π_θ(v|h_t) Q(h_t, v) and the ideal logit-space gradient g*_t(v) = π_θ(v|h_t)(Q(h_t, v) − V(h_t)),
@@ -35,8 +37,8 @@ from omegaconf import DictConfig
 from opd_lab.__main__ import CONF_DIR
 from opd_lab.config import Config, ConfigError, DiagnoseConfig, SampledTokenLossConfig
 from opd_lab.losses import full_reverse_kl, lsm_loss, sampled_token_loss
-from opd_lab.report import mean_ci95
 from opd_lab.rollout.base import SamplingSpec
+from opd_lab.stats import mean_ci95
 
 LOSSES = ("sampled_token", "lsm", "full_rkl")
 
@@ -168,6 +170,7 @@ def run(cfg: Config, run_dir: Path) -> pd.DataFrame:
 
     from opd_lab.models import check_same_vocab, load_model, load_tokenizer, loading, resolve_paths
     from opd_lab.tasks import build_task, grade
+    from opd_lab.tokens import ends_with_stop, stop_token_ids
     from opd_lab.train import make_engine, prompt_encoder, seed_everything
 
     d: DiagnoseConfig = cfg.diagnose
@@ -192,7 +195,8 @@ def run(cfg: Config, run_dir: Path) -> pd.DataFrame:
     encode = prompt_encoder(cfg)
     prompts = encode(tokenizer, problems)
 
-    engine = make_engine(cfg, student, tokenizer, paths.student)
+    stop = stop_token_ids(tokenizer, paths.student)
+    engine = make_engine(cfg, student, tokenizer, paths.student, stop)
     max_tokens = d.max_tokens or cfg.rollout.max_tokens
     try:
         rollouts = engine.generate(prompts, SamplingSpec(n=d.rollouts_per_question, temperature=1.0, top_p=1.0,
@@ -241,23 +245,36 @@ def run(cfg: Config, run_dir: Path) -> pd.DataFrame:
                 if d.rest.value == "share":
                     jobs += [(p_i, i, None, v, 1) for v in rest_first[i]]
         wins: dict[tuple, list[float]] = {}
+        for p_i, i, v, first, n in jobs:  # an end-of-response first token ends the response: its own grade
+            if first in stop:
+                _, j, resp, _, nodes = probes[p_i][:5]
+                text = tokenizer.decode(resp[: nodes[i]] + [first], skip_special_tokens=False)
+                wins.setdefault((p_i, i, v), []).extend([float(grade(text, problems[j]))] * n)
+        jobs = [job for job in jobs if job[3] not in stop]
         for n in sorted({job[4] for job in jobs}):
             todo = [job for job in jobs if job[4] == n]
             bar = tqdm(range(0, len(todo), d.chunk), desc=f"continuations (n={n})",
                        disable=not cfg.logger.progress, dynamic_ncols=True)
             for start in bar:
                 chunk = todo[start : start + d.chunk]
-                ps = []
+                ps, budgets = [], []
                 for p_i, i, _, first, _ in chunk:
                     _, j, resp, _, nodes = probes[p_i][:5]
                     ps.append(prompts[j] + resp[: nodes[i]] + [first])
-                out = engine.generate(ps, SamplingSpec(n, 1.0, 1.0, max_tokens, d.seed * 1_000_003 + start))
+                    budgets.append(max_tokens - nodes[i] - 1)  # the rollout's remaining token budget
+                if max(budgets) < 1:
+                    out = None
+                else:
+                    out = engine.generate(ps, SamplingSpec(n, 1.0, 1.0, max(budgets), d.seed * 1_000_003 + start))
                 for c_i, (p_i, i, v, first, _) in enumerate(chunk):
                     _, j, resp, _, nodes = probes[p_i][:5]
-                    pre = tokenizer.decode(resp[: nodes[i]] + [first], skip_special_tokens=False)
+                    pre = resp[: nodes[i]] + [first]
                     for s_i in range(n):
                         k = c_i * n + s_i
-                        ok = (not bool(out.truncated_B[k])) and grade(pre + out.response_text[k], problems[j])
+                        cont = [] if out is None else \
+                            out.response_ids_B_T[k][out.response_mask_B_T[k].bool()].tolist()[: budgets[c_i]]
+                        ok = ends_with_stop(pre + cont, stop) and grade(
+                            tokenizer.decode(pre + cont, skip_special_tokens=False), problems[j])
                         wins.setdefault((p_i, i, v), []).append(float(ok))
 
         # Phase 3: Q, g*, teacher scores, d_t and a_t per node × teacher × loss.

@@ -11,12 +11,15 @@ Inputs, per METHODS.md:
 - ``newline_B_T``: 1 where the sampled token contains a newline (only the ``span`` gate uses it).
 
 A gate groups positions into G, takes the signed group drift m_G = mean_{t∈G, m_t=1} δ_t and returns the raw
-gate g_t = exp(−τ·|m_G|). :func:`normalise_gates` rescales to unit mean over the valid positions of an
-optimizer step; the learner applies the same scalar through its gradient normaliser (see ``learner.py``).
+gate g_t = exp(−τ·|m_G|), computed shift-stable as exp(−τ(|m_G| − min_G' |m_G'|)) (:func:`shifted_gate`).
+:func:`normalise_gates` rescales to unit mean over the valid positions of an optimizer update and applies the
+optional clip; the learner calls exactly these functions, with the shift and the mean taken over the whole
+update (every micro-batch and rank).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -84,35 +87,74 @@ def group_mean(values_B_T: torch.Tensor, mask_B_T: torch.Tensor, group_B_T: torc
     return torch.where(in_group, means[flat].reshape(B, T), torch.zeros_like(values_B_T))
 
 
-def drift_gate(
+def group_drift(
     delta_B_T: torch.Tensor,
     loss_mask_B_T: torch.Tensor,
     response_mask_B_T: torch.Tensor,
     kind: str,
-    tau: float,
-    block_size: int = 64,
+    block_size: int | None = None,
     newline_B_T: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Raw gate g_t = exp(−τ·|m_G|) (``kind`` ∈ none, token, sequence, block, span), no gradient.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed group drift m_G = mean_{t∈G, m_t=1} δ_t at every position of group G, and the sign-cancellation flags.
 
-    Returns ``(gate_B_T, extras)``; ``gate_B_T`` is 1 off the loss mask. ``extras['group_drift_B_T']`` is m_G
-    per position and ``extras['cancel_B_T']`` flags positions whose δ_t has the opposite sign to m_G
-    (sign cancellation inside the group; logged as a rate).
+    Returns ``(m_G_B_T, cancel_B_T)``: ``m_G_B_T`` is 0 off the response (and everywhere for ``kind='none'``);
+    ``cancel_B_T`` is 1 at valid positions whose δ_t has the opposite sign to m_G (drifts cancelling inside the
+    group; logged as a rate).
     """
     delta_B_T = delta_B_T.detach()
     mask = loss_mask_B_T.to(delta_B_T.dtype)
     if kind == "none":
-        ones = torch.ones_like(delta_B_T)
-        return ones, {"group_drift_B_T": torch.zeros_like(delta_B_T), "cancel_B_T": torch.zeros_like(delta_B_T)}
+        return torch.zeros_like(delta_B_T), torch.zeros_like(delta_B_T)
     if kind not in _GROUPINGS:
         raise KeyError(f"unknown gate kind {kind!r}; available: ['none', {', '.join(map(repr, _GROUPINGS))}]")
     if kind == "span" and newline_B_T is None:
         raise ValueError("the span gate needs newline_B_T")
     groups = _GROUPINGS[kind](response_mask_B_T=response_mask_B_T, block_size=block_size, newline_B_T=newline_B_T)
     m_G = group_mean(delta_B_T, mask, groups)
-    gate = torch.exp(-tau * m_G.abs())
-    gate = torch.where(mask.bool(), gate, torch.ones_like(gate))
     cancel = ((torch.sign(delta_B_T) * torch.sign(m_G)) < 0).to(delta_B_T.dtype) * mask
+    return m_G, cancel
+
+
+def min_abs_drift(m_G_B_T: torch.Tensor, loss_mask_B_T: torch.Tensor) -> float:
+    """min |m_G| over the valid positions (+inf when there are none): the shift of the shift-stable gate."""
+    valid = loss_mask_B_T.bool()
+    return float(m_G_B_T.abs()[valid].min()) if bool(valid.any()) else math.inf
+
+
+def shifted_gate(m_G_B_T: torch.Tensor, loss_mask_B_T: torch.Tensor, tau: float,
+                 shift: float | None = None) -> torch.Tensor:
+    """Raw gate computed shift-stable: g_t = exp(−τ(|m_G| − c)) on valid positions, 1 elsewhere.
+
+    ``shift`` c is the min of |m_G| over the optimizer update's groups (default: over the given positions,
+    :func:`min_abs_drift`); the unit-mean normalisation cancels the common factor exp(τc), and the group with
+    the least drift gets exactly 1, so no τ can make every gate underflow to 0. No gradient.
+    """
+    c = min_abs_drift(m_G_B_T, loss_mask_B_T) if shift is None else shift
+    c = 0.0 if not math.isfinite(c) else c
+    gate = torch.exp(-tau * (m_G_B_T.detach().abs() - c))
+    return torch.where(loss_mask_B_T.bool(), gate, torch.ones_like(gate))
+
+
+def drift_gate(
+    delta_B_T: torch.Tensor,
+    loss_mask_B_T: torch.Tensor,
+    response_mask_B_T: torch.Tensor,
+    kind: str,
+    tau: float,
+    block_size: int | None = None,
+    newline_B_T: torch.Tensor | None = None,
+    shift: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Raw gate g_t ∝ exp(−τ·|m_G|) (``kind`` ∈ none, token, sequence, block, span), shift-stable, no gradient.
+
+    :func:`group_drift` then :func:`shifted_gate`. Returns ``(gate_B_T, extras)``; ``gate_B_T`` is 1 off the
+    loss mask and everywhere for ``kind='none'``; ``extras`` holds ``group_drift_B_T`` (m_G) and ``cancel_B_T``.
+    """
+    m_G, cancel = group_drift(delta_B_T, loss_mask_B_T, response_mask_B_T, kind, block_size, newline_B_T)
+    if kind == "none":
+        gate = torch.ones_like(delta_B_T)
+    else:
+        gate = shifted_gate(m_G, loss_mask_B_T, tau, shift)
     return gate, {"group_drift_B_T": m_G, "cancel_B_T": cancel}
 
 
@@ -121,13 +163,17 @@ def normalise_gates(
     loss_mask_B_T: torch.Tensor,
     clip_min: float | None = None,
     clip_max: float | None = None,
+    mean: float | None = None,
 ) -> torch.Tensor:
-    """g_t ← g_t / (Σ m g / Σ m) over all given positions, then the optional clip [g_min, g_max].
+    """g_t ← g_t / (Σ m g / Σ m), then the optional clip [g_min, g_max].
 
-    Pass the whole optimizer step (every micro-batch) to get the step-level normalisation of METHODS.md.
+    The mean is over the given positions, or ``mean`` when the optimizer update spans several micro-batches or
+    ranks (the learner sums Σ m g and Σ m over all of them first): the step-level normalisation of METHODS.md.
     """
-    mask = loss_mask_B_T.to(gate_B_T.dtype)
-    mean = (gate_B_T * mask).sum() / mask.sum().clamp(min=1)
+    if mean is None:
+        mask = loss_mask_B_T.to(gate_B_T.dtype)
+        mean = (gate_B_T * mask).sum() / mask.sum().clamp(min=1)
+    mean = torch.as_tensor(mean, dtype=gate_B_T.dtype)
     out = gate_B_T / mean.clamp(min=torch.finfo(gate_B_T.dtype).tiny)
     if clip_min is not None or clip_max is not None:
         out = out.clamp(min=clip_min, max=clip_max)

@@ -1,14 +1,14 @@
 """The OPD learner: rollout → π_old and teacher scores → R passes of gated loss over mini-batches → step.
 
-One optimizer update (:func:`optimizer_update`) computes, for every micro-batch of its mini-batch, the current
-log-probs, the drift δ_t = log π_θ − log π_old, the raw gate and the per-token loss, and back-propagates the
-*unnormalised* sum Σ m g ℓ. The token-mean and the gate's unit-mean normalisation are scalars over the whole
-update, so they are applied to the accumulated gradient at the end:
+One optimizer update (:func:`optimizer_update`) minimises the gated token-mean over its whole mini-batch
 
-    loss = Σ m ĝ ℓ / Σ m,  ĝ = g · Σ m / Σ m g   ⇒   loss = Σ m g ℓ / Σ m g
+    loss = Σ m ĝ ℓ / Σ m,   ĝ = normalise_gates(exp(−τ(|m_G| − c)))   (c, Σ m g, Σ m over the whole update)
 
-which makes the update independent of how the mini-batch is split into micro-batches. With a gate clip the
-normaliser is needed before the clip, so a no-grad pre-pass computes it first.
+Each micro-batch computes the current log-probs, the drift δ_t = log π_θ − log π_old, the group drifts m_G and
+the per-token loss ℓ_t, and back-propagates its share Σ m ĝ ℓ / Σ m. The shift c and the gate mean are scalars
+of the whole update (every micro-batch of the mini-batch on every rank): with one micro-batch per rank they come
+from that forward (two scalar all-reduces), with several a no-grad pre-pass computes them first. So the update
+does not depend on how the mini-batch is split into micro-batches or ranks.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from opd_lab.config import Config, LSMLossConfig, SpecialMask
+from opd_lab.config import Config, LSMLossConfig
 from opd_lab.distributed import SINGLE, Dist, full_params, grad_sync, unwrap
-from opd_lab.gates import drift_gate
+from opd_lab.gates import group_drift, min_abs_drift, normalise_gates, shifted_gate
 from opd_lab.losses import LossInputs, get_loss, masked_sum
+from opd_lab.optim import adamw_with_schedule
 from opd_lab.rollout.base import RolloutBatch, RolloutEngine, SamplingSpec
 from opd_lab.scoring import (
     build_support,
@@ -35,27 +36,7 @@ from opd_lab.scoring import (
     response_logits,
     score_student_old,
 )
-
-
-# ----------------------------------------------------------------------------------------- token tables
-def token_table(tokenizer, predicate) -> torch.Tensor:
-    """Bool ``[V]``: ``predicate(decoded token string)`` for every id of ``tokenizer``."""
-    V = len(tokenizer)
-    strings = tokenizer.convert_ids_to_tokens(list(range(V)))
-    decoded = [tokenizer.convert_tokens_to_string([s]) if s is not None else "" for s in strings]
-    return torch.tensor([bool(predicate(d)) for d in decoded], dtype=torch.bool)
-
-
-def special_mask_B_T(response_ids_B_T: torch.Tensor, response_mask_B_T: torch.Tensor, special_V: torch.Tensor,
-                     mode: str) -> torch.Tensor:
-    """1 where a sampled token is a masked special token: every occurrence (``all``) or the first per row."""
-    is_special = special_V[response_ids_B_T] & response_mask_B_T.bool()
-    if mode == SpecialMask.none.value:
-        return torch.zeros_like(response_mask_B_T)
-    if mode == SpecialMask.all.value:
-        return is_special.long()
-    first = is_special & (torch.cumsum(is_special.long(), dim=-1) == 1)
-    return first.long()
+from opd_lab.tokens import TokenIds, special_mask_B_T
 
 
 # --------------------------------------------------------------------------------------------- step data
@@ -65,7 +46,6 @@ class StepData:
 
     batch: RolloutBatch
     loss_mask_B_T: torch.Tensor
-    special_B_T: torch.Tensor
     newline_B_T: torch.Tensor
     old_logp_B_T: torch.Tensor
     teacher_logp_B_T: torch.Tensor
@@ -92,12 +72,28 @@ class StepData:
         }
 
 
-def score_batch(cfg: Config, policy, teacher_scorer, batch: RolloutBatch, special_V, newline_V,
+def update_plan(cfg: Config, step: int, local_rows: int, dist: Dist = SINGLE) -> list[list[torch.Tensor]]:
+    """The mini-batches of every pass over a step's rollout batch: ``plan[r][u]`` are this rank's rows of update u
+    of pass r (one permutation of the global batch per pass, seeded by the step, so any rank count takes the
+    same sequences; W equal, contiguous rank shards of ``local_rows`` rows)."""
+    lo = dist.rank * local_rows
+    gen = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + step)
+    plan = []
+    for _ in range(cfg.rollout.reuse):
+        perm = torch.randperm(local_rows * dist.world, generator=gen)
+        plan.append([mb[(mb >= lo) & (mb < lo + local_rows)] - lo for mb in perm.split(cfg.rollout.mini_batch_size)])
+    return plan
+
+
+def score_batch(cfg: Config, policy, teacher_scorer, batch: RolloutBatch, tokens: TokenIds, step: int = 0,
                 score_batch_size: int = 64, dist: Dist = SINGLE) -> StepData:
     """π_old and teacher scores for a rollout batch, the loss mask and (LSM) the support S_t.
 
-    ``policy`` is the learner's (possibly wrapped) :class:`Policy`; under torchrun ``batch`` is this rank's share
-    and the token-mean statistics are over all ranks.
+    ``policy`` is the learner's (possibly wrapped) :class:`Policy` at the weights that sampled ``batch``. π_old
+    is its training forward (:func:`micro_batch_forward`: same precision, same autocast, same micro-batch rows
+    and shapes as the first pass of the update ``plan`` of ``step``), so on the first update π_θ = π_old
+    exactly: δ ≡ 0 and every gate is 1. Under torchrun ``batch`` is this rank's share and the token-mean
+    statistics are over all ranks.
     """
     t0 = time.perf_counter()
     T_s = cfg.rollout.temperature
@@ -106,25 +102,31 @@ def score_batch(cfg: Config, policy, teacher_scorer, batch: RolloutBatch, specia
     need_old_topk = lsm and support in ("student", "union")
     K = cfg.loss.top_k if lsm else 0
     policy = as_policy(policy)
-    with full_params(policy):
-        old_logp, old_topk = score_student_old(unwrap(policy).lm, batch, T_s, K if need_old_topk else 0,
-                                               score_batch_size, cfg.trainer.chunk_size)
-    t1 = time.perf_counter()
-    teach = teacher_scorer(batch, K if support != "student" else 0, T_s, old_topk if need_old_topk else None)
-    t2 = time.perf_counter()
     resp_ids, resp_mask = batch.response_ids_B_T, batch.response_mask_B_T
-    special = special_mask_B_T(resp_ids, resp_mask, special_V, cfg.loss.mask_special.value)
-    data = StepData(
-        batch=batch,
-        loss_mask_B_T=resp_mask * (1 - special),
-        special_B_T=special,
-        newline_B_T=newline_V[resp_ids].long() * resp_mask,
-        old_logp_B_T=old_logp,
-        teacher_logp_B_T=teach.logp_B_T,
-    )
+    special = special_mask_B_T(resp_ids, resp_mask, list(tokens.special), cfg.loss.mask_special.value)
+    data = StepData(batch=batch, loss_mask_B_T=resp_mask * (1 - special),
+                    newline_B_T=tokens.newline_V[resp_ids].long() * resp_mask,
+                    old_logp_B_T=torch.zeros(resp_mask.shape), teacher_logp_B_T=torch.zeros(resp_mask.shape))
+    first_pass = update_plan(cfg, step, batch.size, dist)[0]
+    with torch.no_grad():
+        for mb in first_pass:
+            for m in _micro_batches(mb, cfg.trainer.grad_accum, dist):
+                _, _, x = micro_batch_forward(cfg, policy, _rows(data, m, _device(policy)), need_loss=False)
+                if m is not None:
+                    data.old_logp_B_T[m] = x.logp_B_T.float().cpu()
+    old_topk = None
+    if need_old_topk:  # the student's own top-K ids at rollout time (the student/union support)
+        with full_params(policy):
+            _, old_topk = score_student_old(unwrap(policy).lm, batch, T_s, K, score_batch_size,
+                                            cfg.trainer.chunk_size)
+    t1 = time.perf_counter()
+    teach = teacher_scorer(batch, K if support != "student" else 0, T_s, old_topk)
+    t2 = time.perf_counter()
+    data.teacher_logp_B_T = teach.logp_B_T
     if lsm:
         data.support_ids_B_T_S, data.teacher_support_logp_B_T_S, data.support_mask_B_T_S = build_support(
             support, resp_ids, teach, old_topk, cfg.loss.add_sampled_token)
+    old_logp = data.old_logp_B_T
     m, lm = resp_mask.bool(), data.loss_mask_B_T.bool()
     n_tok, n_loss, abs_sum, k3_sum, gap_sum, n_special = dist.sum(
         m.sum(), lm.sum(), (batch.sampler_logp_B_T - old_logp)[m].abs().sum(),
@@ -150,7 +152,10 @@ def _k3(log_ratio: torch.Tensor) -> torch.Tensor:
 class Policy(torch.nn.Module):
     """The student's training forward as one module, so that DDP and FSDP2 see every parameter use inside
     ``forward`` (the chunked path reads the LM-head weight directly): returns ``(lse_B_T, z_B_T_K)``, the
-    log-sum-exp and the logits at ``ids_B_T_K`` of every response position (scoring.py), float32."""
+    log-sum-exp and the logits at ``ids_B_T_K`` of every response position (scoring.py), float32.
+
+    ``autocast_bf16`` runs the forward (and the chunked head's recomputation in its backward) under bf16
+    autocast on the module's device type, CPU included."""
 
     def __init__(self, lm: torch.nn.Module) -> None:
         super().__init__()
@@ -158,7 +163,8 @@ class Policy(torch.nn.Module):
 
     def forward(self, batch: RolloutBatch, ids_B_T_K: torch.Tensor, temperature: float, chunk_size: int,
                 loss_path: str, autocast_bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast_bf16):
+        device_type = next(self.parameters()).device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast_bf16):
             if loss_path == "chunked":
                 hidden = response_hidden(self.lm, batch)
                 w = self.lm.get_output_embeddings().weight
@@ -171,15 +177,28 @@ def as_policy(model: torch.nn.Module) -> torch.nn.Module:
     return model if isinstance(unwrap(model), Policy) else Policy(model)
 
 
-def micro_batch_forward(cfg: Config, policy, rows: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor], LossInputs]:
+def _device(policy) -> torch.device:
+    return next(policy.parameters()).device
+
+
+def _rows(data: StepData, m: torch.Tensor | None, device) -> dict:
+    """Rows ``m`` of ``data`` on ``device``; ``None`` is a zero-weight micro-batch (local row 0, no valid token)."""
+    if m is not None:
+        return data.rows(m, device)
+    rows = data.rows(torch.zeros(1, dtype=torch.long), device)
+    rows["loss_mask"] = torch.zeros_like(rows["loss_mask"])  # with no valid token: every sum below is 0
+    return rows
+
+
+def micro_batch_forward(cfg: Config, policy, rows: dict, need_loss: bool = True):
     """Forward one micro-batch through ``policy`` (:class:`Policy`, maybe DDP/FSDP2-wrapped): per-token loss ℓ_t,
-    loss metrics and the loss inputs (with grad).
+    loss metrics and the loss inputs (with grad); ``need_loss=False`` returns ``(None, {}, inputs)``.
 
     Only lse_t and the logits at [y_t, S_t] leave the model (``trainer.loss_path`` picks how, see scoring.py).
     """
     batch = rows["batch"]
     t = cfg.trainer
-    device = next(policy.parameters()).device
+    device = _device(policy)
     ids = batch.response_ids_B_T.to(device).unsqueeze(-1)
     if rows["support_ids"] is not None:
         ids = torch.cat([ids, rows["support_ids"].to(device)], dim=-1)
@@ -195,15 +214,18 @@ def micro_batch_forward(cfg: Config, policy, rows: dict) -> tuple[torch.Tensor, 
         x.support_logits_B_T_S = z[..., 1:]
         x.teacher_support_logp_B_T_S = rows["teacher_support_logp"]
         x.support_mask_B_T_S = rows["support_mask"]
+    if not need_loss:
+        return None, {}, x
     loss_B_T, metrics = get_loss(cfg.loss.name)(x, cfg.loss)
     return loss_B_T, metrics, x
 
 
-def _gate(cfg: Config, x: LossInputs, rows: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+def _group_drift(cfg: Config, x: LossInputs, rows: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(δ, m_G, sign-cancellation flags) of one micro-batch."""
     delta = (x.logp_B_T - x.old_logp_B_T).detach()
-    g, extras = drift_gate(delta, x.mask_B_T, rows["response_mask"], cfg.gate.kind.value,
-                           cfg.gate.tau, cfg.gate.block_size, rows["newline"])
-    return g, extras, delta
+    m_G, cancel = group_drift(delta, x.mask_B_T, rows["response_mask"], cfg.gate.kind.value, cfg.gate.block_size,
+                              rows["newline"])
+    return delta, m_G, cancel
 
 
 def _micro_batches(idx: torch.Tensor, grad_accum: int, dist: Dist) -> list[torch.Tensor | None]:
@@ -214,63 +236,63 @@ def _micro_batches(idx: torch.Tensor, grad_accum: int, dist: Dist) -> list[torch
     return micro + [None] * (n - len(micro))
 
 
+def gate_normaliser(cfg: Config, parts: list[tuple[torch.Tensor, torch.Tensor]], dist: Dist) -> tuple[float, float]:
+    """The shift c = min |m_G| and the mean Σ m g / Σ m of the shift-stable raw gates over the whole update, from
+    the ``(m_G_B_T, loss_mask_B_T)`` of each of this rank's micro-batches (two scalar all-reduces)."""
+    shift = dist.min(min((min_abs_drift(m_G, mask) for m_G, mask in parts), default=math.inf))[0]
+    z, n = dist.sum(sum(float(masked_sum(shifted_gate(m_G, mask, cfg.gate.tau, shift), mask)) for m_G, mask in parts),
+                    sum(float(mask.sum()) for _, mask in parts))
+    return shift, z / max(n, 1.0)
+
+
 def optimizer_update(cfg: Config, policy, optimizer, data: StepData, idx: torch.Tensor,
                      dist: Dist = SINGLE) -> dict[str, float]:
     """One AdamW update on this rank's mini-batch rows ``idx`` (``trainer.grad_accum`` micro-batches).
 
-    With W ranks each back-propagates its Σ m g ℓ; DDP/FSDP2 average gradients over ranks in the last
-    micro-batch's backward, and the gradient is divided by Z / W with Z = Σ_ranks Σ m g (module docstring).
+    Each micro-batch back-propagates Σ m ĝ ℓ · W / N, where ĝ = :func:`~opd_lab.gates.normalise_gates` of the
+    shift-stable raw gates with the shift and the mean over the whole update (all micro-batches and ranks) and
+    N = Σ_ranks Σ m; DDP/FSDP2 average the gradients over the W ranks. With one micro-batch per rank the
+    update's shift and mean come from that forward itself; with several, a no-grad pre-pass computes them first.
     """
     policy = as_policy(policy)
     micro = _micro_batches(idx, cfg.trainer.grad_accum, dist)
-    device = next(policy.parameters()).device
-
-    def rows_of(m):
-        if m is not None:
-            return data.rows(m, device)
-        rows = data.rows(torch.zeros(1, dtype=torch.long), device)  # a zero-weight micro-batch: local row 0
-        rows["loss_mask"] = torch.zeros_like(rows["loss_mask"])  # with no valid token: every sum below is 0
-        return rows
-
-    clip = cfg.gate.clip_min is not None or cfg.gate.clip_max is not None
+    device = _device(policy)
+    gated = cfg.gate.kind.value != "none"
     n_valid = dist.sum(sum(float(data.loss_mask_B_T[m].sum()) for m in micro if m is not None))[0]
-    scale = None
-    if clip:  # the clip acts on normalised gates, so get Σ m g first
+    norm = None
+    if gated and len(micro) > 1:  # the update's gate normaliser before any backward
         with torch.no_grad():
-            z_pre = 0.0
+            parts = []
             for m in micro:
-                rows = rows_of(m)
-                _, _, x = micro_batch_forward(cfg, policy, rows)
-                g, _, _ = _gate(cfg, x, rows)
-                z_pre += float(masked_sum(g, x.mask_B_T))
-        scale = n_valid / max(dist.sum(z_pre)[0], 1e-30)
+                rows = _rows(data, m, device)
+                _, _, x = micro_batch_forward(cfg, policy, rows, need_loss=False)
+                parts.append((_group_drift(cfg, x, rows)[1], x.mask_B_T))
+        norm = gate_normaliser(cfg, parts, dist)
 
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = defaultdict(float)
     gates = []
     for i, m in enumerate(micro):
-        rows = rows_of(m)
+        rows = _rows(data, m, device)
         with grad_sync(policy, i == len(micro) - 1):
             loss_B_T, metrics, x = micro_batch_forward(cfg, policy, rows)
-            g, extras, delta = _gate(cfg, x, rows)
-            if scale is not None:
-                g = (g * scale).clamp(min=cfg.gate.clip_min, max=cfg.gate.clip_max)
+            delta, m_G, cancel = _group_drift(cfg, x, rows)
             mask = x.mask_B_T.to(loss_B_T.device)
-            masked_sum(loss_B_T * g, mask).backward()
-        sums["gate_denom"] += float(masked_sum(g, mask)) if scale is None else 0.0  # Z (no _sum: not a metric)
+            g = torch.ones_like(delta)
+            if gated:
+                shift, mean = norm if norm is not None else gate_normaliser(cfg, [(m_G, mask)], dist)
+                g = normalise_gates(shifted_gate(m_G, mask, cfg.gate.tau, shift), mask, cfg.gate.clip_min,
+                                    cfg.gate.clip_max, mean)
+            (masked_sum(loss_B_T * g, mask) * (dist.world / max(n_valid, 1.0))).backward()
         sums["loss_sum"] += float(masked_sum(loss_B_T.detach() * g, mask))
         sums["ungated_loss_sum"] += float(masked_sum(loss_B_T.detach(), mask))
         sums["abs_delta_sum"] += float(masked_sum(delta.abs(), mask))
-        sums["cancel_sum"] += float(masked_sum(extras["cancel_B_T"], mask))
+        sums["cancel_sum"] += float(masked_sum(cancel, mask))
         for k, v in metrics.items():
             sums[f"{k}_sum"] += float(masked_sum(v, mask))
         gates.append(g.detach()[mask.bool()])
     keys = sorted(sums)
     totals = dict(zip(keys, dist.sum(*(sums[k] for k in keys)), strict=True))  # one all-reduce for every sum
-    denom = n_valid if scale is not None else totals["gate_denom"]
-    for p in policy.parameters():
-        if p.grad is not None:
-            p.grad.div_(max(denom, 1e-30) / dist.world)
     grad_norm = torch.nn.utils.clip_grad_norm_(
         policy.parameters(), cfg.trainer.grad_clip if cfg.trainer.grad_clip is not None else math.inf)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -282,12 +304,11 @@ def optimizer_update(cfg: Config, policy, optimizer, data: StepData, idx: torch.
         optimizer.zero_grad(set_to_none=True)
 
     n = max(n_valid, 1.0)
-    out = {k[: -len("_sum")]: v / n for k, v in totals.items() if k.endswith("_sum") and k != "loss_sum"}
-    out["loss"] = totals.get("loss_sum", 0.0) / (denom if scale is None else n)
+    out = {k[: -len("_sum")]: v / n for k, v in totals.items() if k.endswith("_sum")}
     out["grad_norm"] = grad_norm
     out["tokens"] = n_valid
     out["guard/skipped"] = 0.0 if finite else 1.0
-    out.update(gate_metrics(torch.cat(gates) * (n_valid / max(denom, 1e-30) if scale is None else 1.0), dist))
+    out.update(gate_metrics(torch.cat(gates), dist))
     out["gate/cancel_rate"] = out.pop("cancel")
     out["drift/mean_abs_delta"] = out.pop("abs_delta")
     return out
@@ -308,19 +329,15 @@ def gate_metrics(gate_N: torch.Tensor, dist: Dist = SINGLE) -> dict[str, float]:
 
 def train_step(cfg: Config, policy, optimizer, scheduler, data: StepData, step: int,
                dist: Dist = SINGLE) -> dict[str, float]:
-    """R passes over the scored batch in shuffled mini-batches; metrics averaged over the updates.
+    """R passes over the scored batch in the mini-batches of :func:`update_plan`; metrics averaged over the
+    updates (``drift/first_update_mean_abs_delta``: the first update's, 0 when π_old is the current policy).
 
     The permutation is over the global batch (W equal, contiguous rank shards of ``data.batch.size`` rows), so a
     mini-batch holds the same sequences whatever W is; each rank updates with the rows of it that it holds.
     """
-    B = data.batch.size
-    lo = dist.rank * B
-    gen = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + step)
     per_update: list[dict[str, float]] = []
-    for _ in range(cfg.rollout.reuse):
-        perm = torch.randperm(B * dist.world, generator=gen)
-        for mb in perm.split(cfg.rollout.mini_batch_size):
-            local = mb[(mb >= lo) & (mb < lo + B)] - lo
+    for pass_ in update_plan(cfg, step, data.batch.size, dist):
+        for local in pass_:
             per_update.append(optimizer_update(cfg, policy, optimizer, data, local, dist))
             scheduler.step()
     keys = per_update[0].keys()
@@ -330,6 +347,7 @@ def train_step(cfg: Config, policy, optimizer, scheduler, data: StepData, step: 
         (i for i, u in enumerate(reversed(per_update)) if not u["guard/skipped"]), len(per_update))
     out["gate/min"] = min(u.get("gate/min", 1.0) for u in per_update)
     out["gate/max"] = max(u.get("gate/max", 1.0) for u in per_update)
+    out["drift/first_update_mean_abs_delta"] = per_update[0]["drift/mean_abs_delta"]
     out["drift/last_update_mean_abs_delta"] = per_update[-1]["drift/mean_abs_delta"]
     out["updates"] = len(per_update)
     return out
@@ -404,28 +422,15 @@ def rollout_spec(cfg: Config, step: int, prompt_offset: int = 0) -> SamplingSpec
                         seed=cfg.trainer.seed * 1_000_003 + step, prompt_offset=prompt_offset)
 
 
-def lr_factor(update: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Linear warm-up over ``warmup`` updates, then constant or cosine decay to ``min_ratio`` at ``total``."""
-    if update < warmup:
-        return (update + 1) / warmup
-    if schedule == "constant" or total <= warmup:
-        return 1.0
-    frac = min(1.0, (update - warmup) / (total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-
-
 def make_optimizer(cfg: Config, model):
     """AdamW and its schedule, stepped once per optimizer update (``updates_per_step`` per training step)."""
     t = cfg.trainer
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
     per_step = cfg.rollout.reuse * (cfg.rollout.batch_size // cfg.rollout.mini_batch_size)
-    warm, total = t.warmup_steps * per_step, t.steps * per_step
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda u: lr_factor(u, warm, total, t.lr_schedule.value, t.min_lr_ratio))
-    return opt, sched
+    return adamw_with_schedule(model.parameters(), t.lr, (t.beta1, t.beta2), t.weight_decay,
+                               t.warmup_steps * per_step, t.steps * per_step, t.lr_schedule.value, t.min_lr_ratio)
 
 
-def run_training(cfg: Config, policy, teacher_scorer, tokenizer, engine: RolloutEngine, task, tracker,
+def run_training(cfg: Config, policy, teacher_scorer, tokenizer, tokens: TokenIds, engine: RolloutEngine, task, tracker,
                  encode_prompts, on_step=None, state=None, save_state=None, dist: Dist = SINGLE) -> None:
     """The loop: for each step, rollout → score → R passes → sync the engine → log (→ eval via ``on_step``)
     (→ ``save_state`` every ``trainer.checkpoint_every`` steps). ``state`` (a :class:`opd_lab.checkpoint.TrainState`)
@@ -439,9 +444,6 @@ def run_training(cfg: Config, policy, teacher_scorer, tokenizer, engine: Rollout
     from opd_lab.distributed import gathered_state_dict
 
     policy = as_policy(policy)
-    special_set = set(cfg.loss.special_tokens)
-    special_V = token_table(tokenizer, lambda s: s in special_set)
-    newline_V = token_table(tokenizer, lambda s: "\n" in s)
     optimizer, scheduler = make_optimizer(cfg, policy)
     rng = random.Random(cfg.trainer.seed)
     guard = UpdateGuard(cfg.trainer.max_bad_updates)
@@ -457,6 +459,7 @@ def run_training(cfg: Config, policy, teacher_scorer, tokenizer, engine: Rollout
         rng.setstate(state.sampler_rng)
         guard.run, guard.total = state.guard["run"], state.guard["total"]
         start = state.step
+        engine.sync_weights(unwrap(policy).lm, gathered_state_dict(policy))  # the engine samples the restored weights
     every = cfg.trainer.checkpoint_every
     share = dist.shard(cfg.rollout.n_prompts)
     lm = unwrap(policy).lm
@@ -466,7 +469,7 @@ def run_training(cfg: Config, policy, teacher_scorer, tokenizer, engine: Rollout
         t0 = time.perf_counter()
         problems = task.train_problems(cfg.rollout.n_prompts, rng)[share]
         batch = engine.generate(encode_prompts(tokenizer, problems), rollout_spec(cfg, step, share.start))
-        data = score_batch(cfg, policy, teacher_scorer, batch, special_V, newline_V, dist=dist)
+        data = score_batch(cfg, policy, teacher_scorer, batch, tokens, step, dist=dist)
         t1 = time.perf_counter()
         metrics = train_step(cfg, policy, optimizer, scheduler, data, step, dist)
         t2 = time.perf_counter()

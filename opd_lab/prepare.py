@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -28,6 +27,7 @@ import torch
 
 from opd_lab.config import ArithTaskConfig, EmbeddedModelSize, PrepareConfig, as_flat_dict
 from opd_lab.evaluation import encode_prompts
+from opd_lab.optim import adamw_with_schedule
 from opd_lab.tasks import build_task, reference_response
 from opd_lab.tokenizer import build_tokenizer
 
@@ -106,17 +106,9 @@ def train_sft(model, tokenizer, task, steps: int, batch_size: int, lr: float, wa
     from tqdm.auto import tqdm
 
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-
-    def lr_at(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        frac = (s - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    # Cosine to 10% of lr one step after the last (total = steps + 1): the schedule the shipped weights were
+    # trained with, kept so that scripts/build_embedded.py --check rebuilds them bit for bit.
+    opt, sched = adamw_with_schedule(model.parameters(), lr, (0.9, 0.98), 0.0, warmup, steps + 1, schedule, 0.1)
     model.train()
     losses = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)

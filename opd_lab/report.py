@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from opd_lab.stats import mean_ci95
 from opd_lab.tracking import read_metrics
 
 SEED_KEYS = ("trainer.seed", "eval.seed")
@@ -42,32 +43,6 @@ CURVES = (
 )
 TRAIN_MEANS = ("loss", "teacher_minus_old_logp", "gate/mean", "gate/std", "drift/mean_abs_delta",
                "response/mean_len", "time/step_s")
-
-# Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30 (beyond 30 the normal 1.96 is within 2%).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
-
-
-def t_quantile_975(df: int) -> float:
-    """t_{0.975, df}: the 95% two-sided Student-t quantile (``nan`` for df < 1)."""
-    if df < 1:
-        return math.nan
-    return _T975[df - 1] if df <= len(_T975) else 1.96
-
-
-def mean_ci95(values) -> tuple[float, float, float, int]:
-    """(mean, sample std, 95% CI half-width t·s/√n, n) of the finite values; CI is ``nan`` for n < 2."""
-    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
-    n = len(x)
-    if n == 0:
-        return math.nan, math.nan, math.nan, 0
-    mean = float(x.mean())
-    if n < 2:
-        return mean, math.nan, math.nan, 1
-    std = float(x.std(ddof=1))
-    return mean, std, t_quantile_975(n - 1) * std / math.sqrt(n), n
-
 
 # ------------------------------------------------------------------------------------------ reading runs
 def expected_jobs(sweep_dir: Path) -> list[list[str]]:

@@ -99,6 +99,8 @@ class _ChunkedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_B_T_H, w_V_H, ids_B_T_K, temperature, chunk_size):
         ctx.set_materialize_grads(False)
+        device_type = h_B_T_H.device.type  # the backward recomputes the logits under the forward's autocast
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         lse, z = [], []
         with torch.no_grad():
             for s in range(0, h_B_T_H.shape[1], chunk_size):
@@ -112,6 +114,12 @@ class _ChunkedHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lse_B_T, g_z_B_T_K):
+        device_type, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            return _ChunkedHead._backward(ctx, g_lse_B_T, g_z_B_T_K)
+
+    @staticmethod
+    def _backward(ctx, g_lse_B_T, g_z_B_T_K):
         h, w, ids, lse = ctx.saved_tensors
         T_s, C = ctx.temperature, ctx.chunk_size
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -240,7 +248,7 @@ def score_teacher(
             if top_k > 0:
                 vals, ids = torch.topk(logits, top_k, dim=-1)
                 parts["ti"].append(ids)
-                parts["tl"].append(vals.float() - lse[..., None])
+                parts["tl"].append(at_least_f32(vals) - lse[..., None])
             if q is not None:
                 parts["ql"].append(gather_float(logits, q[:, c : c + chunk_size]) - lse[..., None])
         logp.append(torch.cat(parts["lp"], 1).cpu())

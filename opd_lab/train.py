@@ -22,6 +22,7 @@ from opd_lab.evaluation import EvalResult, benchmark_csv, encode_prompts, evalua
 from opd_lab.models import check_same_vocab, load_model, load_tokenizer, loading, resolve_paths
 from opd_lab.rollout.base import get_engine_class
 from opd_lab.tasks import build_task
+from opd_lab.tokens import TokenIds, stop_token_ids
 from opd_lab.tracking import Tracker, gate_name, read_metrics
 
 
@@ -31,13 +32,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_engine(cfg: Config, model, tokenizer, path: str, sharded_root=None):
+def make_engine(cfg: Config, model, tokenizer, path: str, stop_ids: tuple[int, ...], sharded_root=None):
     """The configured rollout engine over ``model`` (HF; ``sharded_root``: its FSDP2 root) or the weights at
-    ``path`` (vLLM)."""
+    ``path`` (vLLM), stopping at ``stop_ids`` (tokens.stop_token_ids)."""
     cls = get_engine_class(cfg.rollout.engine.value)
     if cfg.rollout.engine.value == "hf":
-        return cls(model, tokenizer, sharded_root=sharded_root)
-    return cls(path, tokenizer, cfg)
+        return cls(model, tokenizer, sharded_root=sharded_root, stop_ids=stop_ids)
+    return cls(path, tokenizer, cfg, stop_ids=stop_ids)
 
 
 def make_teacher_scorer(cfg: Config, teacher, tokenizer, path: str):
@@ -57,13 +58,46 @@ def make_teacher_scorer(cfg: Config, teacher, tokenizer, path: str):
     return VLLMTeacherScorer(path, tokenizer, cfg)
 
 
-def _eval_key(cfg: Config, path: str) -> str:
+def eval_key(cfg: Config, path: str, prompts: list[list[int]], stop_ids: tuple[int, ...]) -> str:
+    """The cache key of an untrained model's evaluation: everything that changes its prompts or responses.
+
+    The weight files; the evaluation settings and the task; the rendered prompts themselves (tokenizer, chat
+    template, thinking mode, system prompt); the stop set; the model group except how the embedded pair is
+    built (dtype, special tokens …); the engine and its vLLM settings (``max_model_len`` caps responses); the
+    device and the autocast precision.
+    """
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
     stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    model = {k: v for k, v in as_flat_dict(cfg.model).items() if not k.startswith("prepare.")}
     blob = json.dumps({"path": str(Path(path).resolve()) if files else path, "files": stamp,
-                       "eval": as_flat_dict(cfg.eval), "task": as_flat_dict(cfg.task),
-                       "engine": cfg.rollout.engine.value}, sort_keys=True, default=str)
+                       "eval": as_flat_dict(cfg.eval), "task": as_flat_dict(cfg.task), "model": model,
+                       "engine": cfg.rollout.engine.value, "vllm": as_flat_dict(cfg.rollout.vllm),
+                       "device": cfg.trainer.device, "autocast_bf16": cfg.trainer.autocast_bf16,
+                       "stop": list(stop_ids),
+                       "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_prompt_lengths(cfg: Config, tokenizer, task, training: bool = True, n_longest: int = 64) -> None:
+    """With a vLLM engine, prompt + response must fit ``rollout.vllm.max_model_len`` (vLLM would cap the
+    response silently): checked on every evaluation prompt and (``training``) the longest training prompts by
+    characters; the engine checks every prompt again when it samples."""
+    if "vllm" not in (cfg.rollout.engine.value, cfg.rollout.teacher_scorer.value):
+        return
+    encode = prompt_encoder(cfg)
+    limit = cfg.rollout.vllm.max_model_len
+    checks = [("eval.max_tokens", cfg.eval.max_tokens, task.eval_problems())]
+    if training:
+        train = task.train_pool() if hasattr(task, "train_pool") else task.train_problems(256, random.Random(0))
+        checks.append(("rollout.max_tokens", cfg.rollout.max_tokens,
+                       sorted(train, key=lambda p: len(p.prompt or p.question), reverse=True)[:n_longest]))
+    for field_name, cap, problems in checks:
+        longest = max((len(p) for p in encode(tokenizer, problems)), default=0)
+        if longest + cap > limit:
+            raise ConfigError(f"{field_name}={cap} is invalid: the longest prompt has {longest} tokens and "
+                              f"rollout.vllm.max_model_len={limit}: allowed {field_name} <= {limit - longest} (or "
+                              "raise rollout.vllm.max_model_len)")
 
 
 def prompt_encoder(cfg: Config):
@@ -78,9 +112,11 @@ def run_eval(cfg: Config, engine, tokenizer, task) -> EvalResult:
                     e.max_tokens, e.seed, encode=prompt_encoder(cfg))
 
 
-def cached_eval(cfg: Config, path: str, build_engine, tokenizer, task) -> EvalResult:
-    """Evaluate an untrained model once per (weights, eval config, task, engine); reuse the cached result."""
-    cache = Path(cfg.cache_dir) / "evals" / f"{_eval_key(cfg, path)}"
+def cached_eval(cfg: Config, path: str, build_engine, tokenizer, task, stop_ids: tuple[int, ...]) -> EvalResult:
+    """Evaluate an untrained model once per :func:`eval_key` (weights, prompts, precision, engine …); reuse the
+    cached result."""
+    prompts = prompt_encoder(cfg)(tokenizer, task.eval_problems())
+    cache = Path(cfg.cache_dir) / "evals" / f"{eval_key(cfg, path, prompts, stop_ids)}"
     if (cache / "metrics.json").exists():
         return EvalResult(pd.read_csv(cache / "per_problem.csv", dtype={"question": str, "answer": str}),
                           json.loads((cache / "metrics.json").read_text()))
@@ -232,10 +268,12 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
         check_same_vocab(tokenizer, load_tokenizer(paths.teacher, cfg.model.chat_template))
     if isinstance(cfg.loss, LSMLossConfig) and cfg.loss.top_k > len(tokenizer):
         raise ConfigError(f"loss.top_k={cfg.loss.top_k} is invalid: allowed 1..{len(tokenizer)} (vocabulary size)")
+    tokens = TokenIds.build(tokenizer, list(cfg.model.special_tokens), paths.student)
+    if hasattr(task, "load_train") and cfg.eval.only is None:
+        task.load_train()  # a bad training-set path fails here, before any model loads
+    check_prompt_lengths(cfg, tokenizer, task, training=cfg.eval.only is None)
     if cfg.eval.only is not None:
         return evaluate_only(cfg, run_dir, paths, tokenizer, task)
-    if hasattr(task, "load_train"):
-        task.load_train()  # a bad training-set path fails here, before any model loads
     device = distributed.rank_device(cfg.trainer.device, dist)
     with loading("model.student", paths.student):
         student = load_model(paths.student, cfg.model.dtype, device, trainable=True)
@@ -250,7 +288,9 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
     frames = []
     if cfg.eval.baselines and dist.is_main:
         for name, model, path in (("base_student", student, paths.student), ("teacher", teacher, paths.teacher)):
-            res = cached_eval(cfg, path, lambda m=model, p=path: make_engine(cfg, m, tokenizer, p), tokenizer, task)
+            stop = stop_token_ids(tokenizer, path)
+            res = cached_eval(cfg, path, lambda m=model, p=path, s=stop: make_engine(cfg, m, tokenizer, p, s),
+                              tokenizer, task, stop)
             table[name] = res.metrics
             frames.append(res.per_problem.assign(model=name, step=0))
     dist.barrier()
@@ -267,10 +307,8 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
     policy = distributed.wrap(Policy(student), dist)  # FSDP2 resume loads its shards into this (run_training)
     tracker = Tracker(cfg, run_dir, name=f"{run_label(cfg)}-seed{cfg.trainer.seed}",
                       resume_id=state.wandb_id if state else None) if dist.is_main else NullTracker()
-    engine = make_engine(cfg, student, tokenizer, paths.student,
+    engine = make_engine(cfg, student, tokenizer, paths.student, tokens.stop,
                          sharded_root=policy if distributed.is_sharded(policy) else None)
-    if state is not None and state.shards is None:
-        engine.sync_weights(student)
     teacher_scorer = make_teacher_scorer(cfg, teacher, tokenizer, paths.teacher)
     final: dict[str, float] = {}
     with recorded_failure(run_dir, tracker, dist.is_main), closing(engine), closing(teacher_scorer):
@@ -289,7 +327,7 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
             checkpoint.save(run_dir, cfg, step, policy, tokenizer, optimizer, scheduler, sampler_rng, guard,
                             tracker.run_id, dist)
 
-        run_training(cfg, policy, teacher_scorer, tokenizer, engine, task, tracker, prompt_encoder(cfg),
+        run_training(cfg, policy, teacher_scorer, tokenizer, tokens, engine, task, tracker, prompt_encoder(cfg),
                      on_step, state=state, save_state=save_state, dist=dist)
         if cfg.trainer.steps == 0:
             on_step(0)
@@ -314,13 +352,15 @@ def evaluate_only(cfg: Config, run_dir: Path, paths, tokenizer, task) -> dict[st
         path, name = cfg.eval.checkpoint, "checkpoint"
     tracker = Tracker(cfg, run_dir, name=f"{run_label(cfg)}-seed{cfg.trainer.seed}")
     with recorded_failure(run_dir, tracker):
+        stop = stop_token_ids(tokenizer, path)
+
         def build():
             model = None
             if cfg.rollout.engine.value == "hf":
                 model = load_model(path, cfg.model.dtype, cfg.trainer.device, trainable=False)
-            return make_engine(cfg, model, tokenizer, path)
+            return make_engine(cfg, model, tokenizer, path, stop)
 
-        res = cached_eval(cfg, path, build, tokenizer, task)
+        res = cached_eval(cfg, path, build, tokenizer, task, stop)
         tracker.log(0, {f"eval/{k}": v for k, v in res.metrics.items()})
         finish_run(cfg, run_dir, tracker, {name: res.metrics}, [res.per_problem.assign(model=name, step=0)],
                    res.metrics)

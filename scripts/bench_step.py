@@ -20,10 +20,11 @@ from hydra import compose, initialize_config_dir
 
 from opd_lab.config import register_configs, to_run_config
 from opd_lab.evaluation import encode_prompts
-from opd_lab.learner import make_optimizer, rollout_spec, score_batch, token_table, train_step
+from opd_lab.learner import make_optimizer, rollout_spec, score_batch, train_step
 from opd_lab.models import load_model, load_tokenizer, resolve_paths
 from opd_lab.scoring import HFTeacherScorer
 from opd_lab.tasks import build_task
+from opd_lab.tokens import TokenIds
 from opd_lab.train import make_engine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,10 +38,9 @@ def bench(cfg, engine_name: str, steps: int) -> dict[str, float]:
     student = load_model(paths.student, cfg.model.dtype, cfg.trainer.device, trainable=True)
     teacher = HFTeacherScorer(load_model(paths.teacher, cfg.model.dtype, cfg.trainer.device, trainable=False))
     t0 = time.perf_counter()
-    engine = make_engine(cfg, student, tok, paths.student)
+    tokens = TokenIds.build(tok, list(cfg.model.special_tokens), paths.student)
+    engine = make_engine(cfg, student, tok, paths.student, tokens.stop)
     startup = time.perf_counter() - t0
-    special_V = token_table(tok, lambda s: s in set(cfg.loss.special_tokens))
-    newline_V = token_table(tok, lambda s: "\n" in s)
     opt, sched = make_optimizer(cfg, student)
     task, rng = build_task(cfg.task), random.Random(0)
     rows = []
@@ -49,7 +49,7 @@ def bench(cfg, engine_name: str, steps: int) -> dict[str, float]:
         t0 = time.perf_counter()
         batch = engine.generate(prompts, rollout_spec(cfg, step))
         t1 = time.perf_counter()
-        data = score_batch(cfg, student, teacher, batch, special_V, newline_V)
+        data = score_batch(cfg, student, teacher, batch, tokens, step)
         t2 = time.perf_counter()
         train_step(cfg, student, opt, sched, data, step)
         t3 = time.perf_counter()

@@ -106,3 +106,35 @@ def test_cli_bad_overrides_print_one_clear_error(override, needle, tmp_path):
 
 
 assert Path(CONF_DIR).is_dir()
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["gate=block64", "gate.clip_min=1.2"], "gate.clip_min/clip_max"),  # a clip range that excludes 1
+    (["gate=block64", "gate.clip_max=0.9"], "gate.clip_min/clip_max"),
+    (["gate=none", "gate.clip_max=2.0"], "gate.clip_min/clip_max"),  # a clip with no gate
+    (["rollout.max_tokens=1024"], "rollout.max_tokens"),  # response cap >= vLLM's max_model_len
+    (["eval.max_tokens=2000"], "eval.max_tokens"),
+    (["trainer.warmup_steps=40"], "trainer.warmup_steps"),  # warm-up over every update of the run
+    (["eval.ks=[1,1,8]"], "eval.ks"),  # duplicate k
+    (["gate=token", "gate.block_size=32"], "gate.block_size"),  # a block size with a non-block gate
+    (["gate=block64", "gate.block_size=null"], "gate.block_size"),
+    (["loss.rollout_top_p=0"], "loss.rollout_top_p"),
+])
+def test_cross_field_values_are_refused(overrides, field):
+    etype, text = _failure_text(overrides)
+    assert etype is ConfigError, f"{overrides} was accepted"
+    assert text.startswith(field) and "allowed" in text, text
+
+
+def test_prompt_plus_response_must_fit_max_model_len(tokenizer):
+    from opd_lab.tasks import build_task
+    from opd_lab.train import check_prompt_lengths
+
+    cfg = compose(["rollout.vllm.max_model_len=200", "rollout.max_tokens=150", "eval.max_tokens=150"])
+    task = build_task(cfg.task)
+    check_prompt_lengths(cfg, tokenizer, task)  # arith prompts are ~40 tokens: 150 fits
+    cfg = compose(["rollout.vllm.max_model_len=200", "rollout.max_tokens=190", "eval.max_tokens=150"])
+    with pytest.raises(ConfigError, match=r"rollout.max_tokens=190 is invalid: the longest prompt has \d+ tokens"):
+        check_prompt_lengths(cfg, tokenizer, task)
+    check_prompt_lengths(compose(["rollout.engine=hf", "rollout.max_tokens=190", "rollout.vllm.max_model_len=200"]),
+                         tokenizer, task)  # HF caps nothing

@@ -86,19 +86,25 @@ def test_choose_nodes():
 
 
 class OracleEngine:
-    """First call: fixed rollouts. Later calls (continuations): success iff the continuation's first token
-    (the prompt's last token) is even, so Q(h_t, v) = 1[v even] exactly."""
+    """First call: fixed rollouts. Later calls (continuations, ended by the EOS token as a real engine's are):
+    success iff the continuation's first token (the prompt's last token) is even, so Q(h_t, v) = 1[v even]
+    exactly. Every call's prompts and spec are recorded."""
 
-    def __init__(self, tokenizer):
-        self.tok, self.calls = tokenizer, 0
+    ROLLOUT = "12+34\n4+2=6\n1+3=4\n=46\n\\boxed{46}"
+
+    def __init__(self, tokenizer, rollout=ROLLOUT):
+        self.tok, self.calls, self.rollout, self.seen = tokenizer, 0, rollout, []
 
     def generate(self, prompts, spec):
         self.calls += 1
+        self.seen.append((prompts, spec))
         if self.calls == 1:
-            texts = ["12+34\n4+2=6\n1+3=4\n=46\n\\boxed{46}"] * (len(prompts) * spec.n)
+            texts = [self.rollout] * (len(prompts) * spec.n)
+            ids = [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         else:
             texts = ["GOOD" if p[-1] % 2 == 0 else "BAD" for p in prompts for _ in range(spec.n)]
-        ids = [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+            ids = [self.tok(t, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id] for t in texts]
+            texts = [self.tok.decode(x) for x in ids]
         T = max(map(len, ids))
         resp = torch.tensor([x + [0] * (T - len(x)) for x in ids])
         mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids])
@@ -128,7 +134,7 @@ def test_stubbed_oracle_gives_exact_q_and_analytic_g_star(monkeypatch, tmp_path)
                    f"diagnose.out_dir={tmp_path / 'out'}"])
     tok = load_tokenizer(resolve_paths(cfg).tokenizer)
     monkeypatch.setattr(opd_lab.train, "make_engine", lambda *a, **k: OracleEngine(tok))
-    monkeypatch.setattr(opd_lab.tasks, "grade", lambda text, problem: text.endswith("GOOD"))
+    monkeypatch.setattr(opd_lab.tasks, "grade", lambda text, problem: text.removesuffix("<|im_end|>").endswith("GOOD"))
     df = diagnose.run(cfg, tmp_path / "run")
     assert len(df) == 2 * 3 * 2 * 3  # 2 rollouts × 3 nodes × 2 teachers × 3 losses
     student = load_model(resolve_paths(cfg).student, "float32", "cpu", trainable=False)
@@ -152,6 +158,37 @@ def test_stubbed_oracle_gives_exact_q_and_analytic_g_star(monkeypatch, tmp_path)
     for name in ("nodes.csv", "summary.csv", "summary.md", "alignment_by_position.png",
                  "alignment_correct_vs_incorrect.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0, name
+
+
+def test_end_of_response_candidate_is_graded_not_continued(monkeypatch, tmp_path):
+    """Q(h_t, EOS) is the grade of the prefix itself (no continuation after <|im_end|>, whose id 2 is even, so
+    the oracle's continuation would have said 1), and continuations get the rollout's remaining budget."""
+    import opd_lab.tasks
+    import opd_lab.train
+    from opd_lab import diagnose
+    from opd_lab.models import load_tokenizer, resolve_paths
+    from tests.conftest import compose
+
+    cfg = compose([*[t for t in TINY if not t.startswith(("rollout.", "eval.", "trainer.steps"))],
+                   "rollout.engine=hf", "rollout.max_tokens=40", f"cache_dir={tmp_path / 'cache'}",
+                   "logger.progress=false", "+diagnose=default", "diagnose.n_questions=1",
+                   "diagnose.rollouts_per_question=1", "diagnose.every_k=5", "diagnose.max_nodes=3",
+                   "diagnose.continuations=2", "diagnose.teachers={teacher: {model: teacher}}",
+                   "diagnose.losses=[full_rkl]", f"diagnose.out_dir={tmp_path / 'out'}"])
+    tok = load_tokenizer(resolve_paths(cfg).tokenizer)
+    eos = tok.eos_token_id
+    assert eos % 2 == 0
+    engine = OracleEngine(tok, rollout="12+34<|im_end|>4+2=6\n=46\n\\boxed{46}")
+    monkeypatch.setattr(opd_lab.train, "make_engine", lambda *a, **k: engine)
+    monkeypatch.setattr(opd_lab.tasks, "grade", lambda text, problem: text.removesuffix("<|im_end|>").endswith("GOOD"))
+    df = diagnose.run(cfg, tmp_path / "run")
+    assert sorted(set(df["position"])) == [0, 5, 10]
+    at_eos = df[df["position"] == 5].iloc[0]
+    assert at_eos["sampled_token_q"] == 0.0  # "12+34<|im_end|>" is graded as it stands
+    assert df[df["position"] == 10].iloc[0]["sampled_token_q"] == float(tok.convert_tokens_to_ids("6") % 2 == 0)
+    continuations = engine.seen[1:]
+    assert continuations and all(p[-1] != eos for prompts, _ in continuations for p in prompts)
+    assert max(spec.max_tokens for _, spec in continuations) == 40 - 0 - 1  # node 0's remaining budget
 
 
 @pytest.mark.slow

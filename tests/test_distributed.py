@@ -18,7 +18,8 @@ from tests.test_e2e import ROOT
 
 # A few steps on the embedded default (shipped models), small batches; both ranks get one thread each.
 BASE = ["rollout.n_prompts=4", "rollout.n_samples=2", "rollout.mini_batch_size=4", "rollout.reuse=2",
-        "rollout.max_tokens=96", "trainer.grad_accum=2", "trainer.steps=3", "trainer.threads=1", "trainer.lr=1e-3",
+        "rollout.max_tokens=96", "trainer.grad_accum=2", "trainer.steps=3", "trainer.warmup_steps=1",
+        "trainer.threads=1", "trainer.lr=1e-3",
         "eval.baselines=false", "eval.n_samples=2", "eval.ks=[1,2]", "eval.max_tokens=64",
         "logger.wandb.mode=disabled", "logger.progress=false"]
 LEARNER = ("loss", "ungated_loss", "grad_norm", "gate/mean", "gate/std", "gate/min", "gate/max", "gate/frac_below_0.5",
@@ -61,12 +62,24 @@ def _assert_same_run(a: Path, b: Path, atol=1e-5):
 def test_ddp_and_fsdp2_two_ranks_equal_one_process_with_vllm_rollouts(tmp_path):
     """vLLM seeds each prompt by its global index, so the two ranks' rollouts are the single process's; FSDP2
     gathers the full weights for every engine sync."""
-    args = [*BASE, "rollout.engine=vllm", "loss=lsm", "gate=token"]
+    args = [*BASE, "rollout.engine=vllm", "loss=lsm", "gate=token", "trainer.checkpoint_every=2"]
     _run([*args, f"hydra.run.dir={tmp_path / 'one'}"], world=1)
     for strategy in ("ddp", "fsdp2"):
         _run([*args, f"trainer.parallel={strategy}", f"hydra.run.dir={tmp_path / strategy}"], world=2)
         _assert_same_run(tmp_path / strategy, tmp_path / "one")
         assert json.loads((tmp_path / strategy / "status.json").read_text())["status"] == "completed"
+
+    # FSDP2 + vLLM resumed from the sharded step-2 checkpoint: the engines must sample the restored weights
+    # (they were synced only from unsharded checkpoints, so step 3 sampled from the base student).
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "fsdp2", cut)
+    shutil.rmtree(cut / "checkpoint")
+    (cut / "status.json").write_text(json.dumps({"status": "running"}))
+    _run([*args, "trainer.parallel=fsdp2", f"trainer.resume={cut}", f"hydra.run.dir={tmp_path / 'other'}"], world=2)
+    resumed, ref = _steps(cut)[-1], _steps(tmp_path / "fsdp2")[-1]
+    assert resumed["step"] == ref["step"] == 3
+    for k in LEARNER:  # the same samples (and sampler/π_old mismatch) as the uninterrupted run's step 3
+        assert resumed[k] == pytest.approx(ref[k], rel=1e-3, abs=1e-6), k
 
 
 @pytest.mark.slow
@@ -116,7 +129,8 @@ def test_a_rank_with_fewer_rows_pads_with_zero_weight_micro_batches():
 def test_a_multirun_under_torchrun_runs_every_job(tmp_path):
     """The process group is created once per process and reused by the sweep's later jobs (HF rollouts; a second
     vLLM engine in the same processes is refused up front)."""
-    args = [*BASE, "rollout.engine=hf", "trainer.steps=1", "trainer.seed=0,1", f"hydra.sweep.dir={tmp_path}"]
+    args = [*BASE, "rollout.engine=hf", "trainer.steps=1", "trainer.warmup_steps=0", "trainer.seed=0,1",
+            f"hydra.sweep.dir={tmp_path}"]
     _run(["--multirun", *args], world=2)
     for job in ("0", "1"):
         assert json.loads((tmp_path / job / "status.json").read_text())["status"] == "completed"

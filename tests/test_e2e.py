@@ -36,6 +36,7 @@ TINY = [
     "eval.ks=[1,2]",
     "eval.max_tokens=48",
     "trainer.steps=2",
+    "trainer.warmup_steps=1",
     "logger.progress=false",
     "rollout.vllm.max_model_len=160",
 ]

@@ -19,11 +19,11 @@ def setup(tokenizer):
     import random
 
     from opd_lab.evaluation import encode_prompts
-    from opd_lab.learner import token_table
     from opd_lab.rollout.base import SamplingSpec
     from opd_lab.rollout.hf import HFEngine
     from opd_lab.scoring import HFTeacherScorer
     from opd_lab.tasks.arith import ArithmeticTask
+    from opd_lab.tokens import TokenIds
     from tests.conftest import tiny_model
 
     student = tiny_model(tokenizer, 64, 2, seed=0).cuda()
@@ -31,8 +31,7 @@ def setup(tokenizer):
     task = ArithmeticTask(min_operands=2, max_operands=2, min_digits=1, max_digits=2)
     batch = HFEngine(student, tokenizer).generate(encode_prompts(tokenizer, task.train_problems(4, random.Random(0))),
                                                  SamplingSpec(2, 1.0, 1.0, 40, 0))
-    return student, teacher, batch, token_table(tokenizer, lambda s: s == "<|im_end|>"), \
-        token_table(tokenizer, lambda s: "\n" in s)
+    return student, teacher, batch, TokenIds.build(tokenizer, ["<|im_end|>"])
 
 
 @pytest.mark.parametrize("loss", ["sampled_token", "lsm"])
@@ -41,7 +40,7 @@ def test_cuda_chunked_equals_plain_and_bf16_is_close(setup, loss):
     from tests.conftest import compose
     from tests.test_learner import RecordingOptimizer, _drifted
 
-    student, teacher, batch, special_V, newline_V = setup
+    student, teacher, batch, tokens = setup
     drifted = _drifted(student)
     base = [f"loss={loss}", "gate=block32", "rollout.n_prompts=4", "rollout.n_samples=2",
             "rollout.mini_batch_size=8", "trainer.device=cuda", "trainer.grad_accum=2"]
@@ -49,7 +48,7 @@ def test_cuda_chunked_equals_plain_and_bf16_is_close(setup, loss):
     for name, extra in {"plain": ["trainer.loss_path=plain"], "chunked": ["trainer.chunk_size=7"],
                         "bf16": ["trainer.autocast_bf16=true"]}.items():
         cfg = compose(base + extra)
-        data = score_batch(cfg, student, teacher, batch, special_V, newline_V)
+        data = score_batch(cfg, student, teacher, batch, tokens)
         opt = RecordingOptimizer(drifted)
         out[name] = (optimizer_update(cfg, drifted, opt, data, torch.arange(8)), opt.grads)
     (a, ga), (b, gb), (c, gc) = out["plain"], out["chunked"], out["bf16"]

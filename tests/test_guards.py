@@ -13,11 +13,11 @@ from tests.test_learner import setup  # noqa: F401  (module fixture: tiny studen
 
 @pytest.mark.parametrize("loss", ["sampled_token", "lsm"])
 def test_injected_nan_loss_is_skipped_and_counted(setup, loss):  # noqa: F811
-    student, teacher, batch, special_V, newline_V = setup
+    student, teacher, batch, tokens = setup
     student = copy.deepcopy(student)
     cfg = compose([f"loss={loss}", "rollout.n_prompts=4", "rollout.n_samples=2", "rollout.mini_batch_size=4",
                    "rollout.reuse=2"])
-    data = score_batch(cfg, student, teacher, batch, special_V, newline_V)
+    data = score_batch(cfg, student, teacher, batch, tokens)
     opt, sched = make_optimizer(cfg, student)
 
     good = train_step(cfg, student, opt, sched, data, step=0)  # finite: 4 updates, none skipped

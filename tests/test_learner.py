@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from opd_lab.evaluation import encode_prompts
-from opd_lab.learner import optimizer_update, score_batch, special_mask_B_T, token_table
+from opd_lab.learner import optimizer_update, score_batch
 from opd_lab.rollout.base import SamplingSpec
 from opd_lab.rollout.hf import HFEngine
 from opd_lab.scoring import HFTeacherScorer
 from opd_lab.tasks.arith import ArithmeticTask
+from opd_lab.tokens import TokenIds
 from tests.conftest import compose, tiny_model
 
 GATES = ["none", "token", "sequence", "block32", "span"]
@@ -38,9 +39,7 @@ def setup(tokenizer):
     problems = task.train_problems(4, random.Random(0))
     batch = HFEngine(student, tokenizer).generate(encode_prompts(tokenizer, problems),
                                                  SamplingSpec(n=2, temperature=1.0, top_p=1.0, max_tokens=40, seed=0))
-    special_V = token_table(tokenizer, lambda s: s in {"<", "think", "<|im_end|>"})
-    newline_V = token_table(tokenizer, lambda s: "\n" in s)
-    return student, teacher, batch, special_V, newline_V
+    return student, teacher, batch, TokenIds.build(tokenizer, ["<think>", "</think>", "<|im_end|>"])
 
 
 def _drifted(model, scale=0.05, seed=3):
@@ -55,10 +54,10 @@ def _drifted(model, scale=0.05, seed=3):
 @pytest.mark.parametrize("loss", ["sampled_token", "lsm"])
 @pytest.mark.parametrize("gate", GATES)
 def test_first_update_is_ungated(setup, loss, gate):
-    student, teacher, batch, special_V, newline_V = setup
+    student, teacher, batch, tokens = setup
     cfg = compose([f"loss={loss}", f"gate={gate}", "rollout.n_prompts=4", "rollout.n_samples=2",
                    "rollout.mini_batch_size=8", "gate.tau=5.0"])
-    data = score_batch(cfg, student, teacher, batch, special_V, newline_V)
+    data = score_batch(cfg, student, teacher, batch, tokens)
     out = optimizer_update(cfg, student, RecordingOptimizer(student), data, torch.arange(8))
     assert out["gate/min"] == pytest.approx(1.0, abs=1e-6) and out["gate/max"] == pytest.approx(1.0, abs=1e-6)
     assert out["loss"] == pytest.approx(out["ungated_loss"], rel=1e-6)
@@ -68,7 +67,7 @@ def test_first_update_is_ungated(setup, loss, gate):
 @pytest.mark.parametrize("loss", ["sampled_token", "lsm"])
 @pytest.mark.parametrize("gate", GATES + ["block32 gate.clip_min=0.9 gate.clip_max=1.05"])
 def test_update_invariant_to_micro_batching(setup, loss, gate):
-    student, teacher, batch, special_V, newline_V = setup
+    student, teacher, batch, tokens = setup
     gate_overrides = [f"gate={gate.split()[0]}", *gate.split()[1:]]
     base = [f"loss={loss}", *gate_overrides, "rollout.n_prompts=4", "rollout.n_samples=2",
             "rollout.mini_batch_size=8", "gate.tau=20.0"]
@@ -76,7 +75,7 @@ def test_update_invariant_to_micro_batching(setup, loss, gate):
     results = []
     for accum in (1, 3, 8):
         cfg = compose(base + [f"trainer.grad_accum={accum}"])
-        data = score_batch(cfg, student, teacher, batch, special_V, newline_V)  # π_old = student
+        data = score_batch(cfg, student, teacher, batch, tokens)  # π_old = student
         opt = RecordingOptimizer(drifted)
         out = optimizer_update(cfg, drifted, opt, data, torch.arange(8))
         results.append((out, opt.grads))
@@ -92,26 +91,40 @@ def test_update_invariant_to_micro_batching(setup, loss, gate):
 
 
 def test_special_token_masking(tokenizer):
+    """Mode ``first`` masks the first occurrence of EACH special id (METHODS.md), ``all`` every occurrence."""
+    from opd_lab.tokens import special_mask_B_T, special_token_ids
+
     ids = tokenizer.convert_tokens_to_ids
-    im_end, think = ids("<|im_end|>"), ids("<think>")
-    x, lt, t = ids("x"), ids("<"), ids("t")
-    resp = torch.tensor([[lt, x, lt, im_end, 0], [x, x, im_end, x, im_end]])
-    rmask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
-    special_V = token_table(tokenizer, lambda s: s in {"<", "think", "<|im_end|>"})
-    assert not special_V[think] and not special_V[t] and special_V[lt] and special_V[im_end]
-    first = special_mask_B_T(resp, rmask, special_V, "first")
-    assert first.tolist() == [[1, 0, 0, 0, 0], [0, 0, 1, 0, 0]]
-    every = special_mask_B_T(resp, rmask, special_V, "all")
-    assert every.tolist() == [[1, 0, 1, 1, 0], [0, 0, 1, 0, 1]]
-    assert special_mask_B_T(resp, rmask, special_V, "none").sum() == 0
+    im_end, think, end_think, x = ids("<|im_end|>"), ids("<think>"), ids("</think>"), ids("x")
+    special = special_token_ids(tokenizer, ["<think>", "</think>", "<|im_end|>"])
+    assert special == [think, end_think, im_end]
+    resp = torch.tensor([[think, x, think, end_think, x, im_end, 0], [x, end_think, x, im_end, x, im_end, x]])
+    rmask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]])
+    first = special_mask_B_T(resp, rmask, special, "first")
+    assert first.tolist() == [[1, 0, 0, 1, 0, 1, 0], [0, 1, 0, 1, 0, 0, 0]]
+    every = special_mask_B_T(resp, rmask, special, "all")
+    assert every.tolist() == [[1, 0, 1, 1, 0, 1, 0], [0, 1, 0, 1, 0, 1, 0]]
+    assert special_mask_B_T(resp, rmask, special, "none").sum() == 0
+    padded = special_mask_B_T(torch.tensor([[x, im_end]]), torch.tensor([[1, 0]]), special, "all")
+    assert padded.tolist() == [[0, 0]]  # padding is never a special token
+
+
+def test_special_strings_must_be_tokens(tokenizer):
+    """A configured string that is no token of the tokenizer stops start-up with an error naming it."""
+    from opd_lab.config import ConfigError
+    from opd_lab.tokens import special_token_ids
+
+    with pytest.raises(ConfigError, match=r"model.special_tokens: 'think' is not a token"):
+        special_token_ids(tokenizer, ["<|im_end|>", "think"])
+    assert special_token_ids(tokenizer, ["<"]) == [tokenizer.convert_tokens_to_ids("<")]  # a real (char) token
 
 
 def test_lsm_support_variants_score(setup):
-    student, teacher, batch, special_V, newline_V = setup
+    student, teacher, batch, tokens = setup
     for support, extra, width in (("teacher", False, 8), ("student", False, 8), ("union", True, 17)):
         cfg = compose(["loss=lsm", f"loss.support={support}", f"loss.add_sampled_token={extra}", "loss.top_k=8",
                        "rollout.n_prompts=4", "rollout.n_samples=2", "rollout.mini_batch_size=8"])
-        data = score_batch(cfg, student, teacher, batch, special_V, newline_V)
+        data = score_batch(cfg, student, teacher, batch, tokens)
         assert data.support_ids_B_T_S.shape[-1] == width
         # teacher log-probs at the support equal a direct teacher forward
         from opd_lab.scoring import response_logits
@@ -132,7 +145,7 @@ ALL_GATES = ["none", "token", "sequence", "block32", "block64", "block128", "spa
 @pytest.mark.parametrize("gate", ALL_GATES)
 def test_chunked_path_equals_plain_path(setup, loss, gate):
     """Same loss, metrics and gradients whether the LM head runs on all positions or in chunks."""
-    student, teacher, batch, special_V, newline_V = setup
+    student, teacher, batch, tokens = setup
     base = [f"loss={loss.split()[0]}", *loss.split()[1:], f"gate={gate}", "rollout.n_prompts=4",
             "rollout.n_samples=2", "rollout.mini_batch_size=8", "gate.tau=20.0", "trainer.grad_accum=2",
             "rollout.temperature=0.8"]
@@ -140,7 +153,7 @@ def test_chunked_path_equals_plain_path(setup, loss, gate):
     results = []
     for path, chunk in (("plain", 1024), ("chunked", 7)):
         cfg = compose(base + [f"trainer.loss_path={path}", f"trainer.chunk_size={chunk}"])
-        data = score_batch(cfg, student, teacher, batch, special_V, newline_V)
+        data = score_batch(cfg, student, teacher, batch, tokens)
         opt = RecordingOptimizer(drifted)
         results.append((optimizer_update(cfg, drifted, opt, data, torch.arange(8)), opt.grads))
     (a, ga), (b, gb) = results
@@ -186,7 +199,7 @@ def test_chunked_path_never_holds_full_logits(tokenizer, loss):
     zeros = torch.zeros(V, dtype=torch.bool)
     cfg = compose([f"loss={loss}", "gate=block32", "rollout.n_prompts=4", "rollout.n_samples=1",
                    "rollout.mini_batch_size=4", "trainer.loss_path=chunked", "trainer.chunk_size=8"])
-    data = score_batch(cfg, model, teacher_scorer, batch, zeros, zeros)
+    data = score_batch(cfg, model, teacher_scorer, batch, TokenIds(special=(), stop=(0,), newline_V=zeros))
     mode = LargestFloat32()
     with mode:
         optimizer_update(cfg, model, RecordingOptimizer(model), data, torch.arange(B))
@@ -197,3 +210,65 @@ def test_chunked_path_never_holds_full_logits(tokenizer, loss):
     with mode_plain:
         optimizer_update(plain, model, RecordingOptimizer(model), data, torch.arange(B))
     assert mode_plain.largest >= B * T * V  # the test can fail: the plain path does hold [B, T, V]
+
+
+@pytest.mark.parametrize("precision", ["float32", "autocast_bf16", "bfloat16"])
+@pytest.mark.parametrize("loss", ["sampled_token", "lsm"])
+def test_first_update_has_exactly_zero_drift(setup, precision, loss):
+    """π_old is scored by the learner's own forward (same precision, autocast, rows and shapes as the first
+    update), so before the first update δ ≡ 0 and every gate is exactly 1, in float32, under bf16 autocast and
+    with bf16 weights (the old scorer, outside autocast and in other batch shapes, gave |δ| up to 0.28)."""
+    from opd_lab.learner import update_plan
+
+    student, teacher, batch, tokens = setup
+    model = copy.deepcopy(student)
+    if precision == "bfloat16":
+        model = model.to(torch.bfloat16)
+    cfg = compose([f"loss={loss}", "gate=token", "gate.tau=50.0", "rollout.n_prompts=4", "rollout.n_samples=2",
+                   "rollout.mini_batch_size=4", "trainer.grad_accum=2",
+                   f"trainer.autocast_bf16={precision == 'autocast_bf16'}"])
+    data = score_batch(cfg, model, teacher, batch, tokens, step=3)
+    first = update_plan(cfg, 3, batch.size)[0][0]
+    out = optimizer_update(cfg, model, RecordingOptimizer(model), data, first)
+    assert out["drift/mean_abs_delta"] == 0.0
+    assert out["gate/min"] == 1.0 and out["gate/max"] == 1.0 and out["ratio_clip_frac" if loss ==
+                                                                    "sampled_token" else "loss"] == out[
+        "ratio_clip_frac" if loss == "sampled_token" else "ungated_loss"]
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+@pytest.mark.parametrize("underflow", [False, True])
+def test_update_equals_normalise_gates_reference(setup, accum, underflow):
+    """The learner's gradient is that of Σ m ĝ ℓ / Σ m with ĝ = normalise_gates(drift_gate(...)) over the whole
+    mini-batch, however it is split; with τ so large that every raw exp(−τ|m_G|) underflows (the unshifted gate
+    was 0 everywhere: a zero update), the update is still the exact, non-zero one."""
+    from opd_lab.gates import drift_gate, normalise_gates
+    from opd_lab.learner import _rows, as_policy, micro_batch_forward
+
+    student, teacher, batch, tokens = setup
+    drifted = _drifted(student, scale=0.2)
+    base = ["loss=sampled_token", "gate=token", "rollout.n_prompts=4", "rollout.n_samples=2",
+            "rollout.mini_batch_size=8", f"trainer.grad_accum={accum}", "trainer.grad_clip=null"]
+    data = score_batch(compose(base), student, teacher, batch, tokens)
+    rows = _rows(data, torch.arange(8), "cpu")
+
+    def reference_forward(tau):
+        model = copy.deepcopy(drifted)
+        loss_B_T, _, x = micro_batch_forward(compose(base), as_policy(model), rows)
+        return model, loss_B_T, x, (x.logp_B_T - x.old_logp_B_T).detach()
+
+    _, _, x, delta = reference_forward(1.0)
+    valid = x.mask_B_T.bool()
+    tau = 200.0 / float(delta.abs()[valid].min()) if underflow else 2.0
+    if underflow:
+        assert float(torch.exp(-tau * delta.abs())[valid].max()) == 0.0  # the old raw gate: all zero
+    cfg = compose(base + [f"gate.tau={tau}"])
+    opt = RecordingOptimizer(drifted)
+    optimizer_update(cfg, drifted, opt, data, torch.arange(8))
+    ref_model, loss_B_T, x, delta = reference_forward(tau)
+    g, _ = drift_gate(delta, x.mask_B_T, rows["response_mask"], "token", tau)
+    (loss_B_T * normalise_gates(g, x.mask_B_T) * x.mask_B_T).sum().div(x.mask_B_T.sum()).backward()
+    ref = [p.grad for p in ref_model.parameters()]
+    assert sum(float(r.abs().sum()) for r in ref) > 0
+    for a, b in zip(opt.grads, ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)

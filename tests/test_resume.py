@@ -103,7 +103,8 @@ def test_corrupted_state_and_no_good_checkpoint(saved, capsys):
 def test_incompatible_config_is_refused(saved):
     _, run = saved
     other = compose(["trainer.lr=1e-2", "gate=token", f"output_dir={run}"])
-    with pytest.raises(ConfigError, match=r"different config \(gate\.kind: 'block' -> 'token'.*trainer\.lr"):
+    with pytest.raises(ConfigError, match=r"different config \(gate\.block_size: 64 -> None, gate\.kind: 'block' -> "
+                                          r"'token'.*trainer\.lr"):
         checkpoint.latest(run, other)
     fine = compose(["trainer.keep_checkpoints=5", "logger.wandb.mode=disabled", "trainer.checkpoint_every=7",
                     f"output_dir={run / 'elsewhere'}"])

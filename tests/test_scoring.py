@@ -86,3 +86,14 @@ def test_fused_heads_gradcheck():
     h, w, ids = _head_case(seed=1, T=4)
     assert torch.autograd.gradcheck(lambda x, y: head_stats_chunked(x, y, ids, 1.3, 3), (h, w))
     assert torch.autograd.gradcheck(lambda x, y: head_stats_chunked(x, y, ids, 1.0, 3)[1], (h, w))  # sparse
+
+
+def test_float64_teacher_keeps_float64_topk(tokenizer):
+    """A float64 teacher's top-K log-probs stay float64 (gradient checks and exact comparisons rely on it)."""
+    model = tiny_model(tokenizer, 32, 1, seed=5).double()
+    batch = assemble_batch([[1, 5, 6]], [[8, 9, 10]], [[0.0] * 3], [True], 1, 0, [""])
+    s = score_teacher(model, batch, top_k=4)
+    assert s.topk_logp_B_T_K.dtype == torch.float64 and s.logp_B_T.dtype == torch.float64
+    with torch.no_grad():
+        ref = torch.log_softmax(response_logits(model, batch), -1)
+    assert torch.allclose(s.topk_logp_B_T_K, ref.topk(4, -1).values, atol=1e-12)

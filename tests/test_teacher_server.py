@@ -80,7 +80,8 @@ def test_server_scores_equal_the_hf_teacher(server):
 
 def test_training_against_the_server_matches_the_hf_teacher(server, tmp_path):
     args = ["rollout.engine=hf", "rollout.n_prompts=4", "rollout.n_samples=2", "rollout.mini_batch_size=8",
-            "rollout.max_tokens=96", "trainer.steps=2", "eval.baselines=false", "eval.n_samples=1", "eval.ks=[1]",
+            "rollout.max_tokens=96", "trainer.steps=2", "trainer.warmup_steps=1", "eval.baselines=false",
+            "eval.n_samples=1", "eval.ks=[1]",
             "eval.max_tokens=32", "logger.wandb.mode=disabled", "logger.progress=false", "loss=lsm", "gate=block64"]
     for name, extra in (("hf", []), ("server", ["rollout.teacher_scorer=server",
                                                 f"rollout.teacher_server.url={server}"])):

@@ -23,8 +23,9 @@ import torch
 class SamplingSpec:
     """What to sample: ``n`` responses per prompt at ``temperature``/``top_p``, at most ``max_tokens``.
 
-    ``prompt_offset``: the global index of the first prompt (a rank's share under torchrun); engines that seed
-    per prompt (vLLM) use it, so a prompt's samples do not depend on how the batch is split over ranks.
+    ``prompt_offset``: the global index of the first prompt (a rank's share under torchrun); engines seed every
+    (prompt, sample) stream with :func:`sample_seed` of the global prompt index, so samples do not depend on how
+    the batch is split over calls or ranks.
     """
 
     n: int
@@ -69,6 +70,27 @@ class RolloutBatch:
             prompt_index_B=self.prompt_index_B[idx],
             response_text=[self.response_text[i] for i in idx.tolist()] if self.response_text else [],
         )
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The seed of one sampling stream: sample ``sample_index`` of the prompt with global index ``prompt_index``
+    in a call seeded ``seed``. A hash of the triple (splitmix64 rounds), so every (prompt, sample) has its own
+    stream, the same however the batch is split into calls or ranks (seed + i + j would make sample j + 1 of
+    prompt i share sample j of prompt i + 1's noise). Fits in 63 bits."""
+    h = _splitmix64(seed & _MASK64)
+    h = _splitmix64(h ^ (prompt_index & _MASK64))
+    h = _splitmix64(h ^ (sample_index & _MASK64))
+    return h >> 1
 
 
 class RolloutEngine(Protocol):

