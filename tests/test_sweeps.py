@@ -11,7 +11,8 @@ from opd_lab.config import register_configs, to_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
-EXPECTED_JOBS = {"six_variant": 18, "six_variant_qwen3": 18, "block_ablation": 42, "tau_grid": 30, "reuse_grid": 36}
+EXPECTED_JOBS = {"six_variant": 18, "six_variant_qwen3": 18, "block_ablation": 42, "tau_grid": 30, "reuse_grid": 36,
+                 "drift_map": 60}
 
 
 def sweep_jobs(name):
