@@ -1,0 +1,160 @@
+"""Structured-config schemas of every Hydra group (no torch import here).
+
+One module per group (``loss`` (with ``gate``), ``rollout``, ``model`` (with ``task``), ``trainer`` (with
+``eval`` and ``logger``), ``diagnose``), all re-exported here. Each group has a ``base_<group>`` schema in
+Hydra's ConfigStore; the YAML files under ``conf/<group>/`` start with ``defaults: [base_<group>]`` and hold
+values only. Hydra rejects unknown keys and wrong types at
+composition; closed choices are Enums (OmegaConf lists the allowed values); ranges are checked in
+``__post_init__``, which runs when :func:`to_run_config` turns the composed config into these dataclasses,
+before any model is loaded. Every error names the field (dotted path) and what is allowed.
+
+Symbols follow ``METHODS.md``: ``tau`` (gate temperature), ``top_k`` (K), ``reuse`` (R), ``gamma`` (γ),
+``clip_eps`` (ε), ``dual_clip`` (c).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from opd_lab.config.base import (  # noqa: F401
+    ConfigError,
+    LRSchedule,
+    _check,
+)
+from opd_lab.config.diagnose import (  # noqa: F401
+    DiagnoseConfig,
+    DiagnoseTeacher,
+    NodeMode,
+    RestMode,
+)
+from opd_lab.config.loss import (  # noqa: F401
+    GateConfig,
+    GateKind,
+    LossConfig,
+    LSMLossConfig,
+    SampledTokenLossConfig,
+    SpecialMask,
+    Support,
+)
+from opd_lab.config.model import (  # noqa: F401
+    MATH_PROMPT,
+    ArithTaskConfig,
+    DatasetConfig,
+    EmbeddedModelSize,
+    MathTaskConfig,
+    ModelConfig,
+    PrepareConfig,
+    TaskConfig,
+)
+from opd_lab.config.rollout import (  # noqa: F401
+    Backend,
+    RolloutConfig,
+    TeacherScorer,
+    TeacherServerConfig,
+    VLLMConfig,
+)
+from opd_lab.config.trainer import (  # noqa: F401
+    DistBackend,
+    EvalConfig,
+    EvalTarget,
+    LoggerConfig,
+    LossPath,
+    Parallel,
+    TrainerConfig,
+    WandbConfig,
+    WandbMode,
+)
+
+
+# ------------------------------------------------------------------------------------------------- root
+@dataclass
+class Config:
+    loss: Any = MISSING
+    gate: GateConfig = MISSING
+    rollout: RolloutConfig = MISSING
+    model: ModelConfig = MISSING
+    task: Any = MISSING
+    trainer: TrainerConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    diagnose: DiagnoseConfig | None = None  # set by conf/diagnose.yaml (python -m opd_lab.diagnose)
+    variant: str = ""  # a label for sweeps and reports (set by conf/variant/*); empty: derived from loss and gate
+    cache_dir: str = "${oc.env:OPD_LAB_CACHE,${oc.env:HOME}/.cache/opd_lab}"
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
+def register_configs() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="loss", name="base_loss_sampled_token", node=SampledTokenLossConfig)
+    cs.store(group="loss", name="base_loss_lsm", node=LSMLossConfig)
+    cs.store(group="gate", name="base_gate", node=GateConfig)
+    cs.store(group="rollout", name="base_rollout", node=RolloutConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="task", name="base_task_arith", node=ArithTaskConfig)
+    cs.store(group="task", name="base_task_math", node=MathTaskConfig)
+    cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
+    cs.store(group="logger", name="base_logger", node=LoggerConfig)
+    cs.store(group="diagnose", name="base_diagnose", node=DiagnoseConfig)
+
+
+def to_run_config(cfg: DictConfig) -> Config:
+    """Turn a composed config into validated dataclasses; range errors become :class:`ConfigError`.
+
+    Also runs the cross-group checks that no single schema can make.
+    """
+    try:
+        run = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as e:  # OmegaConf wraps errors raised by __post_init__
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        msg = getattr(e, "msg", None) or str(e)
+        raise ConfigError(msg.split("\n")[0]) from None
+    assert isinstance(run, Config)
+    for name in ("loss", "task"):
+        _check(is_dataclass(getattr(run, name)), name, getattr(run, name), "an option of the config group")
+    scorer = run.rollout.teacher_scorer
+    if scorer in (TeacherScorer.vllm, TeacherScorer.server):
+        _check(run.rollout.temperature == 1.0, "rollout.teacher_scorer", scorer.value,
+               "hf when rollout.temperature != 1 (vLLM prompt log-probs ignore temperature)")
+        lsm = isinstance(run.loss, LSMLossConfig)
+        _check(not lsm or run.loss.support == Support.teacher, "rollout.teacher_scorer", scorer.value,
+               "hf when loss.support is student or union (vLLM returns the teacher's top-K only)")
+        _check(not lsm or run.loss.top_k <= run.rollout.vllm.max_logprobs, "loss.top_k",
+               getattr(run.loss, "top_k", None), f"<= rollout.vllm.max_logprobs={run.rollout.vllm.max_logprobs}")
+    _check(run.eval.checkpoint is None or run.eval.only is not None, "eval.checkpoint", run.eval.checkpoint,
+           "null unless eval.only is set (an evaluation-only run)")
+    uses_vllm = Backend.vllm in (run.rollout.engine,) or scorer == TeacherScorer.vllm
+    for name, cap in (("rollout.max_tokens", run.rollout.max_tokens), ("eval.max_tokens", run.eval.max_tokens)):
+        _check(not uses_vllm or cap < run.rollout.vllm.max_model_len, name, cap,
+               f"< rollout.vllm.max_model_len={run.rollout.vllm.max_model_len} (prompt + response must fit)")
+    mb = run.rollout.mini_batch_size
+    _check(
+        run.trainer.grad_accum <= mb,
+        "trainer.grad_accum",
+        run.trainer.grad_accum,
+        f"<= rollout.mini_batch_size={mb} (each micro-batch holds at least one sequence)",
+    )
+    return run
+
+
+def as_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config dataclass to ``{'a.b': value}`` (Enums as their values) for logging."""
+    out: dict[str, Any] = {}
+    if is_dataclass(obj):
+        for f in fields(obj):
+            out.update(as_flat_dict(getattr(obj, f.name), f"{prefix}{f.name}."))
+        return out
+    key = prefix[:-1]
+    out[key] = obj.value if isinstance(obj, Enum) else obj
+    return out

@@ -1,0 +1,140 @@
+"""The ``model`` and ``task`` groups: the student/teacher pair (and how the embedded pair is built) and the
+prompt source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from opd_lab.config.base import LRSchedule, _check
+
+
+# -------------------------------------------------------------------------------------------------- model
+@dataclass
+class EmbeddedModelSize:
+    """A Qwen3Config shape for an embedded model (head_dim 32: a size vLLM's CPU attention supports)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+
+
+@dataclass
+class PrepareConfig:
+    """How the embedded teacher and student are built (each role cached under a hash of its own settings)."""
+
+    seed: int = 0
+    teacher: EmbeddedModelSize = field(default_factory=EmbeddedModelSize)
+    student: EmbeddedModelSize = field(default_factory=EmbeddedModelSize)
+    teacher_steps: int = 1000
+    student_steps: int = 150
+    teacher_schedule: LRSchedule = LRSchedule.cosine
+    student_schedule: LRSchedule = LRSchedule.constant
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("teacher_steps", "student_steps", "batch_size", "threads"):
+            _check(getattr(self, name) >= 1, f"model.prepare.{name}", getattr(self, name), "an integer >= 1")
+        _check(self.lr > 0, "model.prepare.lr", self.lr, "lr > 0")
+
+
+@dataclass
+class ModelConfig:
+    """Student/teacher pair: hub ids or local ``save_pretrained`` folders, or ``embedded`` (built locally)."""
+
+    name: str = MISSING
+    student: str = MISSING
+    teacher: str = MISSING
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    # Sampled tokens masked out of the loss (loss.mask_special); each must be a single token of the tokenizer.
+    special_tokens: list[str] = field(default_factory=lambda: ["<think>", "</think>", "<|im_end|>"])
+    prepare: PrepareConfig | None = None
+    chat_template: str | None = None  # a .jinja file or template text replacing the tokenizer's own
+    enable_thinking: bool | None = None  # passed to the chat template (Qwen3 thinking mode); null: template default
+
+    def __post_init__(self) -> None:
+        _check(
+            self.dtype in ("float32", "bfloat16", "float16"),
+            "model.dtype",
+            self.dtype,
+            "one of float32, bfloat16, float16",
+        )
+        is_embedded = self.student == "embedded" or self.teacher == "embedded"
+        _check(
+            not is_embedded or self.prepare is not None,
+            "model.prepare",
+            self.prepare,
+            "a PrepareConfig when student/teacher is 'embedded'",
+        )
+
+
+# --------------------------------------------------------------------------------------------------- task
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+
+
+@dataclass
+class ArithTaskConfig(TaskConfig):
+    """Embedded multi-operand addition (see ``opd_lab.tasks.arith``)."""
+
+    name: str = "arith"
+    min_operands: int = 3
+    max_operands: int = 4
+    min_digits: int = 2
+    max_digits: int = 4
+    n_eval: int = 64
+    eval_seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _check(2 <= self.min_operands <= self.max_operands, "task.min_operands/max_operands",
+               (self.min_operands, self.max_operands), "2 <= min_operands <= max_operands")
+        _check(1 <= self.min_digits <= self.max_digits, "task.min_digits/max_digits",
+               (self.min_digits, self.max_digits), "1 <= min_digits <= max_digits")
+        _check(self.n_eval >= 1, "task.n_eval", self.n_eval, "an integer >= 1")
+
+
+@dataclass
+class DatasetConfig:
+    """One prompt set: a ``datasets`` hub id (with ``subset``/``split``) or a local .jsonl/.json/.parquet file or
+    folder, and the dotted paths of the question and answer fields (list indices allowed: ``prompt.0.content``)."""
+
+    path: str = MISSING
+    split: str = "test"
+    subset: str | None = None
+    question_field: str = "problem"
+    answer_field: str = "answer"
+    limit: int | None = None  # first N records only
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "task.*.path", self.path, "a hub id or a local file")
+        _check(self.limit is None or self.limit >= 1, "task.*.limit", self.limit, "null or an integer >= 1")
+
+
+MATH_PROMPT = "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+
+
+@dataclass
+class MathTaskConfig(TaskConfig):
+    """Math prompts (question → boxed answer) for training and named evaluation benchmarks, graded by
+    math-verify. ``prompt_template`` is filled with ``{question}``."""
+
+    name: str = "math"
+    train: DatasetConfig = field(default_factory=DatasetConfig)
+    eval: dict[str, DatasetConfig] = field(default_factory=dict)
+    prompt_template: str = MATH_PROMPT
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        _check("{question}" in self.prompt_template, "task.prompt_template", self.prompt_template,
+               "a template containing {question}")
+        _check(len(self.eval) >= 1, "task.eval", dict(self.eval), "at least one named benchmark")
