@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from opd_lab import atomic
 from opd_lab.config import Config, ConfigError, as_flat_dict
 
 # Fields that may change between a run and its resumption (where things go and how they are logged).
@@ -64,6 +64,7 @@ class TrainState:
     guard: dict
     wandb_id: str | None
     path: Path
+    rng: dict[str, Any]  # torch/numpy/python global RNG states (:func:`restore_rng`)
     shards: Path | None = None  # FSDP2: the torch.distributed.checkpoint folder of weights and optimizer
 
 
@@ -71,6 +72,28 @@ def rng_states() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
             "python": random.getstate()}
+
+
+def restore_rng(state: TrainState) -> None:
+    """Resume step: the torch, numpy and python global RNGs as they were at the checkpoint."""
+    set_rng_states(state.rng)
+
+
+def restore(state: TrainState, policy, optimizer, scheduler, sampler_rng: random.Random, guard, engine) -> int:
+    """Resume step: the optimizer (FSDP2: this rank's shards of the weights and Adam moments), the LR schedule,
+    the prompt sampler, the update guard; the rollout engine gets the restored weights. Returns the step to
+    continue from (the unsharded weights are loaded into the model before it is wrapped, see train.py)."""
+    from opd_lab.distributed import gathered_state_dict, unwrap
+
+    if state.shards is not None:
+        load_shards(policy, optimizer, state.shards)
+    else:
+        optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    sampler_rng.setstate(state.sampler_rng)
+    guard.run, guard.total = state.guard["run"], state.guard["total"]
+    engine.sync_weights(unwrap(policy).lm, gathered_state_dict(policy))  # the engine samples the restored weights
+    return state.step
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
@@ -122,18 +145,23 @@ def save(run_dir: Path, cfg: Config, step: int, model, tokenizer, optimizer, sch
         files = {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files, "config": fingerprint(cfg)},
                                                       indent=1))
-        for f in tmp.rglob("*"):  # flush file contents before the rename makes the folder visible
-            if f.is_file():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        atomic.fsync_tree(tmp)  # flush file contents before the rename makes the folder visible
+        atomic.replace_dir(tmp, final)
         keep = max(1, cfg.trainer.keep_checkpoints)
         for old in sorted(root.glob("step_*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def save_final(model, tokenizer, out: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """The final model: ``save_pretrained`` (of ``state_dict`` when given: the gathered weights of a sharded model)
+    into a temporary folder, then renamed over ``out`` (never a half-written folder)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    tokenizer.save_pretrained(tmp)
+    atomic.replace_dir(tmp, out)
 
 
 def load_shards(policy, optimizer, shards: Path) -> None:
@@ -164,7 +192,8 @@ def verify(path: Path) -> dict:
 
 def latest(run_dir: Path, cfg: Config) -> TrainState | None:
     """The newest checkpoint of ``run_dir`` that verifies (None if there is none); a config that differs from the
-    checkpoint's in a field that matters is a :class:`ConfigError` listing the fields."""
+    checkpoint's in a field that matters is a :class:`ConfigError` listing the fields. Reading a checkpoint
+    changes nothing: :func:`restore_rng` and :func:`restore` are the explicit steps of a resume."""
     candidates = sorted((run_dir / "checkpoints").glob("step_*"), reverse=True)
     for path in candidates:
         try:
@@ -181,10 +210,9 @@ def latest(run_dir: Path, cfg: Config) -> TrainState | None:
             raise ConfigError(f"trainer.resume: checkpoint {path} was written with a different config ({shown}"
                               f"{', ...' if len(diff) > 8 else ''}); resume with the original settings or start "
                               "a new run (trainer.resume=never)")
-        set_rng_states(state["rng"])
         return TrainState(step=state["step"], optimizer=state["optimizer"], scheduler=state["scheduler"],
                           sampler_rng=_tuplify(state["sampler_rng"]), guard=state["guard"],
-                          wandb_id=state["wandb_id"], path=path,
+                          wandb_id=state["wandb_id"], path=path, rng=state["rng"],
                           shards=path / "shards" if (path / "shards").is_dir() else None)
     if candidates:
         print(f"opd-lab: no usable checkpoint in {run_dir / 'checkpoints'}; starting from step 0",

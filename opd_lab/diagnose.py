@@ -34,8 +34,8 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from opd_lab.__main__ import CONF_DIR
 from opd_lab.config import Config, ConfigError, DiagnoseConfig, SampledTokenLossConfig
+from opd_lab.jobs import CONF_DIR
 from opd_lab.losses import full_reverse_kl, lsm_loss, sampled_token_loss
 from opd_lab.rollout.base import SamplingSpec
 from opd_lab.stats import mean_ci95
@@ -169,9 +169,9 @@ def run(cfg: Config, run_dir: Path) -> pd.DataFrame:
     from tqdm.auto import tqdm
 
     from opd_lab.models import check_same_vocab, load_model, load_tokenizer, loading, resolve_paths
-    from opd_lab.tasks import build_task, grade
+    from opd_lab.runtime import make_engine, seed_everything
+    from opd_lab.tasks import build_task, grade, prompt_encoder
     from opd_lab.tokens import ends_with_stop, stop_token_ids
-    from opd_lab.train import make_engine, prompt_encoder, seed_everything
 
     d: DiagnoseConfig = cfg.diagnose
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -385,10 +385,9 @@ def write_outputs(df: pd.DataFrame, out: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="diagnose")
 def app(cfg: DictConfig) -> None:
-    from opd_lab.__main__ import config_error
-    from opd_lab.config import register_configs, to_run_config
+    from opd_lab.config import to_run_config
+    from opd_lab.jobs import config_error
 
-    register_configs()
     try:
         run_cfg = to_run_config(cfg)
         if run_cfg.diagnose is None:
@@ -402,7 +401,4 @@ def app(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from opd_lab.config import register_configs
-
-    register_configs()
     app()

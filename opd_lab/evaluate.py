@@ -9,15 +9,31 @@ and ``eval_per_problem.csv`` (unbiased pass@k per problem, correct and truncated
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from opd_lab.__main__ import CONF_DIR, run_job
+from opd_lab import jobs
+from opd_lab.config import Config, ConfigError
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def require_target(cfg: Config) -> None:
+    if cfg.eval.only is None:
+        raise ConfigError("eval.only=null is invalid here: allowed student or teacher (python -m "
+                          "opd_lab.evaluate trains nothing; set eval.checkpoint to evaluate a trained model)")
+
+
+def main(cfg: Config, run_dir: Path) -> dict[str, float]:
+    started = jobs.start(cfg, run_dir)
+    if not isinstance(started, jobs.Started):
+        return started.get("final", {})
+    return jobs.evaluate_only(cfg, started.run_dir, started.setup)
+
+
+@hydra.main(version_base="1.3", config_path=jobs.CONF_DIR, config_name="evaluate")
 def app(cfg: DictConfig) -> float:
-    return run_job(cfg, evaluate_only=True)
+    return jobs.run_job(cfg, main, check=require_target)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
-"""pass@k with the unbiased estimator, and held-out evaluation of a model through a rollout engine."""
+"""pass@k with the unbiased estimator, held-out evaluation of a model through a rollout engine, and the cache of
+untrained models' evaluations."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
+from opd_lab import atomic
+from opd_lab.config import Config, as_flat_dict
 from opd_lab.rollout.base import RolloutEngine, SamplingSpec
-from opd_lab.tasks import Problem, grade, user_message
+from opd_lab.tasks import Problem, encode_prompts, grade, prompt_encoder
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -55,23 +61,6 @@ class EvalResult:
     metrics: dict[str, float]
 
 
-def encode_prompts(tokenizer, problems: list[Problem], system_prompt: str | None = None,
-                   enable_thinking: bool | None = None) -> list[list[int]]:
-    """Chat-template token ids (with the generation prompt) for each problem.
-
-    ``enable_thinking`` is passed to the template when set (Qwen3's thinking-mode switch).
-    """
-    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    out = []
-    for p in problems:
-        ids = tokenizer.apply_chat_template(user_message(p, system_prompt), tokenize=True,
-                                            add_generation_prompt=True, **extra)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        out.append(list(ids))
-    return out
-
-
 def evaluate(
     engine: RolloutEngine,
     tokenizer,
@@ -114,3 +103,49 @@ def evaluate(
     metrics["truncated_frac"] = float(df["truncated"].sum() / (n_samples * len(problems)))
     metrics["mean_response_len"] = float(df["mean_len"].mean())
     return EvalResult(df, metrics)
+
+
+def run_eval(cfg: Config, engine, tokenizer, task) -> EvalResult:
+    e = cfg.eval
+    return evaluate(engine, tokenizer, task.eval_problems(), e.n_samples, list(e.ks), e.temperature, e.top_p,
+                    e.max_tokens, e.seed, encode=prompt_encoder(cfg))
+
+
+def cached_eval(cfg: Config, path: str, build_engine, tokenizer, task, stop_ids: tuple[int, ...]) -> EvalResult:
+    """Evaluate an untrained model once per :func:`eval_key` (weights, prompts, precision, engine …); reuse the
+    cached result."""
+    prompts = prompt_encoder(cfg)(tokenizer, task.eval_problems())
+    cache = Path(cfg.cache_dir) / "evals" / f"{eval_key(cfg, path, prompts, stop_ids)}"
+    if (cache / "metrics.json").exists():
+        return EvalResult(pd.read_csv(cache / "per_problem.csv", dtype={"question": str, "answer": str}),
+                          json.loads((cache / "metrics.json").read_text()))
+    engine = build_engine()
+    try:
+        res = run_eval(cfg, engine, tokenizer, task)
+    finally:
+        engine.close()
+    cache.mkdir(parents=True, exist_ok=True)
+    res.per_problem.to_csv(cache / "per_problem.csv", index=False)
+    atomic.write_text(cache / "metrics.json", json.dumps(res.metrics))
+    return res
+
+
+def eval_key(cfg: Config, path: str, prompts: list[list[int]], stop_ids: tuple[int, ...]) -> str:
+    """The cache key of an untrained model's evaluation: everything that changes its prompts or responses.
+
+    The weight files; the evaluation settings and the task; the rendered prompts themselves (tokenizer, chat
+    template, thinking mode, system prompt); the stop set; the model group except how the embedded pair is
+    built (dtype, special tokens …); the engine and its vLLM settings (``max_model_len`` caps responses); the
+    device and the autocast precision.
+    """
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    model = {k: v for k, v in as_flat_dict(cfg.model).items() if not k.startswith("prepare.")}
+    blob = json.dumps({"path": str(Path(path).resolve()) if files else path, "files": stamp,
+                       "eval": as_flat_dict(cfg.eval), "task": as_flat_dict(cfg.task), "model": model,
+                       "engine": cfg.rollout.engine.value, "vllm": as_flat_dict(cfg.rollout.vllm),
+                       "device": cfg.trainer.device, "autocast_bf16": cfg.trainer.autocast_bf16,
+                       "stop": list(stop_ids),
+                       "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,6 +1,8 @@
 """Per-token OPD losses ℓ_t as pure functions on tensors, selected by name from a registry.
 
-Every loss returns ``(loss_B_T, metrics)`` where ``loss_B_T`` is ℓ_t per response position (not yet masked,
+Every loss is registered in :data:`LOSSES` as a :class:`LossSpec`: its per-token function, what it needs scored
+(:class:`ScoreNeeds`: ``loss=lsm`` asks for the teacher's top-K support here, nowhere else) and its start-up
+checks. Every loss returns ``(loss_B_T, metrics)`` where ``loss_B_T`` is ℓ_t per response position (not yet masked,
 gated or averaged) and ``metrics`` maps names to per-token tensors ``_B_T`` that the learner reduces with the
 loss mask. The reduction is the learner's job: a gated token-mean Σ m g ℓ / Σ m over the whole optimizer step
 (:func:`masked_sum`). Nothing here imports rollout, Hydra or wandb.
@@ -16,22 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
-_LOSSES: dict[str, LossFn] = {}
-
-
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
-    def deco(fn: LossFn) -> LossFn:
-        _LOSSES[name] = fn
-        return fn
-
-    return deco
-
-
-def get_loss(name: str) -> LossFn:
-    if name not in _LOSSES:
-        raise KeyError(f"unknown loss {name!r}; available: {sorted(_LOSSES)}")
-    return _LOSSES[name]
+from opd_lab.config.base import ConfigError
+from opd_lab.registry import Registry
 
 
 def at_least_f32(x: torch.Tensor) -> torch.Tensor:
@@ -161,29 +149,70 @@ def full_reverse_kl(student_logits_B_T_V: torch.Tensor, teacher_logits_B_T_V: to
     return (log_pi.exp() * (log_pi - log_q)).sum(-1)
 
 
-# ------------------------------------------------------------------------ registry adapters (learner API)
-@dataclass
-class LossInputs:
-    """What the learner hands a registered loss for one micro-batch (all ``[B, T(, S)]``)."""
+# -------------------------------------------------------------------------------- registry (learner API)
+@dataclass(frozen=True)
+class ScoreNeeds:
+    """What a loss needs scored on each rollout batch before its updates (scoring.py builds exactly this)."""
 
-    logp_B_T: torch.Tensor
-    old_logp_B_T: torch.Tensor
-    teacher_logp_B_T: torch.Tensor
-    mask_B_T: torch.Tensor
-    student_lse_B_T: torch.Tensor | None = None
-    support_logits_B_T_S: torch.Tensor | None = None
-    teacher_support_logp_B_T_S: torch.Tensor | None = None
-    support_mask_B_T_S: torch.Tensor | None = None
+    teacher_top_k: int = 0  # K of the teacher's top-K ids and log-probs (0: none)
+    student_top_k: int = 0  # K of π_old's own top-K ids, scored by the teacher too (student/union support)
+    add_sampled_token: bool = False  # y_t joins the support S_t
+
+    @property
+    def support(self) -> bool:
+        """The loss reads the student's logits at a support S_t."""
+        return bool(self.teacher_top_k or self.student_top_k or self.add_sampled_token)
 
 
-@register_loss("sampled_token")
-def _sampled_token(x: LossInputs, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    return sampled_token_loss(x.logp_B_T, x.old_logp_B_T, x.teacher_logp_B_T, x.mask_B_T,
+@dataclass(frozen=True)
+class PolicyOutputs:
+    """What the student's training forward gives a loss for one micro-batch (float32, with grad)."""
+
+    logp_B_T: torch.Tensor  # log π_θ(y_t|h_t)
+    lse_B_T: torch.Tensor  # log Σ_V exp(z_t)
+    support_logits_B_T_S: torch.Tensor | None = None  # z_t at the support ids S_t
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: ``fn(out, scored, cfg) → (loss_B_T, metrics)`` on a micro-batch (``scored``: the
+    :class:`~opd_lab.scoring.ScoredBatch` rows), ``needs(cfg)`` what to score, ``check(cfg, vocab_size)`` the
+    start-up checks that need the tokenizer."""
+
+    fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    needs: Callable[..., ScoreNeeds] = lambda cfg: ScoreNeeds()
+    check: Callable[..., None] = lambda cfg, vocab_size: None
+
+
+LOSSES: Registry[LossSpec] = Registry("loss")
+
+
+def get_loss(name: str) -> LossSpec:
+    return LOSSES.get(name)
+
+
+def _sampled_token(out: PolicyOutputs, scored, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return sampled_token_loss(out.logp_B_T, scored.old_logp_B_T, scored.teacher_logp_B_T, scored.loss_mask_B_T,
                               cfg.clip_eps, cfg.dual_clip, cfg.gamma, cfg.clip_log_ratio)
 
 
-@register_loss("lsm")
-def _lsm(x: LossInputs, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    assert x.support_logits_B_T_S is not None and x.teacher_support_logp_B_T_S is not None
-    return lsm_loss(x.support_logits_B_T_S, x.teacher_support_logp_B_T_S, x.support_mask_B_T_S,
-                    x.student_lse_B_T, cfg.renormalise, cfg.tail)
+def _lsm(out: PolicyOutputs, scored, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return lsm_loss(out.support_logits_B_T_S, scored.teacher_support_logp_B_T_S, scored.support_mask_B_T_S,
+                    out.lse_B_T, cfg.renormalise, cfg.tail)
+
+
+def _lsm_needs(cfg) -> ScoreNeeds:
+    """S_t: the teacher's top-K (``support=teacher``), π_old's top-K (``student``) or both (``union``)."""
+    support = cfg.support.value
+    return ScoreNeeds(teacher_top_k=cfg.top_k if support != "student" else 0,
+                      student_top_k=cfg.top_k if support in ("student", "union") else 0,
+                      add_sampled_token=cfg.add_sampled_token)
+
+
+def _lsm_check(cfg, vocab_size: int) -> None:
+    if cfg.top_k > vocab_size:
+        raise ConfigError(f"loss.top_k={cfg.top_k} is invalid: allowed 1..{vocab_size} (vocabulary size)")
+
+
+LOSSES.add("sampled_token", LossSpec(_sampled_token))
+LOSSES.add("lsm", LossSpec(_lsm, needs=_lsm_needs, check=_lsm_check))

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
+from opd_lab import atomic
 from opd_lab.config import ArithTaskConfig, EmbeddedModelSize, PrepareConfig, as_flat_dict
-from opd_lab.evaluation import encode_prompts
 from opd_lab.optim import adamw_with_schedule
-from opd_lab.tasks import build_task, reference_response
+from opd_lab.tasks import build_task, encode_prompts, reference_response
 from opd_lab.tokenizer import build_tokenizer
 
 PREPARE_VERSION = 1
@@ -182,8 +182,7 @@ def resolve_role(pcfg: PrepareConfig, task_cfg: ArithTaskConfig, role: str, cach
         if _key_of(target) == key:  # another process finished first
             shutil.rmtree(tmp)
         else:
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+            atomic.replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

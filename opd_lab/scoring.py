@@ -1,220 +1,23 @@
-"""Log-probs of chosen ids from a causal LM, without a float32 [B, T, V] copy.
+"""Scoring a rollout batch: the teacher's log-probs (top-K, at requested ids), π_old, the loss mask and the
+support S_t, into one typed :class:`ScoredBatch` that flows unchanged from scoring to the loss.
 
-Everything the losses and gates need from a model at response position t is a handful of numbers: the
-log-sum-exp lse_t = log Σ_V exp(z_t) and the logits z_t at a few ids (the sampled token y_t, the support S_t).
-Two paths compute them:
-
-- plain: the model's logits ``[B, T, V]`` (model dtype), then a float32 log-sum-exp over chunks of positions
-  and a gather-then-upcast of the chosen columns;
-- chunked: the final hidden states ``[B, T, H]`` go through the LM head ``chunk_size`` positions at a time,
-  so at most ``[B, chunk, V]`` logits exist at once, in the forward and in the fused backward pass, which
-  recomputes them (and is sparse when only the K chosen logits carry gradient, as in renormalised LSM).
-
-Both return the same ``(lse_B_T, z_B_T_K)``; the learner builds log π(v) = z_v − lse from them. Scoring
-(π_old, teacher) always takes the chunked path without gradients and keeps only what the losses need
-(sampled-token log-prob, top-K ids and log-probs, log-probs at requested ids), never logits.
-The chunked path assumes the usual causal-LM head ``logits = hidden @ W_head^T`` (no soft-capping/scaling).
-
-Temperature: when the rollout temperature T_s ≠ 1, logits are divided by T_s before any log-softmax, for the
-student and the teacher alike (METHODS.md).
+Teacher scoring never builds a ``[B, T, V]`` tensor: ``batch_size`` sequences at a time and the LM head
+``chunk_size`` positions at a time (heads.py). What is scored is what the loss declares it needs
+(:class:`~opd_lab.losses.ScoreNeeds`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from opd_lab.losses import at_least_f32
-from opd_lab.rollout.base import RolloutBatch
-
-
-def _causal_inputs(model: torch.nn.Module, batch: RolloutBatch) -> tuple[dict[str, torch.Tensor], int]:
-    """Model inputs for prompt + response minus the last token, and T: the last T positions (P−1 .. L−2)
-    predict response tokens 0 .. T−1. Positions count from each row's first real token (left padding)."""
-    device = next(model.parameters()).device
-    ids = batch.input_ids_B_L.to(device)
-    att = batch.attention_mask_B_L.to(device)
-    pos = (att.cumsum(-1) - 1).clamp(min=0)
-    inputs = {"input_ids": ids[:, :-1], "attention_mask": att[:, :-1], "position_ids": pos[:, :-1]}
-    return inputs, ids.shape[1] - batch.prompt_len
-
-
-def response_logits(model: torch.nn.Module, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
-    """Logits ``[B, T, V]`` (model dtype) predicting each response token, divided by ``temperature``."""
-    inputs, T = _causal_inputs(model, batch)
-    logits = model(**inputs, logits_to_keep=T).logits
-    if temperature != 1.0:
-        logits = logits / temperature
-    return logits
-
-
-def response_hidden(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
-    """Final hidden states ``[B, T, H]`` at the positions that predict each response token."""
-    inputs, T = _causal_inputs(model, batch)
-    return model.base_model(**inputs).last_hidden_state[:, -T:]
-
-
-def head_logits(h_B_C_H: torch.Tensor, w_V_H: torch.Tensor, temperature: float) -> torch.Tensor:
-    """One chunk of logits ``h W^T / T_s`` (model dtype, a fresh tensor the caller may overwrite)."""
-    logits = h_B_C_H @ w_V_H.t()
-    return logits.div_(temperature) if temperature != 1.0 else logits
-
-
-# x86 CPUs take a ~10x slower path for exp() of arguments below about -87 (float32 underflow). Shifted
-# logits that low contribute < e^-80 ≈ 1.8e-35 each to a log-sum-exp (and to softmax), so clamp first.
-_EXP_FLOOR = -80.0
-
-
-def logsumexp_last(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """log Σ exp(x) over the last dim; on CPU shifted by the max and clamped at −80 before ``exp``.
-
-    ``inplace=True`` overwrites ``x`` (a temporary the caller no longer needs) to save a pass and a copy.
-    """
-    if x.device.type != "cpu":
-        return torch.logsumexp(x, dim=-1)
-    m = x.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    y = x.sub_(m) if inplace else x - m
-    return m.squeeze(-1) + y.clamp_(min=_EXP_FLOOR).exp_().sum(-1).log()
-
-
-def softmax_from_lse(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """exp(x − lse) with the same CPU clamp as :func:`logsumexp_last` (a new tensor)."""
-    y = x - lse.unsqueeze(-1)
-    if x.device.type == "cpu":
-        y.clamp_(min=_EXP_FLOOR)
-    return y.exp_()
-
-
-class _ChunkedHead(torch.autograd.Function):
-    """(lse, z) = (log Σ_V exp(h W^T / T_s), (h W^T / T_s)[ids]) over position chunks, with a fused backward.
-
-    Forward keeps only h, W, ids and lse. Backward recomputes each chunk's logits: when lse receives a
-    gradient the chunk's dense logit gradient softmax·g_lse + scatter(g_z) goes through the two head matmuls;
-    when it does not (renormalised LSM: the loss sees only the K support logits) the backward is sparse,
-    O(B·T·K·H) instead of O(B·T·V·H): ∂h = Σ_k g_z,k W[id_k] / T_s and ∂W[id_k] += g_z,k h / T_s.
-    """
-
-    @staticmethod
-    def forward(ctx, h_B_T_H, w_V_H, ids_B_T_K, temperature, chunk_size):
-        ctx.set_materialize_grads(False)
-        device_type = h_B_T_H.device.type  # the backward recomputes the logits under the forward's autocast
-        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        lse, z = [], []
-        with torch.no_grad():
-            for s in range(0, h_B_T_H.shape[1], chunk_size):
-                logits = head_logits(h_B_T_H[:, s : s + chunk_size], w_V_H, temperature)
-                z.append(at_least_f32(logits.gather(-1, ids_B_T_K[:, s : s + chunk_size])))
-                lse.append(logsumexp_last(at_least_f32(logits), inplace=True))
-        lse_B_T, z_B_T_K = torch.cat(lse, 1), torch.cat(z, 1)
-        ctx.save_for_backward(h_B_T_H, w_V_H, ids_B_T_K, lse_B_T)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        return lse_B_T, z_B_T_K
-
-    @staticmethod
-    def backward(ctx, g_lse_B_T, g_z_B_T_K):
-        device_type, enabled, dtype = ctx.autocast
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            return _ChunkedHead._backward(ctx, g_lse_B_T, g_z_B_T_K)
-
-    @staticmethod
-    def _backward(ctx, g_lse_B_T, g_z_B_T_K):
-        h, w, ids, lse = ctx.saved_tensors
-        T_s, C = ctx.temperature, ctx.chunk_size
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(h) if need_h else None
-        grad_w = torch.zeros_like(w) if need_w else None
-        if g_z_B_T_K is None:
-            g_z_B_T_K = torch.zeros(ids.shape, dtype=lse.dtype, device=h.device)
-        for s in range(0, h.shape[1], C):
-            h_c, ids_c, g_z = h[:, s : s + C], ids[:, s : s + C], at_least_f32(g_z_B_T_K[:, s : s + C]) / T_s
-            if g_lse_B_T is None:  # sparse: only the K chosen columns carry gradient
-                if need_h:
-                    grad_h[:, s : s + C] = torch.einsum("bck,bckh->bch", g_z, at_least_f32(w[ids_c])).to(h.dtype)
-                if need_w:
-                    rows = (g_z.unsqueeze(-1) * at_least_f32(h_c).unsqueeze(-2)).reshape(-1, h.shape[-1])
-                    grad_w.index_add_(0, ids_c.reshape(-1), rows.to(w.dtype))
-                continue
-            logits = at_least_f32(head_logits(h_c, w, T_s))
-            g = softmax_from_lse(logits, lse[:, s : s + C]) * (at_least_f32(g_lse_B_T[:, s : s + C, None]) / T_s)
-            g.scatter_add_(-1, ids_c, g_z)
-            g = g.to(h.dtype)
-            if need_h:
-                grad_h[:, s : s + C] = g @ w
-            if need_w:
-                grad_w += g.reshape(-1, g.shape[-1]).t() @ h_c.reshape(-1, h.shape[-1])
-        return grad_h, grad_w, None, None, None
-
-
-def head_stats_chunked(
-    hidden_B_T_H: torch.Tensor,
-    head_weight_V_H: torch.Tensor,
-    ids_B_T_K: torch.Tensor,
-    temperature: float = 1.0,
-    chunk_size: int = 256,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lse_B_T, z_B_T_K)`` in float32 from hidden states, ``chunk_size`` positions of logits at a time.
-
-    At most one chunk of ``[B, chunk, V]`` logits (and its float32 copy) exists, in the forward pass and in the
-    fused backward (:class:`_ChunkedHead`), which recomputes them.
-    """
-    return _ChunkedHead.apply(hidden_B_T_H, head_weight_V_H, ids_B_T_K, temperature, chunk_size)
-
-
-class _PlainHead(torch.autograd.Function):
-    """(lse, z) from full logits ``[B, T, V]``: float32 only per chunk; one logit-gradient buffer in backward."""
-
-    @staticmethod
-    def forward(ctx, logits_B_T_V, ids_B_T_K, chunk_size):
-        ctx.set_materialize_grads(False)
-        with torch.no_grad():
-            lse = logsumexp_chunked(logits_B_T_V, chunk_size)
-            z = gather_float(logits_B_T_V, ids_B_T_K)
-        ctx.save_for_backward(logits_B_T_V, ids_B_T_K, lse)
-        ctx.chunk_size = chunk_size
-        return lse, z
-
-    @staticmethod
-    def backward(ctx, g_lse_B_T, g_z_B_T_K):
-        logits, ids, lse = ctx.saved_tensors
-        grad = torch.zeros_like(logits)
-        C = ctx.chunk_size
-        for s in range(0, logits.shape[1], C):
-            if g_lse_B_T is not None:
-                p = softmax_from_lse(at_least_f32(logits[:, s : s + C]), lse[:, s : s + C])
-                grad[:, s : s + C] = (p * at_least_f32(g_lse_B_T[:, s : s + C, None])).to(grad.dtype)
-        if g_z_B_T_K is not None:
-            grad.scatter_add_(-1, ids, g_z_B_T_K.to(grad.dtype))
-        return grad, None, None
-
-
-def head_stats_plain(logits_B_T_V: torch.Tensor, ids_B_T_K: torch.Tensor,
-                     chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lse_B_T, z_B_T_K)`` in float32 from full logits (already divided by the temperature)."""
-    return _PlainHead.apply(logits_B_T_V, ids_B_T_K, chunk_size)
-
-
-def logsumexp_chunked(logits_B_T_V: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
-    """float32 log Σ_V exp(z) per position, upcasting at most ``chunk_size`` positions at a time."""
-    T = logits_B_T_V.shape[1]
-    parts = [logsumexp_last(at_least_f32(logits_B_T_V[:, s : s + chunk_size])) for s in range(0, T, chunk_size)]
-    return torch.cat(parts, dim=1) if parts else logits_B_T_V.new_zeros(logits_B_T_V.shape[:2]).float()
-
-
-def gather_float(logits_B_T_V: torch.Tensor, ids_B_T_K: torch.Tensor) -> torch.Tensor:
-    """Logits at ``ids`` as float32 ``[B, T, K]`` (gather first, then upcast)."""
-    return at_least_f32(logits_B_T_V.gather(-1, ids_B_T_K))
-
-
-@dataclass
-class TeacherScores:
-    """Teacher outputs for a rollout batch (all float32 log-probs over the full vocabulary, ``[B, T, ...]``)."""
-
-    logp_B_T: torch.Tensor  # log q(y_t | h_t)
-    topk_ids_B_T_K: torch.Tensor | None = None
-    topk_logp_B_T_K: torch.Tensor | None = None
-    query_logp_B_T_Q: torch.Tensor | None = None  # log q at the requested extra ids
+from opd_lab.distributed import SINGLE, Dist, full_params, unwrap
+from opd_lab.heads import as_policy, gather_float, head_logits, logsumexp_last, response_hidden
+from opd_lab.losses import LOSSES, PolicyOutputs, ScoreNeeds, at_least_f32
+from opd_lab.rollout.base import BuildContext, RolloutBatch, TeacherScores
+from opd_lab.tokens import TokenIds, special_mask_B_T
 
 
 @torch.no_grad()
@@ -266,7 +69,8 @@ def score_teacher(
 
 
 class HFTeacherScorer:
-    """Teacher scoring with a transformers forward of the frozen teacher (any support, any temperature)."""
+    """Teacher scoring with a transformers forward of the frozen teacher (any support, any temperature); the
+    ``hf`` entry of :data:`~opd_lab.rollout.base.SCORERS`."""
 
     def __init__(self, teacher: torch.nn.Module, batch_size: int = 64, chunk_size: int = 256) -> None:
         self.teacher, self.batch_size, self.chunk_size = teacher, batch_size, chunk_size
@@ -278,6 +82,12 @@ class HFTeacherScorer:
 
     def close(self) -> None:
         pass
+
+
+def build_teacher_scorer(ctx: BuildContext) -> HFTeacherScorer:
+    """The ``hf`` teacher scorer: the loaded teacher (``ctx.model``), LM head ``trainer.chunk_size`` positions at a
+    time."""
+    return HFTeacherScorer(ctx.model, chunk_size=ctx.cfg.trainer.chunk_size)
 
 
 @torch.no_grad()
@@ -304,31 +114,134 @@ def dedup_mask(ids_B_T_S: torch.Tensor) -> torch.Tensor:
     return keep.long()
 
 
-def build_support(
-    support: str,
-    response_ids_B_T: torch.Tensor,
-    teacher: TeacherScores,
-    old_topk_ids_B_T_K: torch.Tensor | None,
-    add_sampled_token: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Support S_t as ``(ids_B_T_S, teacher_logp_B_T_S, mask_B_T_S)``.
-
-    ``support`` ∈ teacher (teacher top-K), student (π_old's top-K: fixed at rollout time), union (both).
-    ``add_sampled_token`` appends y_t. Teacher log-probs at non-teacher ids come from ``teacher.query_logp``,
-    which must hold log q at ``old_topk_ids`` (student/union support).
-    """
+def build_support(needs: ScoreNeeds, response_ids_B_T: torch.Tensor, teacher: TeacherScores,
+                  old_topk_ids_B_T_K: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Support S_t as ``(ids_B_T_S, teacher_logp_B_T_S, mask_B_T_S)``: the teacher's top-K
+    (``needs.teacher_top_k``), then π_old's top-K (``needs.student_top_k``: fixed at rollout time, whose teacher
+    log-probs are ``teacher.query_logp``), then y_t (``needs.add_sampled_token``); repeated ids are masked."""
     ids, logp = [], []
-    if support in ("teacher", "union"):
+    if needs.teacher_top_k:
         assert teacher.topk_ids_B_T_K is not None and teacher.topk_logp_B_T_K is not None
         ids.append(teacher.topk_ids_B_T_K)
         logp.append(teacher.topk_logp_B_T_K)
-    if support in ("student", "union"):
+    if needs.student_top_k:
         assert old_topk_ids_B_T_K is not None and teacher.query_logp_B_T_Q is not None
         K = old_topk_ids_B_T_K.shape[-1]
         ids.append(old_topk_ids_B_T_K)
         logp.append(teacher.query_logp_B_T_Q[..., :K])
-    if add_sampled_token:
+    if needs.add_sampled_token:
         ids.append(response_ids_B_T.unsqueeze(-1))
         logp.append(teacher.logp_B_T.unsqueeze(-1))
     ids_S = torch.cat(ids, dim=-1)
     return ids_S, torch.cat(logp, dim=-1), dedup_mask(ids_S)
+
+
+# ------------------------------------------------------------------------------------------ scored batch
+@dataclass
+class ScoredBatch:
+    """A rollout batch with everything its R passes of updates need, aligned ``[B, T(, S)]``: the loss mask m_t,
+    newline flags (span gate), log π_old, log q at y_t and (losses that read one) the support S_t."""
+
+    batch: RolloutBatch
+    loss_mask_B_T: torch.Tensor
+    newline_B_T: torch.Tensor
+    old_logp_B_T: torch.Tensor
+    teacher_logp_B_T: torch.Tensor
+    support_ids_B_T_S: torch.Tensor | None = None
+    teacher_support_logp_B_T_S: torch.Tensor | None = None
+    support_mask_B_T_S: torch.Tensor | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def response_mask_B_T(self) -> torch.Tensor:
+        return self.batch.response_mask_B_T
+
+    def select(self, idx: torch.Tensor, device: torch.device | str = "cpu") -> ScoredBatch:
+        """Rows ``idx`` with every tensor on ``device`` (the rollout batch itself stays on the CPU)."""
+        def pick(t):
+            return None if t is None else t[idx].to(device)
+
+        return ScoredBatch(self.batch.select(idx), pick(self.loss_mask_B_T), pick(self.newline_B_T),
+                           pick(self.old_logp_B_T), pick(self.teacher_logp_B_T), pick(self.support_ids_B_T_S),
+                           pick(self.teacher_support_logp_B_T_S), pick(self.support_mask_B_T_S))
+
+    def without_loss(self) -> ScoredBatch:
+        """The same rows with no valid token (a zero-weight micro-batch: every masked sum is 0)."""
+        return replace(self, loss_mask_B_T=torch.zeros_like(self.loss_mask_B_T))
+
+
+def policy_forward(cfg, policy: torch.nn.Module, scored: ScoredBatch) -> PolicyOutputs:
+    """The student's training forward (:class:`~opd_lab.heads.Policy`, maybe DDP/FSDP2-wrapped) on a micro-batch:
+    log π_θ(y_t|h_t), lse_t and the logits at S_t; only these leave the model (``trainer.loss_path``)."""
+    t = cfg.trainer
+    device = next(policy.parameters()).device
+    ids = scored.batch.response_ids_B_T.to(device).unsqueeze(-1)
+    if scored.support_ids_B_T_S is not None:
+        ids = torch.cat([ids, scored.support_ids_B_T_S.to(device)], dim=-1)
+    lse, z = policy(scored.batch, ids, cfg.rollout.temperature, t.chunk_size, t.loss_path.value, t.autocast_bf16)
+    return PolicyOutputs(z[..., 0] - lse, lse, z[..., 1:] if scored.support_ids_B_T_S is not None else None)
+
+
+def score_batch(cfg, policy: torch.nn.Module, teacher_scorer, batch: RolloutBatch, tokens: TokenIds,
+                old_micro_batches: list[torch.Tensor | None] | None = None, dist: Dist = SINGLE,
+                score_batch_size: int = 64) -> ScoredBatch:
+    """π_old and teacher scores of a rollout batch, the loss mask and the support S_t the loss needs.
+
+    ``policy`` is the learner's (possibly wrapped) :class:`~opd_lab.heads.Policy` at the weights that sampled
+    ``batch``. π_old is its training forward on ``old_micro_batches`` (this rank's rows; ``None``: a zero-weight
+    micro-batch that keeps FSDP2's collectives in step), which the learner passes as the micro-batches of the
+    first pass of its updates: same precision, autocast, rows and shapes, so that on the first update
+    π_θ = π_old exactly (δ ≡ 0, every gate 1). Under torchrun ``batch`` is this rank's share and the token-mean
+    statistics are over all ranks.
+    """
+    t0 = time.perf_counter()
+    T_s = cfg.rollout.temperature
+    needs = LOSSES.get(cfg.loss.name).needs(cfg.loss)
+    policy = as_policy(policy)
+    resp_ids, resp_mask = batch.response_ids_B_T, batch.response_mask_B_T
+    special = special_mask_B_T(resp_ids, resp_mask, list(tokens.special), cfg.loss.mask_special.value)
+    scored = ScoredBatch(batch=batch, loss_mask_B_T=resp_mask * (1 - special),
+                         newline_B_T=tokens.newline_V[resp_ids].long() * resp_mask,
+                         old_logp_B_T=torch.zeros(resp_mask.shape), teacher_logp_B_T=torch.zeros(resp_mask.shape))
+    device = next(policy.parameters()).device
+    with torch.no_grad():
+        for m in old_micro_batches if old_micro_batches is not None else [torch.arange(batch.size)]:
+            rows = scored.select(m if m is not None else torch.zeros(1, dtype=torch.long), device)
+            logp = policy_forward(cfg, policy, rows).logp_B_T
+            if m is not None:
+                scored.old_logp_B_T[m] = logp.float().cpu()
+    old_topk = None
+    if needs.student_top_k:  # π_old's own top-K ids at rollout time (the student/union support)
+        with full_params(policy):
+            _, old_topk = score_student_old(unwrap(policy).lm, batch, T_s, needs.student_top_k, score_batch_size,
+                                            cfg.trainer.chunk_size)
+    t1 = time.perf_counter()
+    teach = teacher_scorer(batch, needs.teacher_top_k, T_s, old_topk)
+    t2 = time.perf_counter()
+    scored.teacher_logp_B_T = teach.logp_B_T
+    if needs.support:
+        scored.support_ids_B_T_S, scored.teacher_support_logp_B_T_S, scored.support_mask_B_T_S = build_support(
+            needs, resp_ids, teach, old_topk)
+    stats, n_tok = _score_stats(scored, special, dist)
+    scored.stats = {"time/score_old_s": t1 - t0, "time/score_teacher_s": t2 - t1,
+                    "score/tokens_per_s": 2 * n_tok / dist.world / max(t2 - t0, 1e-9), **stats}
+    return scored
+
+
+def _score_stats(scored: ScoredBatch, special_B_T: torch.Tensor, dist: Dist) -> tuple[dict[str, float], float]:
+    """Sampler/π_old mismatch, the teacher − old log-ratio and the masked special tokens, over all ranks; and the
+    number of response tokens."""
+    old, sampler = scored.old_logp_B_T, scored.batch.sampler_logp_B_T
+    m, lm = scored.response_mask_B_T.bool(), scored.loss_mask_B_T.bool()
+    n_tok, n_loss, abs_sum, k3_sum, gap_sum, n_special = dist.sum(
+        m.sum(), lm.sum(), (sampler - old)[m].abs().sum(),
+        _k3(old - sampler)[m].sum(),  # k3 estimator of KL(π_s || π_old) on sampled tokens
+        (scored.teacher_logp_B_T - old)[lm].sum(), special_B_T.sum())
+    return {"mismatch/sampler_old_abs": abs_sum / max(n_tok, 1.0),
+            "mismatch/sampler_old_kl": k3_sum / max(n_tok, 1.0),
+            "teacher_minus_old_logp": gap_sum / max(n_loss, 1.0),
+            "special_masked": n_special}, n_tok
+
+
+def _k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    return torch.exp(log_ratio) - 1 - log_ratio

@@ -53,6 +53,21 @@ class Tracker:
             self._wandb = None
 
 
+class NullTracker:
+    """The tracker of ranks other than 0 under torchrun: they compute the same metrics and log nothing."""
+
+    run_id = None
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` (empty if absent), skipping a last line cut short by a kill."""
     path = Path(path)

@@ -19,13 +19,13 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from opd_lab.config import register_configs, to_run_config
-from opd_lab.evaluation import encode_prompts
-from opd_lab.learner import make_optimizer, rollout_spec, score_batch, train_step
+from opd_lab.learner import make_optimizer, rollout_spec
 from opd_lab.models import load_model, load_tokenizer, resolve_paths
-from opd_lab.scoring import HFTeacherScorer
-from opd_lab.tasks import build_task
+from opd_lab.runtime import make_engine
+from opd_lab.scoring import HFTeacherScorer, score_batch
+from opd_lab.tasks import build_task, encode_prompts
 from opd_lab.tokens import TokenIds
-from opd_lab.train import make_engine
+from opd_lab.update import first_pass_micro_batches, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +49,7 @@ def bench(cfg, engine_name: str, steps: int) -> dict[str, float]:
         t0 = time.perf_counter()
         batch = engine.generate(prompts, rollout_spec(cfg, step))
         t1 = time.perf_counter()
-        data = score_batch(cfg, student, teacher, batch, tokens, step)
+        data = score_batch(cfg, student, teacher, batch, tokens, first_pass_micro_batches(cfg, step, batch.size))
         t2 = time.perf_counter()
         train_step(cfg, student, opt, sched, data, step)
         t3 = time.perf_counter()

@@ -127,8 +127,8 @@ def test_cross_field_values_are_refused(overrides, field):
 
 
 def test_prompt_plus_response_must_fit_max_model_len(tokenizer):
+    from opd_lab.runtime import check_prompt_lengths
     from opd_lab.tasks import build_task
-    from opd_lab.train import check_prompt_lengths
 
     cfg = compose(["rollout.vllm.max_model_len=200", "rollout.max_tokens=150", "eval.max_tokens=150"])
     task = build_task(cfg.task)

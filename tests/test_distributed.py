@@ -114,15 +114,15 @@ def test_rank_shares_and_single_process_reductions():
 
 
 def test_a_rank_with_fewer_rows_pads_with_zero_weight_micro_batches():
-    from opd_lab.learner import _micro_batches
+    from opd_lab.update import micro_batches
 
     class OtherRankHasThree(Dist):
         def max(self, *values):
             return [3.0]
 
-    micro = _micro_batches(torch.arange(2), 4, OtherRankHasThree(rank=0, world=2))
+    micro = micro_batches(torch.arange(2), 4, OtherRankHasThree(rank=0, world=2))
     assert [m.tolist() if m is not None else None for m in micro] == [[0], [1], None]
-    assert _micro_batches(torch.arange(5), 2, SINGLE)[1].tolist() == [3, 4]
+    assert micro_batches(torch.arange(5), 2, SINGLE)[1].tolist() == [3, 4]
 
 
 @pytest.mark.slow

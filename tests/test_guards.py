@@ -6,7 +6,10 @@ import copy
 import pytest
 import torch
 
-from opd_lab.learner import UpdateGuard, make_optimizer, repetition_B, score_batch, train_step
+from opd_lab.learner import make_optimizer
+from opd_lab.monitors import UpdateGuard, repetition_B
+from opd_lab.scoring import score_batch
+from opd_lab.update import train_step
 from tests.conftest import compose
 from tests.test_learner import setup  # noqa: F401  (module fixture: tiny student, teacher, one rollout batch)
 

@@ -4,13 +4,13 @@ import random
 import pytest
 import torch
 
-from opd_lab.evaluation import encode_prompts
-from opd_lab.learner import optimizer_update, score_batch
 from opd_lab.rollout.base import SamplingSpec
 from opd_lab.rollout.hf import HFEngine
-from opd_lab.scoring import HFTeacherScorer
+from opd_lab.scoring import HFTeacherScorer, score_batch
+from opd_lab.tasks import encode_prompts
 from opd_lab.tasks.arith import ArithmeticTask
 from opd_lab.tokens import TokenIds
+from opd_lab.update import optimizer_update
 from tests.conftest import compose, tiny_model
 
 GATES = ["none", "token", "sequence", "block32", "span"]
@@ -127,7 +127,7 @@ def test_lsm_support_variants_score(setup):
         data = score_batch(cfg, student, teacher, batch, tokens)
         assert data.support_ids_B_T_S.shape[-1] == width
         # teacher log-probs at the support equal a direct teacher forward
-        from opd_lab.scoring import response_logits
+        from opd_lab.heads import response_logits
 
         with torch.no_grad():
             full = torch.log_softmax(response_logits(teacher.teacher, batch), -1)
@@ -218,7 +218,7 @@ def test_first_update_has_exactly_zero_drift(setup, precision, loss):
     """π_old is scored by the learner's own forward (same precision, autocast, rows and shapes as the first
     update), so before the first update δ ≡ 0 and every gate is exactly 1, in float32, under bf16 autocast and
     with bf16 weights (the old scorer, outside autocast and in other batch shapes, gave |δ| up to 0.28)."""
-    from opd_lab.learner import update_plan
+    from opd_lab.update import first_pass_micro_batches, update_plan
 
     student, teacher, batch, tokens = setup
     model = copy.deepcopy(student)
@@ -227,7 +227,7 @@ def test_first_update_has_exactly_zero_drift(setup, precision, loss):
     cfg = compose([f"loss={loss}", "gate=token", "gate.tau=50.0", "rollout.n_prompts=4", "rollout.n_samples=2",
                    "rollout.mini_batch_size=4", "trainer.grad_accum=2",
                    f"trainer.autocast_bf16={precision == 'autocast_bf16'}"])
-    data = score_batch(cfg, model, teacher, batch, tokens, step=3)
+    data = score_batch(cfg, model, teacher, batch, tokens, first_pass_micro_batches(cfg, 3, batch.size))
     first = update_plan(cfg, 3, batch.size)[0][0]
     out = optimizer_update(cfg, model, RecordingOptimizer(model), data, first)
     assert out["drift/mean_abs_delta"] == 0.0
@@ -243,31 +243,33 @@ def test_update_equals_normalise_gates_reference(setup, accum, underflow):
     mini-batch, however it is split; with τ so large that every raw exp(−τ|m_G|) underflows (the unshifted gate
     was 0 everywhere: a zero update), the update is still the exact, non-zero one."""
     from opd_lab.gates import drift_gate, normalise_gates
-    from opd_lab.learner import _rows, as_policy, micro_batch_forward
+    from opd_lab.heads import as_policy
+    from opd_lab.update import micro_batch_loss
 
     student, teacher, batch, tokens = setup
     drifted = _drifted(student, scale=0.2)
     base = ["loss=sampled_token", "gate=token", "rollout.n_prompts=4", "rollout.n_samples=2",
             "rollout.mini_batch_size=8", f"trainer.grad_accum={accum}", "trainer.grad_clip=null"]
     data = score_batch(compose(base), student, teacher, batch, tokens)
-    rows = _rows(data, torch.arange(8), "cpu")
+    rows = data.select(torch.arange(8))
 
     def reference_forward(tau):
         model = copy.deepcopy(drifted)
-        loss_B_T, _, x = micro_batch_forward(compose(base), as_policy(model), rows)
-        return model, loss_B_T, x, (x.logp_B_T - x.old_logp_B_T).detach()
+        loss_B_T, _, out, _ = micro_batch_loss(compose(base + [f"gate.tau={tau}"]), as_policy(model), rows)
+        return model, loss_B_T, (out.logp_B_T - rows.old_logp_B_T).detach()
 
-    _, _, x, delta = reference_forward(1.0)
-    valid = x.mask_B_T.bool()
+    _, _, delta = reference_forward(1.0)
+    valid = rows.loss_mask_B_T.bool()
     tau = 200.0 / float(delta.abs()[valid].min()) if underflow else 2.0
     if underflow:
         assert float(torch.exp(-tau * delta.abs())[valid].max()) == 0.0  # the old raw gate: all zero
     cfg = compose(base + [f"gate.tau={tau}"])
     opt = RecordingOptimizer(drifted)
     optimizer_update(cfg, drifted, opt, data, torch.arange(8))
-    ref_model, loss_B_T, x, delta = reference_forward(tau)
-    g, _ = drift_gate(delta, x.mask_B_T, rows["response_mask"], "token", tau)
-    (loss_B_T * normalise_gates(g, x.mask_B_T) * x.mask_B_T).sum().div(x.mask_B_T.sum()).backward()
+    ref_model, loss_B_T, delta = reference_forward(tau)
+    mask = rows.loss_mask_B_T
+    g, _ = drift_gate(delta, mask, rows.response_mask_B_T, "token", tau)
+    (loss_B_T * normalise_gates(g, mask) * mask).sum().div(mask.sum()).backward()
     ref = [p.grad for p in ref_model.parameters()]
     assert sum(float(r.abs().sum()) for r in ref) > 0
     for a, b in zip(opt.grads, ref, strict=True):

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from opd_lab.config import ConfigError, DatasetConfig, MathTaskConfig
-from opd_lab.evaluation import benchmark_csv, encode_prompts, evaluate
+from opd_lab.evaluation import benchmark_csv, evaluate
 from opd_lab.rollout.base import RolloutBatch
-from opd_lab.tasks import user_message
+from opd_lab.tasks import encode_prompts, user_message
 from opd_lab.tasks.math import MathTask, get_field, grade_math, last_boxed, load_problems
 
 ROOT = Path(__file__).resolve().parent.parent

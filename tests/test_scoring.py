@@ -1,7 +1,8 @@
 import torch
 
+from opd_lab.heads import logsumexp_chunked, response_logits
 from opd_lab.rollout.base import assemble_batch
-from opd_lab.scoring import dedup_mask, logsumexp_chunked, response_logits, score_teacher
+from opd_lab.scoring import dedup_mask, score_teacher
 from tests.conftest import tiny_model
 
 
@@ -61,7 +62,7 @@ def _reference(h, w, ids, temperature):
 
 
 def test_fused_heads_match_autograd_reference():
-    from opd_lab.scoring import head_stats_chunked, head_stats_plain
+    from opd_lab.heads import head_stats_chunked, head_stats_plain
 
     h, w, ids = _head_case()
     g = torch.Generator().manual_seed(9)
@@ -81,7 +82,7 @@ def test_fused_heads_match_autograd_reference():
 
 
 def test_fused_heads_gradcheck():
-    from opd_lab.scoring import head_stats_chunked
+    from opd_lab.heads import head_stats_chunked
 
     h, w, ids = _head_case(seed=1, T=4)
     assert torch.autograd.gradcheck(lambda x, y: head_stats_chunked(x, y, ids, 1.3, 3), (h, w))

@@ -15,12 +15,12 @@ import pytest
 pytest.importorskip("vllm")
 
 from opd_lab.config import TeacherServerConfig  # noqa: E402
-from opd_lab.evaluation import encode_prompts  # noqa: E402
 from opd_lab.models import load_model, load_tokenizer  # noqa: E402
 from opd_lab.rollout.base import SamplingSpec  # noqa: E402
 from opd_lab.rollout.hf import HFEngine  # noqa: E402
 from opd_lab.rollout.server import ServerTeacherScorer  # noqa: E402
 from opd_lab.scoring import HFTeacherScorer  # noqa: E402
+from opd_lab.tasks import encode_prompts  # noqa: E402
 from opd_lab.tasks.arith import ArithmeticTask  # noqa: E402
 from tests.test_e2e import ROOT  # noqa: E402
 

@@ -32,8 +32,8 @@ class CountingEngine:
 def test_eval_cache_key_covers_precision_and_prompts(tmp_path, tokenizer):
     """Two evaluations that differ only in model.dtype leave two cache entries; identical ones leave one; so do a
     different chat template, device, autocast, vLLM cap or stop set."""
+    from opd_lab.evaluation import cached_eval
     from opd_lab.tasks import build_task
-    from opd_lab.train import cached_eval
 
     model_dir = tmp_path / "model"
     tiny_model(tokenizer).save_pretrained(model_dir)

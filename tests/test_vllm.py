@@ -7,13 +7,14 @@ import torch
 
 pytest.importorskip("vllm")
 
-from opd_lab.evaluation import encode_prompts  # noqa: E402
-from opd_lab.learner import make_optimizer, optimizer_update, score_batch  # noqa: E402
+from opd_lab.learner import make_optimizer  # noqa: E402
 from opd_lab.rollout.base import SamplingSpec  # noqa: E402
 from opd_lab.rollout.vllm import VLLMEngine, VLLMTeacherScorer  # noqa: E402
-from opd_lab.scoring import HFTeacherScorer, score_student_old  # noqa: E402
+from opd_lab.scoring import HFTeacherScorer, score_batch, score_student_old  # noqa: E402
+from opd_lab.tasks import encode_prompts  # noqa: E402
 from opd_lab.tasks.arith import ArithmeticTask  # noqa: E402
 from opd_lab.tokens import TokenIds, stop_token_ids  # noqa: E402
+from opd_lab.update import optimizer_update  # noqa: E402
 from tests.conftest import compose, tiny_model  # noqa: E402
 
 OVR = ["rollout.engine=vllm", "rollout.n_prompts=3", "rollout.n_samples=2", "rollout.mini_batch_size=6",

@@ -6,17 +6,19 @@ response length, L = P + T)::
     input_ids_B_L:   [ left-padded prompt (P) | response, right-padded (T) ]
     response_mask_B_T: 1 on generated tokens (including the final <|im_end|>), 0 on right padding
 
-Log-probs of response token t come from the logits at position P + t − 1. Engines are looked up lazily by
-name (:func:`get_engine_class`), so ``import opd_lab`` never imports vLLM.
+Log-probs of response token t come from the logits at position P + t − 1. Engines and teacher scorers are
+built by name from :data:`ENGINES` / :data:`SCORERS` (lazy: ``import opd_lab`` never imports vLLM). This module
+is what engines and scorers depend on; it depends on nothing of opd_lab but the registry.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+
+from opd_lab.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,16 @@ def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return h >> 1
 
 
+@dataclass
+class TeacherScores:
+    """Teacher outputs for a rollout batch (all float32 log-probs over the full vocabulary, ``[B, T, ...]``)."""
+
+    logp_B_T: torch.Tensor  # log q(y_t | h_t)
+    topk_ids_B_T_K: torch.Tensor | None = None
+    topk_logp_B_T_K: torch.Tensor | None = None
+    query_logp_B_T_Q: torch.Tensor | None = None  # log q at the requested extra ids
+
+
 class RolloutEngine(Protocol):
     """What the learner and the evaluator need from a sampler."""
 
@@ -108,15 +120,35 @@ class RolloutEngine(Protocol):
     def close(self) -> None: ...
 
 
-_ENGINES = {"hf": "opd_lab.rollout.hf:HFEngine", "vllm": "opd_lab.rollout.vllm:VLLMEngine"}
+class TeacherScorer(Protocol):
+    """Scores a rollout batch with the teacher: log q of the sampled tokens, its top-K and log q at extra ids."""
+
+    def __call__(self, batch: RolloutBatch, top_k: int, temperature: float,
+                 query_ids_B_T_Q: torch.Tensor | None = None) -> TeacherScores: ...
+
+    def close(self) -> None: ...
 
 
-def get_engine_class(name: str) -> type:
-    """Import the engine class registered as ``name`` (lazy: vLLM is imported only when asked for)."""
-    if name not in _ENGINES:
-        raise KeyError(f"unknown rollout engine {name!r}; available: {sorted(_ENGINES)}")
-    module, cls = _ENGINES[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+@dataclass
+class BuildContext:
+    """What an engine or a teacher scorer is built from (each registered builder takes what it needs)."""
+
+    cfg: Any  # the run's Config
+    tokenizer: Any
+    path: str  # the model's folder or hub id (vLLM loads the weights from it)
+    stop_ids: tuple[int, ...]
+    model: torch.nn.Module | None = None  # the loaded model (HF engine and HF scorer use it in place)
+    sharded_root: torch.nn.Module | None = None  # its FSDP2 root under torchrun (HF engine)
+
+
+# name → builder(BuildContext); "module:function" paths stay unimported until asked for (no vLLM on `import opd_lab`)
+ENGINES: Registry = Registry("rollout engine")
+ENGINES.add("hf", "opd_lab.rollout.hf:build_engine")
+ENGINES.add("vllm", "opd_lab.rollout.vllm:build_engine")
+SCORERS: Registry = Registry("teacher scorer")
+SCORERS.add("hf", "opd_lab.scoring:build_teacher_scorer")
+SCORERS.add("vllm", "opd_lab.rollout.vllm:build_teacher_scorer")
+SCORERS.add("server", "opd_lab.rollout.server:build_teacher_scorer")
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,8 +209,6 @@ def scores_from_prompt_logprobs(batch: RolloutBatch, seqs: list[list[int]],
     ``p = len(seqs[i]) − n_resp + t``. Returns log q(y_t) ``[B, T]`` and (``top_k`` > 0) the top-K ids and
     log-probs ``[B, T, K]`` in rank order.
     """
-    from opd_lab.scoring import TeacherScores
-
     k = max(top_k, 1)
     B, T = batch.response_mask_B_T.shape
     logp = torch.zeros(B, T)

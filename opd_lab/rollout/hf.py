@@ -7,7 +7,7 @@ import time
 import torch
 
 from opd_lab.distributed import full_params
-from opd_lab.rollout.base import RolloutBatch, SamplingSpec, assemble_batch, pad_prompts
+from opd_lab.rollout.base import BuildContext, RolloutBatch, SamplingSpec, assemble_batch, pad_prompts
 from opd_lab.tokens import ends_with_stop
 
 
@@ -86,3 +86,7 @@ class HFEngine:
 
     def close(self) -> None:
         pass
+
+
+def build_engine(ctx: BuildContext) -> HFEngine:
+    return HFEngine(ctx.model, ctx.tokenizer, sharded_root=ctx.sharded_root, stop_ids=ctx.stop_ids)

@@ -18,8 +18,13 @@ import urllib.request
 
 import torch
 
-from opd_lab.rollout.base import RolloutBatch, scores_from_prompt_logprobs, unpadded_sequences
-from opd_lab.scoring import TeacherScores
+from opd_lab.rollout.base import (
+    BuildContext,
+    RolloutBatch,
+    TeacherScores,
+    scores_from_prompt_logprobs,
+    unpadded_sequences,
+)
 
 
 class ServerTeacherScorer:
@@ -75,3 +80,7 @@ class ServerTeacherScorer:
 
     def close(self) -> None:
         pass
+
+
+def build_teacher_scorer(ctx: BuildContext) -> ServerTeacherScorer:
+    return ServerTeacherScorer(ctx.cfg.rollout.teacher_server)

@@ -25,14 +25,15 @@ import time
 import torch
 
 from opd_lab.rollout.base import (
+    BuildContext,
     RolloutBatch,
     SamplingSpec,
+    TeacherScores,
     assemble_batch,
     sample_seed,
     scores_from_prompt_logprobs,
     unpadded_sequences,
 )
-from opd_lab.scoring import TeacherScores
 from opd_lab.tokens import ends_with_stop
 
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -206,3 +207,11 @@ class VLLMTeacherScorer:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def build_engine(ctx: BuildContext) -> VLLMEngine:
+    return VLLMEngine(ctx.path, ctx.tokenizer, ctx.cfg, stop_ids=ctx.stop_ids)
+
+
+def build_teacher_scorer(ctx: BuildContext) -> VLLMTeacherScorer:
+    return VLLMTeacherScorer(ctx.path, ctx.tokenizer, ctx.cfg)

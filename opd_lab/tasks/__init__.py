@@ -1,9 +1,15 @@
-"""Prompt sources and graders. A task gives train/held-out problems, renders chat messages and grades."""
+"""Prompt sources and graders. A task gives train/held-out problems, renders chat messages and grades.
+
+Tasks are built by name from :data:`TASKS` (``task.name``: ``arith`` for the embedded default, ``math`` for the
+benchmarks); :func:`encode_prompts` renders problems into chat-template token ids.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Protocol
 
+from opd_lab.registry import Registry
 from opd_lab.tasks.arith import ArithmeticTask, Problem, grade_exact
 
 
@@ -11,6 +17,13 @@ class Task(Protocol):
     def eval_problems(self) -> list[Problem]: ...
 
     def train_problems(self, n: int, rng: Any) -> list[Problem]: ...
+
+
+# name → builder(task config); the math task (datasets, math-verify) is imported only when asked for
+TASKS: Registry = Registry("task")
+TASKS.add("arith", lambda c: ArithmeticTask(c.min_operands, c.max_operands, c.min_digits, c.max_digits, c.n_eval,
+                                             c.eval_seed))
+TASKS.add("math", "opd_lab.tasks.math:MathTask")
 
 
 def user_message(problem: Problem, system_prompt: str | None = None) -> list[dict[str, str]]:
@@ -35,11 +48,27 @@ def grade(response_text: str, problem: Problem) -> bool:
 
 def build_task(cfg: Any) -> Task:
     """Build the task selected by ``cfg.name`` (a TaskConfig dataclass)."""
-    if cfg.name == "arith":
-        return ArithmeticTask(cfg.min_operands, cfg.max_operands, cfg.min_digits, cfg.max_digits,
-                              cfg.n_eval, cfg.eval_seed)
-    if cfg.name == "math":
-        from opd_lab.tasks.math import MathTask
+    return TASKS.get(cfg.name)(cfg)
 
-        return MathTask(cfg)
-    raise KeyError(f"unknown task {cfg.name!r}; available: ['arith', 'math']")
+
+def encode_prompts(tokenizer, problems: list[Problem], system_prompt: str | None = None,
+                   enable_thinking: bool | None = None) -> list[list[int]]:
+    """Chat-template token ids (with the generation prompt) for each problem.
+
+    ``enable_thinking`` is passed to the template when set (Qwen3's thinking-mode switch).
+    """
+    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    out = []
+    for p in problems:
+        ids = tokenizer.apply_chat_template(user_message(p, system_prompt), tokenize=True,
+                                            add_generation_prompt=True, **extra)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        out.append(list(ids))
+    return out
+
+
+def prompt_encoder(cfg):
+    """``encode(tokenizer, problems)`` with the task's system prompt and the model's thinking-mode setting."""
+    return functools.partial(encode_prompts, system_prompt=getattr(cfg.task, "system_prompt", None),
+                             enable_thinking=cfg.model.enable_thinking)

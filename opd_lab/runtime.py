@@ -1,0 +1,153 @@
+"""Building a run: its directory, seeds, task, tokenizer and token ids, models, rollout engine and teacher scorer.
+
+The jobs (``python -m opd_lab``, ``python -m opd_lab.evaluate``, ``python -m opd_lab.diagnose``) are built from
+these pieces; every check that needs the tokenizer or the task runs here, before any model weights load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from opd_lab import checkpoint
+from opd_lab.config import Config, ConfigError
+from opd_lab.distributed import Dist
+from opd_lab.losses import LOSSES
+from opd_lab.models import ModelPaths, check_same_vocab, load_model, load_tokenizer, loading, resolve_paths
+from opd_lab.rollout.base import ENGINES, SCORERS, BuildContext
+from opd_lab.runs import write_status
+from opd_lab.tasks import Task, build_task, prompt_encoder
+from opd_lab.tokens import TokenIds
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_launch(cfg: Config, dist: Dist, in_multirun: bool) -> None:
+    """What torchrun cannot run: an uneven prompt split, an evaluation-only run, vLLM in a torchrun multirun."""
+    if not dist.enabled:
+        return
+    if cfg.rollout.n_prompts % dist.world:
+        raise ConfigError(f"rollout.n_prompts={cfg.rollout.n_prompts} is invalid with {dist.world} ranks: allowed "
+                          "a multiple of the number of ranks (each rank rolls out an equal share)")
+    if cfg.eval.only is not None:
+        raise ConfigError("eval.only is set: an evaluation-only run uses one process (run it without torchrun)")
+    if "vllm" in (cfg.rollout.engine.value, cfg.rollout.teacher_scorer.value) and in_multirun:
+        raise ConfigError("rollout.engine/teacher_scorer=vllm with --multirun under torchrun: a second vLLM "
+                          "engine in the same torchrun processes hangs; sweep with hydra/launcher=slurm_multigpu "
+                          "(one job per grid point) or one torchrun per job, or use rollout.engine=hf")
+
+
+def open_run_dir(cfg: Config, run_dir: Path, dist: Dist) -> tuple[Path, Path | None, dict | None]:
+    """``(run_dir, resume_dir, finished)``: the directory this run writes to (rank 0's choice, broadcast: ranks may
+    differ in ``${now:}``), the run it resumes (``trainer.resume``) and, when that run already completed, its
+    final status (nothing to do). Otherwise the directory is started: ``config.yaml`` and a running status."""
+    resume_dir = checkpoint.find_run_to_resume(cfg, run_dir) if cfg.eval.only is None and dist.is_main else None
+    run_dir, resume_dir = dist.broadcast((run_dir, resume_dir))
+    if resume_dir is not None:
+        if resume_dir != run_dir and dist.is_main:
+            print(f"opd-lab: trainer.resume={cfg.trainer.resume}: continuing {resume_dir}", flush=True)
+        run_dir = resume_dir
+        status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
+        if status.get("status") == "completed":
+            print(f"opd-lab: {run_dir} already completed; nothing to resume", flush=True)
+            return run_dir, resume_dir, status
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        write_status(run_dir, "running", pid=os.getpid(), world=dist.world)
+    return run_dir, resume_dir, None
+
+
+@dataclass
+class Setup:
+    """What every job needs before any weights load."""
+
+    task: Task
+    paths: ModelPaths
+    tokenizer: object
+    tokens: TokenIds
+
+
+def prepare(cfg: Config, dist: Dist) -> Setup:
+    """Threads and seeds, the task, the model paths (rank 0 builds the embedded pair first), the tokenizer and its
+    checks (one vocabulary, the loss's checks, the special tokens, prompt lengths): every start-up error that
+    needs the tokenizer or the data, before any model loads."""
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    seed_everything(cfg.trainer.seed)
+    task = build_task(cfg.task)
+    if dist.is_main:
+        paths = resolve_paths(cfg)
+    dist.barrier()
+    if not dist.is_main:
+        paths = resolve_paths(cfg)
+    with loading("model.tokenizer" if cfg.model.tokenizer else "model.student", paths.tokenizer):
+        tokenizer = load_tokenizer(paths.tokenizer, cfg.model.chat_template)
+    with loading("model.teacher", paths.teacher):
+        check_same_vocab(tokenizer, load_tokenizer(paths.teacher, cfg.model.chat_template))
+    LOSSES.get(cfg.loss.name).check(cfg.loss, len(tokenizer))
+    tokens = TokenIds.build(tokenizer, list(cfg.model.special_tokens), paths.student)
+    training = cfg.eval.only is None
+    if hasattr(task, "load_train") and training:
+        task.load_train()  # a bad training-set path fails here, before any model loads
+    check_prompt_lengths(cfg, tokenizer, task, training=training)
+    return Setup(task, paths, tokenizer, tokens)
+
+
+def check_prompt_lengths(cfg: Config, tokenizer, task, training: bool = True, n_longest: int = 64) -> None:
+    """With a vLLM engine, prompt + response must fit ``rollout.vllm.max_model_len`` (vLLM would cap the
+    response silently): checked on every evaluation prompt and (``training``) the longest training prompts by
+    characters; the engine checks every prompt again when it samples."""
+    if "vllm" not in (cfg.rollout.engine.value, cfg.rollout.teacher_scorer.value):
+        return
+    encode = prompt_encoder(cfg)
+    limit = cfg.rollout.vllm.max_model_len
+    checks = [("eval.max_tokens", cfg.eval.max_tokens, task.eval_problems())]
+    if training:
+        train = task.train_pool() if hasattr(task, "train_pool") else task.train_problems(256, random.Random(0))
+        checks.append(("rollout.max_tokens", cfg.rollout.max_tokens,
+                       sorted(train, key=lambda p: len(p.prompt or p.question), reverse=True)[:n_longest]))
+    for field_name, cap, problems in checks:
+        longest = max((len(p) for p in encode(tokenizer, problems)), default=0)
+        if longest + cap > limit:
+            raise ConfigError(f"{field_name}={cap} is invalid: the longest prompt has {longest} tokens and "
+                              f"rollout.vllm.max_model_len={limit}: allowed {field_name} <= {limit - longest} (or "
+                              "raise rollout.vllm.max_model_len)")
+
+
+def load_models(cfg: Config, paths: ModelPaths, device: str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The trainable student on ``device`` and, when an HF forward needs it (the HF teacher scorer, or the HF
+    engine evaluating the teacher's baseline), the frozen teacher on ``rollout.teacher_device`` or ``device``."""
+    with loading("model.student", paths.student):
+        student = load_model(paths.student, cfg.model.dtype, device, trainable=True)
+    teacher = None
+    if cfg.rollout.teacher_scorer.value == "hf" or cfg.rollout.engine.value == "hf":
+        with loading("model.teacher", paths.teacher):
+            teacher = load_model(paths.teacher, cfg.model.dtype, cfg.rollout.teacher_device or device,
+                                 trainable=False)
+    return student, teacher
+
+
+def make_engine(cfg: Config, model, tokenizer, path: str, stop_ids: tuple[int, ...], sharded_root=None):
+    """The configured rollout engine (``rollout.engine``) over ``model`` (HF; ``sharded_root``: its FSDP2 root) or
+    the weights at ``path`` (vLLM), stopping at ``stop_ids`` (tokens.stop_token_ids)."""
+    ctx = BuildContext(cfg, tokenizer, path, stop_ids, model=model, sharded_root=sharded_root)
+    return ENGINES.get(cfg.rollout.engine.value)(ctx)
+
+
+def make_teacher_scorer(cfg: Config, teacher, tokenizer, path: str):
+    """The configured teacher placement (``rollout.teacher_scorer``): an HF forward of the loaded teacher, in-process
+    vLLM prompt log-probs over the weights at ``path``, or a vLLM server."""
+    ctx = BuildContext(cfg, tokenizer, path, (), model=teacher)
+    return SCORERS.get(cfg.rollout.teacher_scorer.value)(ctx)
