@@ -34,149 +34,88 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from opd_lab.config import Config, ConfigError, DiagnoseConfig, SampledTokenLossConfig
+from opd_lab import runtime, tasks
+from opd_lab.alignment import (
+    Teacher,
+    choose_nodes,
+    cosine,
+    distill_gradient,
+    head,
+    ideal_gradient,
+    node_logits,
+    response_entropy,
+    response_states,
+)
+from opd_lab.config import Config, ConfigError, DiagnoseConfig
 from opd_lab.jobs import CONF_DIR
-from opd_lab.losses import full_reverse_kl, lsm_loss, sampled_token_loss
-from opd_lab.rollout.base import SamplingSpec
+from opd_lab.rollout.base import RolloutBatch, SamplingSpec
 from opd_lab.stats import mean_ci95
-
-LOSSES = ("sampled_token", "lsm", "full_rkl")
-
-
-# ------------------------------------------------------------------------------------------------- maths
-def ideal_gradient(pi_V: torch.Tensor, cand_ids: torch.Tensor, q_cand: torch.Tensor, rest: str,
-                   q_rest: float | None = None) -> tuple[torch.Tensor, float]:
-    """g*_t ``[V]`` and V(h_t) from the student's probabilities ``pi_V`` and Q at the candidate ids.
-
-    ``rest="drop"``: π restricted to the candidates and renormalised, g* = 0 elsewhere.
-    ``rest="share"``: every non-candidate token takes Q = ``q_rest``.
-    """
-    pi = pi_V.double()
-    q_full = torch.full_like(pi, float("nan"))
-    q_full[cand_ids] = q_cand.double()
-    in_c = torch.zeros_like(pi, dtype=torch.bool)
-    in_c[cand_ids] = True
-    if rest == "drop":
-        p = torch.where(in_c, pi, torch.zeros_like(pi))
-        p = p / p.sum()
-        value = float((p[in_c] * q_full[in_c]).sum())
-        g = torch.where(in_c, p * (torch.nan_to_num(q_full) - value), torch.zeros_like(pi))
-    elif rest == "share":
-        if q_rest is None:
-            raise ValueError("rest='share' needs q_rest")
-        q_full[~in_c] = q_rest
-        value = float((pi * q_full).sum())
-        g = pi * (q_full - value)
-    else:
-        raise ValueError(f"rest={rest!r}: allowed drop, share")
-    return g.float(), value
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """cos(a, b); NaN when either is the zero vector."""
-    na, nb = float(a.double().norm()), float(b.double().norm())
-    if na == 0.0 or nb == 0.0:
-        return math.nan
-    return float((a.double() @ b.double()) / (na * nb))
-
-
-def distill_gradient(loss: str, z_V: torch.Tensor, teacher_logp_V: torch.Tensor, token: int,
-                     top_k: int = 32) -> torch.Tensor:
-    """d_t = −∂ℓ_t/∂z_t ``[V]`` at one node, by autograd through the loss functions the learner uses.
-
-    ``sampled_token``: ℓ_t of :func:`~opd_lab.losses.sampled_token_loss` at π_θ = π_old (first pass), with the
-    one-token advantage r_t = log q(y_t) − log π(y_t) (γ = 0); ``lsm``: :func:`~opd_lab.losses.lsm_loss` on the
-    teacher's top-K support (renormalised); ``full_rkl``: :func:`~opd_lab.losses.full_reverse_kl`.
-    """
-    z = z_V.detach().double().clone().requires_grad_(True)
-    logq = teacher_logp_V.detach().double()
-    if loss == "sampled_token":
-        logp = torch.log_softmax(z, -1)[token]
-        old = logp.detach()
-        cfg = SampledTokenLossConfig()
-        ell, _ = sampled_token_loss(logp.view(1, 1), old.view(1, 1), logq[token].view(1, 1), torch.ones(1, 1),
-                                    cfg.clip_eps, cfg.dual_clip, 0.0, cfg.clip_log_ratio)
-    elif loss == "lsm":
-        support = torch.topk(logq, min(top_k, logq.numel())).indices
-        ell, _ = lsm_loss(z[support].view(1, 1, -1), logq[support].view(1, 1, -1),
-                          torch.ones(1, 1, support.numel()), renormalise=True)
-    elif loss == "full_rkl":
-        ell = full_reverse_kl(z.view(1, 1, -1), logq.view(1, 1, -1))
-    else:
-        raise ValueError(f"unknown loss {loss!r}; available: {LOSSES}")
-    (grad,) = torch.autograd.grad(ell.sum(), z)
-    return (-grad).float()
-
-
-def entropy(logits_N_V: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits_N_V.double(), -1)
-    return -(logp.exp() * logp).sum(-1).float()
-
-
-def choose_nodes(ent_T: torch.Tensor, mode: str, every_k: int, max_nodes: int) -> list[int]:
-    """Response positions to probe: every k-th (0, k, 2k, …) or the highest-entropy ones, at most ``max_nodes``,
-    never the last position (a node needs a continuation)."""
-    T = ent_T.numel() - 1
-    if T <= 0:
-        return []
-    if mode == "every_k":
-        return list(range(0, T, every_k))[:max_nodes]
-    top = torch.topk(ent_T[:T], min(max_nodes, T)).indices
-    return sorted(top.tolist())
-
-
-# ------------------------------------------------------------------------------------------------ models
-def response_states(model, prompt_ids: list[int], response_ids: list[int]) -> torch.Tensor:
-    """Final hidden states ``[T, H]`` at the nodes h_t that predict response tokens t = 0 … T−1."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids + response_ids[:-1]], device=device)
-    with torch.no_grad():
-        return model.base_model(input_ids=ids).last_hidden_state[0, len(prompt_ids) - 1 :]
-
-
-def head(model, h_N_H: torch.Tensor) -> torch.Tensor:
-    """Float32 logits ``[N, V]`` (on the CPU) of hidden states ``h_N_H``."""
-    with torch.no_grad():
-        return (h_N_H.float() @ model.get_output_embeddings().weight.float().T).cpu()
-
-
-def node_logits(model, prompt_ids: list[int], response_ids: list[int], positions: list[int]) -> torch.Tensor:
-    """Float32 logits ``[N, V]`` predicting response token t (the node h_t) for each t in ``positions``."""
-    return head(model, response_states(model, prompt_ids, response_ids)[positions])
-
-
-def response_entropy(model, h_T_H: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """Entropy ``[T]`` of π_θ(·|h_t) at every node, ``chunk`` positions at a time (never a [T, V] tensor)."""
-    return torch.cat([entropy(head(model, h_T_H[i : i + chunk])) for i in range(0, h_T_H.shape[0], chunk)])
+from opd_lab.tokens import ends_with_stop
 
 
 @dataclass
-class Teacher:
-    name: str
-    model: torch.nn.Module
-    context: str | None
+class Probe:
+    """One student rollout and the nodes h_t probed on it."""
 
-    def prompt(self, tokenizer, problem, encode) -> list[int]:
-        """The teacher's prompt: the student's, with ``context`` (filled in) as the system message when set."""
-        if not self.context:
-            return encode(tokenizer, [problem])[0]
-        system = self.context.format(answer=problem.answer, question=problem.question)
-        return encode(tokenizer, [problem], system_prompt=system)[0]
+    row: int  # its row in the rollout batch
+    question: int  # index of its problem in :attr:`Diagnosis.problems`
+    response: list[int]
+    correct: bool
+    nodes: list[int]  # probed response positions t
+    logits_N_V: torch.Tensor  # the student's logits z_t at the nodes (float32, CPU)
+    pi_N_V: torch.Tensor  # π_θ(·|h_t) at the nodes
+    entropy_T: torch.Tensor  # entropy of π_θ(·|h_t) at every position
+    candidates: list[list[int]]  # per node: the student's top-m tokens and y_t
+    rest_first: list[list[int]]  # per node (rest=share): the first tokens of the shared-estimate continuations
+
+
+@dataclass
+class Diagnosis:
+    """The diagnostic's inputs: config, tokenizer, student, teachers, the sampled questions and the engine."""
+
+    cfg: Config
+    tokenizer: object
+    student: torch.nn.Module
+    teachers: list[Teacher]
+    qids: list[int]  # held-out indices of the questions
+    problems: list
+    prompts: list[list[int]]
+    engine: object
+    stop: tuple[int, ...]
+    max_tokens: int
+
+    @property
+    def d(self) -> DiagnoseConfig:
+        return self.cfg.diagnose
 
 
 # --------------------------------------------------------------------------------------------------- run
 def run(cfg: Config, run_dir: Path) -> pd.DataFrame:
-    from tqdm.auto import tqdm
+    """Sample rollouts → phase 1: nodes and candidates → phase 2: Q by targeted continuations → phase 3: g*, d_t
+    and a_t per node × teacher × loss; writes the tables and plots and returns the node table."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    diag = build(cfg)
+    try:
+        rollouts = sample_rollouts(diag)
+        probes = find_nodes(diag, rollouts)
+        wins = estimate_q(diag, probes)
+        rows = score_alignment(diag, probes, wins)
+    finally:
+        diag.engine.close()
+    df = pd.DataFrame(rows)
+    write_outputs(df, Path(diag.d.out_dir) if diag.d.out_dir else run_dir)
+    return df
 
+
+def build(cfg: Config) -> Diagnosis:
+    """Models (the student, each configured teacher: a path, the teacher, or the student with a context), the
+    held-out questions and the rollout engine."""
     from opd_lab.models import check_same_vocab, load_model, load_tokenizer, loading, resolve_paths
-    from opd_lab.runtime import make_engine, seed_everything
-    from opd_lab.tasks import build_task, grade, prompt_encoder
-    from opd_lab.tokens import ends_with_stop, stop_token_ids
+    from opd_lab.tokens import stop_token_ids
 
     d: DiagnoseConfig = cfg.diagnose
-    run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(d.seed)
-    task = build_task(cfg.task)
+    runtime.seed_everything(d.seed)
+    task = tasks.build_task(cfg.task)
     paths = resolve_paths(cfg)
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.chat_template)
     device = cfg.trainer.device
@@ -192,122 +131,140 @@ def run(cfg: Config, run_dir: Path) -> pd.DataFrame:
     pool = task.eval_problems()
     qids = random.Random(d.seed).sample(range(len(pool)), min(d.n_questions, len(pool)))  # held-out indices
     problems = [pool[i] for i in qids]
-    encode = prompt_encoder(cfg)
-    prompts = encode(tokenizer, problems)
-
+    prompts = tasks.prompt_encoder(cfg)(tokenizer, problems)
     stop = stop_token_ids(tokenizer, paths.student)
-    engine = make_engine(cfg, student, tokenizer, paths.student, stop)
-    max_tokens = d.max_tokens or cfg.rollout.max_tokens
-    try:
-        rollouts = engine.generate(prompts, SamplingSpec(n=d.rollouts_per_question, temperature=1.0, top_p=1.0,
-                                                         max_tokens=max_tokens, seed=d.seed))
-        n_cand = d.top_m + 1 + (1 if d.rest.value == "share" else 0)
-        mean_len = float(rollouts.response_mask_B_T.sum(-1).float().mean())
-        nodes_per = d.max_nodes if d.node_mode == "top_entropy" else min(d.max_nodes, math.ceil(mean_len / d.every_k))
-        n_cont = rollouts.size * nodes_per * n_cand * d.continuations
-        print(f"opd-lab diagnose: {len(problems)} questions × {d.rollouts_per_question} rollouts × ≤{nodes_per} "
-              f"nodes × ≤{n_cand} candidates × M={d.continuations} = up to {n_cont} continuations "
-              f"(~{n_cont * mean_len / 2:,.0f} tokens at half the mean response length {mean_len:.0f})",
-              flush=True)
-        # Phase 1: nodes and candidates of every rollout (student forward only).
-        probes = []  # per rollout: (b, j, resp, correct, nodes, z_nodes, pi_nodes, ent, cands, rest_first)
-        gen = torch.Generator().manual_seed(d.seed * 7919)
-        for b in range(rollouts.size):
-            j = int(rollouts.prompt_index_B[b])
-            resp = rollouts.response_ids_B_T[b][rollouts.response_mask_B_T[b].bool()].tolist()
-            if len(resp) < 2:
-                continue
-            correct = (not bool(rollouts.truncated_B[b])) and grade(rollouts.response_text[b], problems[j])
-            h = response_states(student, prompts[j], resp)
-            ent = response_entropy(student, h)
-            nodes = choose_nodes(ent, d.node_mode, d.every_k, d.max_nodes)
-            z = head(student, h[nodes])
-            pi = torch.softmax(z.double(), -1).float()
-            cands, rest_first = [], []
-            for i, t in enumerate(nodes):
-                c = list(dict.fromkeys(torch.topk(pi[i], d.top_m).indices.tolist() + [resp[t]]))
-                cands.append(c)
-                if d.rest.value == "share":
-                    w = pi[i].clone()
-                    w[c] = 0
-                    rest_first.append([int(torch.multinomial(w, 1, generator=gen)) if float(w.sum()) > 0 else c[0]
-                                       for _ in range(d.continuations)])
-            probes.append((b, j, resp, correct, nodes, z, pi, ent, cands, rest_first))
+    engine = runtime.make_engine(cfg, student, tokenizer, paths.student, stop)
+    return Diagnosis(cfg, tokenizer, student, teachers, qids, problems, prompts, engine, stop,
+                     d.max_tokens or cfg.rollout.max_tokens)
 
-        # Phase 2: all targeted continuations, in engine-sized chunks (M per candidate; one per rest token). The
-        # shared prefixes are served from the engine's prefix cache on vLLM.
-        M = d.continuations
-        jobs = []  # (probe index, node index, candidate token or None for the rest, first token, n samples)
-        for p_i, probe in enumerate(probes):
-            cands, rest_first = probe[8], probe[9]
-            for i in range(len(probe[4])):
-                jobs += [(p_i, i, v, v, M) for v in cands[i]]
-                if d.rest.value == "share":
-                    jobs += [(p_i, i, None, v, 1) for v in rest_first[i]]
-        wins: dict[tuple, list[float]] = {}
-        for p_i, i, v, first, n in jobs:  # an end-of-response first token ends the response: its own grade
-            if first in stop:
-                _, j, resp, _, nodes = probes[p_i][:5]
-                text = tokenizer.decode(resp[: nodes[i]] + [first], skip_special_tokens=False)
-                wins.setdefault((p_i, i, v), []).extend([float(grade(text, problems[j]))] * n)
-        jobs = [job for job in jobs if job[3] not in stop]
-        for n in sorted({job[4] for job in jobs}):
-            todo = [job for job in jobs if job[4] == n]
-            bar = tqdm(range(0, len(todo), d.chunk), desc=f"continuations (n={n})",
-                       disable=not cfg.logger.progress, dynamic_ncols=True)
-            for start in bar:
-                chunk = todo[start : start + d.chunk]
-                ps, budgets = [], []
-                for p_i, i, _, first, _ in chunk:
-                    _, j, resp, _, nodes = probes[p_i][:5]
-                    ps.append(prompts[j] + resp[: nodes[i]] + [first])
-                    budgets.append(max_tokens - nodes[i] - 1)  # the rollout's remaining token budget
-                if max(budgets) < 1:
-                    out = None
-                else:
-                    out = engine.generate(ps, SamplingSpec(n, 1.0, 1.0, max(budgets), d.seed * 1_000_003 + start))
-                for c_i, (p_i, i, v, first, _) in enumerate(chunk):
-                    _, j, resp, _, nodes = probes[p_i][:5]
-                    pre = resp[: nodes[i]] + [first]
-                    for s_i in range(n):
-                        k = c_i * n + s_i
-                        cont = [] if out is None else \
-                            out.response_ids_B_T[k][out.response_mask_B_T[k].bool()].tolist()[: budgets[c_i]]
-                        ok = ends_with_stop(pre + cont, stop) and grade(
-                            tokenizer.decode(pre + cont, skip_special_tokens=False), problems[j])
-                        wins.setdefault((p_i, i, v), []).append(float(ok))
 
-        # Phase 3: Q, g*, teacher scores, d_t and a_t per node × teacher × loss.
-        rows = []
-        for p_i, (b, j, resp, correct, nodes, z, pi, ent, cands, _) in enumerate(probes):
-            prob = problems[j]
-            teacher_logp = {}
-            for tch in teachers:
-                tz = node_logits(tch.model, tch.prompt(tokenizer, prob, encode), resp, nodes)
-                teacher_logp[tch.name] = torch.log_softmax(tz.double(), -1).float()
-            for i, t in enumerate(nodes):
-                c = cands[i]
-                q_t = torch.tensor([float(np.mean(wins[(p_i, i, v)])) for v in c])
-                q_rest = float(np.mean(wins[(p_i, i, None)])) if d.rest.value == "share" else None
-                g_star, value = ideal_gradient(pi[i], torch.tensor(c), q_t, d.rest.value, q_rest)
-                se = torch.sqrt(q_t * (1 - q_t) / M)
-                for tch in teachers:
-                    for loss in d.losses:
-                        dt = distill_gradient(loss, z[i], teacher_logp[tch.name][i], resp[t], top_k=d.lsm_top_k)
-                        rows.append({
-                            "question": qids[j], "rollout": b, "correct": correct, "position": t,
-                            "rel_position": t / len(resp), "entropy": float(ent[t]), "teacher": tch.name,
-                            "loss": loss, "alignment": cosine(dt, g_star), "g_star_norm": float(g_star.norm()),
-                            "d_norm": float(dt.norm()), "value": value, "n_candidates": len(c),
-                            "q_min": float(q_t.min()), "q_max": float(q_t.max()), "q_se_mean": float(se.mean()),
-                            "q_se_max": float(se.max()), "q_rest": q_rest,
-                            "sampled_token_q": float(q_t[c.index(resp[t])]),
-                        })
-    finally:
-        engine.close()
-    df = pd.DataFrame(rows)
-    write_outputs(df, Path(d.out_dir) if d.out_dir else run_dir)
-    return df
+def sample_rollouts(diag: Diagnosis) -> RolloutBatch:
+    """The student's rollouts of every question; prints the continuation budget before the work."""
+    d = diag.d
+    rollouts = diag.engine.generate(diag.prompts, SamplingSpec(n=d.rollouts_per_question, temperature=1.0, top_p=1.0,
+                                                               max_tokens=diag.max_tokens, seed=d.seed))
+    n_cand = d.top_m + 1 + (1 if d.rest.value == "share" else 0)
+    mean_len = float(rollouts.response_mask_B_T.sum(-1).float().mean())
+    nodes_per = d.max_nodes if d.node_mode == "top_entropy" else min(d.max_nodes, math.ceil(mean_len / d.every_k))
+    n_cont = rollouts.size * nodes_per * n_cand * d.continuations
+    print(f"opd-lab diagnose: {len(diag.problems)} questions × {d.rollouts_per_question} rollouts × ≤{nodes_per} "
+          f"nodes × ≤{n_cand} candidates × M={d.continuations} = up to {n_cont} continuations "
+          f"(~{n_cont * mean_len / 2:,.0f} tokens at half the mean response length {mean_len:.0f})", flush=True)
+    return rollouts
+
+
+def find_nodes(diag: Diagnosis, rollouts: RolloutBatch) -> list[Probe]:
+    """Phase 1: for every rollout (student forward only), the nodes, π_θ there and the candidate tokens."""
+    d = diag.d
+    probes = []
+    gen = torch.Generator().manual_seed(d.seed * 7919)
+    for b in range(rollouts.size):
+        j = int(rollouts.prompt_index_B[b])
+        resp = rollouts.response_ids_B_T[b][rollouts.response_mask_B_T[b].bool()].tolist()
+        if len(resp) < 2:
+            continue
+        correct = (not bool(rollouts.truncated_B[b])) and tasks.grade(rollouts.response_text[b], diag.problems[j])
+        h = response_states(diag.student, diag.prompts[j], resp)
+        ent = response_entropy(diag.student, h)
+        nodes = choose_nodes(ent, d.node_mode, d.every_k, d.max_nodes)
+        z = head(diag.student, h[nodes])
+        pi = torch.softmax(z.double(), -1).float()
+        cands, rest_first = [], []
+        for i, t in enumerate(nodes):
+            c = list(dict.fromkeys(torch.topk(pi[i], d.top_m).indices.tolist() + [resp[t]]))
+            cands.append(c)
+            if d.rest.value == "share":
+                w = pi[i].clone()
+                w[c] = 0
+                rest_first.append([int(torch.multinomial(w, 1, generator=gen)) if float(w.sum()) > 0 else c[0]
+                                   for _ in range(d.continuations)])
+        probes.append(Probe(b, j, resp, correct, nodes, z, pi, ent, cands, rest_first))
+    return probes
+
+
+def estimate_q(diag: Diagnosis, probes: list[Probe]) -> dict[tuple, list[float]]:
+    """Phase 2: the successes of the targeted continuations, keyed ``(probe, node, candidate or None for the
+    rest)``: M per candidate, one per rest token, in engine-sized chunks (vLLM serves the shared prefixes from its
+    prefix cache). An end-of-response first token ends the response: its outcome is the prefix's own grade."""
+    d = diag.d
+    jobs = []  # (probe index, node index, candidate token or None for the rest, first token, n samples)
+    for p_i, probe in enumerate(probes):
+        for i in range(len(probe.nodes)):
+            jobs += [(p_i, i, v, v, d.continuations) for v in probe.candidates[i]]
+            if d.rest.value == "share":
+                jobs += [(p_i, i, None, v, 1) for v in probe.rest_first[i]]
+    wins: dict[tuple, list[float]] = {}
+    for p_i, i, v, first, n in jobs:
+        if first in diag.stop:
+            probe = probes[p_i]
+            text = diag.tokenizer.decode(probe.response[: probe.nodes[i]] + [first], skip_special_tokens=False)
+            wins.setdefault((p_i, i, v), []).extend([float(tasks.grade(text, diag.problems[probe.question]))] * n)
+    jobs = [job for job in jobs if job[3] not in diag.stop]
+    for n in sorted({job[4] for job in jobs}):
+        _continue(diag, probes, [job for job in jobs if job[4] == n], n, wins)
+    return wins
+
+
+def _continue(diag: Diagnosis, probes: list[Probe], todo: list[tuple], n: int, wins: dict) -> None:
+    """``n`` continuations of each job, ``diagnose.chunk`` prompts per engine call, each with the rollout's
+    remaining token budget; the outcomes are appended to ``wins``."""
+    from tqdm.auto import tqdm
+
+    d = diag.d
+    bar = tqdm(range(0, len(todo), d.chunk), desc=f"continuations (n={n})", disable=not diag.cfg.logger.progress,
+               dynamic_ncols=True)
+    for start in bar:
+        chunk = todo[start : start + d.chunk]
+        ps, budgets = [], []
+        for p_i, i, _, first, _ in chunk:
+            probe = probes[p_i]
+            ps.append(diag.prompts[probe.question] + probe.response[: probe.nodes[i]] + [first])
+            budgets.append(diag.max_tokens - probe.nodes[i] - 1)  # the rollout's remaining token budget
+        out = None if max(budgets) < 1 else diag.engine.generate(
+            ps, SamplingSpec(n, 1.0, 1.0, max(budgets), d.seed * 1_000_003 + start))
+        for c_i, (p_i, i, v, first, _) in enumerate(chunk):
+            probe = probes[p_i]
+            pre = probe.response[: probe.nodes[i]] + [first]
+            for s_i in range(n):
+                k = c_i * n + s_i
+                cont = [] if out is None else \
+                    out.response_ids_B_T[k][out.response_mask_B_T[k].bool()].tolist()[: budgets[c_i]]
+                ok = ends_with_stop(pre + cont, diag.stop) and tasks.grade(
+                    diag.tokenizer.decode(pre + cont, skip_special_tokens=False), diag.problems[probe.question])
+                wins.setdefault((p_i, i, v), []).append(float(ok))
+
+
+def score_alignment(diag: Diagnosis, probes: list[Probe], wins: dict[tuple, list[float]]) -> list[dict]:
+    """Phase 3: Q, g*, the teachers' log-probs at the nodes, d_t and a_t per node × teacher × loss."""
+    d = diag.d
+    encode = tasks.prompt_encoder(diag.cfg)
+    rows = []
+    for p_i, probe in enumerate(probes):
+        prob = diag.problems[probe.question]
+        teacher_logp = {}
+        for tch in diag.teachers:
+            tz = node_logits(tch.model, tch.prompt(diag.tokenizer, prob, encode), probe.response, probe.nodes)
+            teacher_logp[tch.name] = torch.log_softmax(tz.double(), -1).float()
+        for i, t in enumerate(probe.nodes):
+            c = probe.candidates[i]
+            q_t = torch.tensor([float(np.mean(wins[(p_i, i, v)])) for v in c])
+            q_rest = float(np.mean(wins[(p_i, i, None)])) if d.rest.value == "share" else None
+            g_star, value = ideal_gradient(probe.pi_N_V[i], torch.tensor(c), q_t, d.rest.value, q_rest)
+            se = torch.sqrt(q_t * (1 - q_t) / d.continuations)
+            for tch in diag.teachers:
+                for loss in d.losses:
+                    dt = distill_gradient(loss, probe.logits_N_V[i], teacher_logp[tch.name][i], probe.response[t],
+                                          top_k=d.lsm_top_k)
+                    rows.append({
+                        "question": diag.qids[probe.question], "rollout": probe.row, "correct": probe.correct,
+                        "position": t, "rel_position": t / len(probe.response), "entropy": float(probe.entropy_T[t]),
+                        "teacher": tch.name, "loss": loss, "alignment": cosine(dt, g_star),
+                        "g_star_norm": float(g_star.norm()), "d_norm": float(dt.norm()), "value": value,
+                        "n_candidates": len(c), "q_min": float(q_t.min()), "q_max": float(q_t.max()),
+                        "q_se_mean": float(se.mean()), "q_se_max": float(se.max()), "q_rest": q_rest,
+                        "sampled_token_q": float(q_t[c.index(probe.response[t])]),
+                    })
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ outputs

@@ -24,16 +24,11 @@ from collections.abc import Callable
 
 import torch
 
+from opd_lab.registry import Registry
+
 GroupFn = Callable[..., torch.Tensor]
-_GROUPINGS: dict[str, GroupFn] = {}
-
-
-def register_grouping(name: str) -> Callable[[GroupFn], GroupFn]:
-    def deco(fn: GroupFn) -> GroupFn:
-        _GROUPINGS[name] = fn
-        return fn
-
-    return deco
+# gate kind → grouping(response_mask_B_T, block_size, newline_B_T) → group index per position (−1: no group)
+GROUPINGS: Registry[GroupFn] = Registry("gate kind")
 
 
 def response_positions(response_mask_B_T: torch.Tensor) -> torch.Tensor:
@@ -42,26 +37,32 @@ def response_positions(response_mask_B_T: torch.Tensor) -> torch.Tensor:
     return torch.where(response_mask_B_T.bool(), pos, torch.full_like(pos, -1))
 
 
-@register_grouping("token")
+@GROUPINGS.register("none")
+def no_groups(response_mask_B_T: torch.Tensor, **_) -> torch.Tensor:
+    """No gate: no position belongs to a group (g_t = 1 everywhere)."""
+    return torch.full_like(response_mask_B_T, -1, dtype=torch.long)
+
+
+@GROUPINGS.register("token")
 def token_groups(response_mask_B_T: torch.Tensor, **_) -> torch.Tensor:
     """Every response position is its own group."""
     return response_positions(response_mask_B_T)
 
 
-@register_grouping("sequence")
+@GROUPINGS.register("sequence")
 def sequence_groups(response_mask_B_T: torch.Tensor, **_) -> torch.Tensor:
     """The whole response is one group."""
     return torch.where(response_mask_B_T.bool(), 0, -1)
 
 
-@register_grouping("block")
+@GROUPINGS.register("block")
 def block_groups(response_mask_B_T: torch.Tensor, block_size: int, **_) -> torch.Tensor:
     """Consecutive groups of ``block_size`` response positions, from the first response token."""
     pos = response_positions(response_mask_B_T)
     return torch.where(pos >= 0, pos // block_size, -1)
 
 
-@register_grouping("span")
+@GROUPINGS.register("span")
 def span_groups(response_mask_B_T: torch.Tensor, newline_B_T: torch.Tensor, **_) -> torch.Tensor:
     """Reasoning steps: a group ends after each newline-containing token and at the end of the response."""
     nl = (newline_B_T.bool() & response_mask_B_T.bool()).long()
@@ -105,11 +106,10 @@ def group_drift(
     mask = loss_mask_B_T.to(delta_B_T.dtype)
     if kind == "none":
         return torch.zeros_like(delta_B_T), torch.zeros_like(delta_B_T)
-    if kind not in _GROUPINGS:
-        raise KeyError(f"unknown gate kind {kind!r}; available: ['none', {', '.join(map(repr, _GROUPINGS))}]")
+    grouping = GROUPINGS.get(kind)
     if kind == "span" and newline_B_T is None:
         raise ValueError("the span gate needs newline_B_T")
-    groups = _GROUPINGS[kind](response_mask_B_T=response_mask_B_T, block_size=block_size, newline_B_T=newline_B_T)
+    groups = grouping(response_mask_B_T=response_mask_B_T, block_size=block_size, newline_B_T=newline_B_T)
     m_G = group_mean(delta_B_T, mask, groups)
     cancel = ((torch.sign(delta_B_T) * torch.sign(m_G)) < 0).to(delta_B_T.dtype) * mask
     return m_G, cancel

@@ -1,7 +1,6 @@
-"""Gradient-alignment diagnostic: g* by hand and as the autograd steepest-ascent direction, cosine limits, d_t of each
-loss against autograd/analytic forms, a stubbed success oracle with exactly known Q, and the CLI on tiny models."""
+"""The gradient-alignment diagnostic app: a stubbed success oracle with exactly known Q, end-of-response candidates,
+and the CLI on tiny models (the maths: test_alignment.py)."""
 
-import math
 import subprocess
 import sys
 
@@ -9,80 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from opd_lab.diagnose import choose_nodes, cosine, distill_gradient, ideal_gradient, node_logits
-from opd_lab.losses import full_reverse_kl
+from opd_lab.alignment import ideal_gradient, node_logits
 from opd_lab.rollout.base import RolloutBatch
 from tests.test_e2e import ROOT, TINY
-
-
-def test_ideal_gradient_by_hand_all_candidates():
-    pi = torch.tensor([0.5, 0.3, 0.2])
-    g, v = ideal_gradient(pi, torch.tensor([0, 1, 2]), torch.tensor([1.0, 0.0, 0.5]), "drop")
-    assert v == pytest.approx(0.6)  # 0.5·1 + 0.3·0 + 0.2·0.5
-    assert torch.allclose(g, torch.tensor([0.5 * 0.4, 0.3 * -0.6, 0.2 * -0.1]))
-
-
-def test_ideal_gradient_is_the_steepest_ascent_of_success_probability():
-    z = torch.tensor([0.3, -1.0, 0.7, 0.1], dtype=torch.float64, requires_grad=True)
-    q = torch.tensor([0.9, 0.1, 0.4, 0.0], dtype=torch.float64)
-    (torch.softmax(z, -1) * q).sum().backward()  # P(success) = Σ_v π(v) Q(v)
-    g, _ = ideal_gradient(torch.softmax(z.detach(), -1), torch.arange(4), q, "drop")
-    assert torch.allclose(g.double(), z.grad, atol=1e-7)
-
-
-def test_ideal_gradient_rest_modes():
-    pi = torch.tensor([0.5, 0.3, 0.2])
-    g, v = ideal_gradient(pi, torch.tensor([0, 1]), torch.tensor([1.0, 0.0]), "drop")
-    assert v == pytest.approx(0.625)  # π renormalised on {0, 1}: 0.625·1
-    assert torch.allclose(g, torch.tensor([0.625 * 0.375, 0.375 * -0.625, 0.0]))
-    g, v = ideal_gradient(pi, torch.tensor([0]), torch.tensor([1.0]), "share", q_rest=0.25)
-    assert v == pytest.approx(0.5 + 0.5 * 0.25)
-    assert torch.allclose(g, torch.tensor([0.5 * 0.375, 0.3 * -0.375, 0.2 * -0.375]))
-
-
-def test_alignment_limits():
-    g = torch.tensor([0.2, -0.18, -0.02])
-    assert cosine(g, g) == pytest.approx(1.0)
-    assert cosine(g, -g) == pytest.approx(-1.0)
-    assert cosine(g, 3 * g) == pytest.approx(1.0)
-    assert math.isnan(cosine(g, torch.zeros(3)))
-
-
-def test_full_rkl_gradient_equals_autograd_and_closed_form():
-    torch.manual_seed(0)
-    z, q_logits = torch.randn(11, dtype=torch.float64), torch.randn(11, dtype=torch.float64)
-    logq = torch.log_softmax(q_logits, -1)
-    d = distill_gradient("full_rkl", z, logq, token=3).double()
-    zz = z.clone().requires_grad_(True)
-    full_reverse_kl(zz.view(1, 1, -1), q_logits.view(1, 1, -1)).sum().backward()
-    assert torch.allclose(d, -zz.grad, atol=1e-6)
-    log_pi = torch.log_softmax(z, -1)
-    kl = (log_pi.exp() * (log_pi - logq)).sum()
-    assert torch.allclose(d, -log_pi.exp() * (log_pi - logq - kl), atol=1e-6)
-
-
-def test_sampled_token_and_lsm_gradients():
-    torch.manual_seed(1)
-    z, logq = torch.randn(9, dtype=torch.float64), torch.log_softmax(torch.randn(9, dtype=torch.float64), -1)
-    y = 4
-    pi = torch.softmax(z, -1)
-    adv = float(logq[y] - torch.log(pi[y]))
-    e = torch.zeros(9, dtype=torch.float64)
-    e[y] = 1
-    d = distill_gradient("sampled_token", z, logq, token=y).double()
-    assert torch.allclose(d, adv * (e - pi), atol=1e-6)  # at π_θ = π_old: d = A (e_y − π)
-    d = distill_gradient("lsm", z, logq, token=y, top_k=3).double()
-    outside = torch.ones(9, dtype=torch.bool)
-    outside[torch.topk(logq, 3).indices] = False
-    assert torch.all(d[outside] == 0) and d[~outside].abs().sum() > 0
-    assert d.sum().abs() < 1e-6  # renormalised: gradient is orthogonal to a constant shift of the logits
-
-
-def test_choose_nodes():
-    ent = torch.tensor([0.1, 2.0, 0.3, 5.0, 0.2, 4.0, 1.0])
-    assert choose_nodes(ent, "every_k", 2, 10) == [0, 2, 4]
-    assert choose_nodes(ent, "every_k", 2, 2) == [0, 2]
-    assert choose_nodes(ent, "top_entropy", 0, 2) == [3, 5]  # the last position is never a node
 
 
 class OracleEngine:

@@ -8,8 +8,11 @@ from typing import Any
 
 from opd_lab.config.base import _check
 
-
 # --------------------------------------------------------------------------------------------- diagnose
+# the losses of opd_lab.alignment.DIAGNOSTIC_LOSSES (a test keeps the two in step)
+DIAGNOSTIC_LOSS_NAMES = ("sampled_token", "lsm", "full_rkl")
+
+
 class NodeMode(str, Enum):
     every_k = "every_k"
     top_entropy = "top_entropy"
@@ -56,9 +59,9 @@ class DiagnoseConfig:
             _check(getattr(self, name) >= 1, f"diagnose.{name}", getattr(self, name), "an integer >= 1")
         _check(self.max_tokens is None or self.max_tokens >= 1, "diagnose.max_tokens", self.max_tokens,
                "null or an integer >= 1")
-        bad = [x for x in self.losses if x not in ("sampled_token", "lsm", "full_rkl")]
+        bad = [x for x in self.losses if x not in DIAGNOSTIC_LOSS_NAMES]
         _check(len(self.losses) > 0 and not bad, "diagnose.losses", list(self.losses),
-               "a non-empty list of sampled_token, lsm, full_rkl")
+               f"a non-empty list of {', '.join(DIAGNOSTIC_LOSS_NAMES)}")
         _check(len(self.teachers) > 0, "diagnose.teachers", dict(self.teachers), "at least one named teacher")
         specs = {}
         for name, spec in self.teachers.items():
