@@ -1,16 +1,21 @@
+"""One step's optimisation (update.py) on scored batches (scoring.py): the first update is exactly ungated, an update
+does not depend on its micro-batch split, chunked and plain heads agree, the gates applied are normalise_gates's,
+and a non-finite update is skipped and counted."""
+
 import copy
 import random
 
 import pytest
 import torch
 
+from opd_lab.learner import make_optimizer
 from opd_lab.rollout.base import SamplingSpec
 from opd_lab.rollout.hf import HFEngine
 from opd_lab.scoring import HFTeacherScorer, score_batch
 from opd_lab.tasks import encode_prompts
 from opd_lab.tasks.arith import ArithmeticTask
 from opd_lab.tokens import TokenIds
-from opd_lab.update import optimizer_update
+from opd_lab.update import optimizer_update, train_step
 from tests.conftest import compose, tiny_model
 
 GATES = ["none", "token", "sequence", "block32", "span"]
@@ -88,35 +93,6 @@ def test_update_invariant_to_micro_batching(setup, loss, gate):
             assert out["gate/mean"] == pytest.approx(1.0, abs=1e-5)
         for a, b in zip(grads, ref_g, strict=True):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
-
-
-def test_special_token_masking(tokenizer):
-    """Mode ``first`` masks the first occurrence of EACH special id (METHODS.md), ``all`` every occurrence."""
-    from opd_lab.tokens import special_mask_B_T, special_token_ids
-
-    ids = tokenizer.convert_tokens_to_ids
-    im_end, think, end_think, x = ids("<|im_end|>"), ids("<think>"), ids("</think>"), ids("x")
-    special = special_token_ids(tokenizer, ["<think>", "</think>", "<|im_end|>"])
-    assert special == [think, end_think, im_end]
-    resp = torch.tensor([[think, x, think, end_think, x, im_end, 0], [x, end_think, x, im_end, x, im_end, x]])
-    rmask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]])
-    first = special_mask_B_T(resp, rmask, special, "first")
-    assert first.tolist() == [[1, 0, 0, 1, 0, 1, 0], [0, 1, 0, 1, 0, 0, 0]]
-    every = special_mask_B_T(resp, rmask, special, "all")
-    assert every.tolist() == [[1, 0, 1, 1, 0, 1, 0], [0, 1, 0, 1, 0, 1, 0]]
-    assert special_mask_B_T(resp, rmask, special, "none").sum() == 0
-    padded = special_mask_B_T(torch.tensor([[x, im_end]]), torch.tensor([[1, 0]]), special, "all")
-    assert padded.tolist() == [[0, 0]]  # padding is never a special token
-
-
-def test_special_strings_must_be_tokens(tokenizer):
-    """A configured string that is no token of the tokenizer stops start-up with an error naming it."""
-    from opd_lab.config import ConfigError
-    from opd_lab.tokens import special_token_ids
-
-    with pytest.raises(ConfigError, match=r"model.special_tokens: 'think' is not a token"):
-        special_token_ids(tokenizer, ["<|im_end|>", "think"])
-    assert special_token_ids(tokenizer, ["<"]) == [tokenizer.convert_tokens_to_ids("<")]  # a real (char) token
 
 
 def test_lsm_support_variants_score(setup):
@@ -274,3 +250,28 @@ def test_update_equals_normalise_gates_reference(setup, accum, underflow):
     assert sum(float(r.abs().sum()) for r in ref) > 0
     for a, b in zip(opt.grads, ref, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss", ["sampled_token", "lsm"])
+def test_injected_nan_loss_is_skipped_and_counted(setup, loss):
+    student, teacher, batch, tokens = setup
+    student = copy.deepcopy(student)
+    cfg = compose([f"loss={loss}", "rollout.n_prompts=4", "rollout.n_samples=2", "rollout.mini_batch_size=4",
+                   "rollout.reuse=2"])
+    data = score_batch(cfg, student, teacher, batch, tokens)
+    opt, sched = make_optimizer(cfg, student)
+
+    good = train_step(cfg, student, opt, sched, data, step=0)  # finite: 4 updates, none skipped
+    assert good["guard/skipped_updates"] == 0 and good["updates"] == 4
+    before = [p.detach().clone() for p in student.parameters()]
+    adam = copy.deepcopy(opt.state_dict()["state"])
+
+    data.teacher_logp_B_T = torch.full_like(data.teacher_logp_B_T, float("nan"))  # every row poisoned
+    if data.teacher_support_logp_B_T_S is not None:
+        data.teacher_support_logp_B_T_S = torch.full_like(data.teacher_support_logp_B_T_S, float("nan"))
+    bad = train_step(cfg, student, opt, sched, data, step=1)
+    assert bad["guard/skipped_updates"] == 4 and bad["guard/trailing_bad_updates"] == 4
+    for p, q in zip(student.parameters(), before, strict=True):
+        assert torch.equal(p, q)  # no update applied
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(after[k]["exp_avg"], adam[k]["exp_avg"]) for k in adam)
