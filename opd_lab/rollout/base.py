@@ -145,6 +145,7 @@ class BuildContext:
 ENGINES: Registry = Registry("rollout engine")
 ENGINES.add("hf", "opd_lab.rollout.hf:build_engine")
 ENGINES.add("vllm", "opd_lab.rollout.vllm:build_engine")
+ENGINES.add("static", "opd_lab.rollout.static:build_engine")
 SCORERS: Registry = Registry("teacher scorer")
 SCORERS.add("hf", "opd_lab.scoring:build_teacher_scorer")
 SCORERS.add("vllm", "opd_lab.rollout.vllm:build_teacher_scorer")
