@@ -2,7 +2,9 @@
 
 A checkpoint is a folder ``<run>/checkpoints/step_NNNNNN/`` holding the student (``save_pretrained``,
 safetensors), ``trainer_state.pt`` (optimizer, LR scheduler, the prompt sampler's RNG, torch/numpy/python global
-RNG states, the update guard, the step counter, the wandb run id) and ``manifest.json`` (SHA-256 of every file and
+RNG states, the update guard, the step counter, the wandb run id; with ``rollout.staleness`` the snapshots of the
+weights the pending rollout batches were sampled from, so a resumed run regenerates them exactly) and
+``manifest.json`` (SHA-256 of every file and
 the config fingerprint). It is written into a temporary folder and renamed into place, so a folder with that name
 is complete; the manifest also catches files damaged afterwards. Resume takes the newest checkpoint that verifies
 and says which ones it skipped and why. The last ``trainer.keep_checkpoints`` are kept.
@@ -66,6 +68,7 @@ class TrainState:
     path: Path
     rng: dict[str, Any]  # torch/numpy/python global RNG states (:func:`restore_rng`)
     shards: Path | None = None  # FSDP2: the torch.distributed.checkpoint folder of weights and optimizer
+    rollout_snapshots: dict[int, list[torch.Tensor]] | None = None  # rollout.staleness: versions pending batches use
 
 
 def rng_states() -> dict[str, Any]:
@@ -79,12 +82,12 @@ def restore_rng(state: TrainState) -> None:
     set_rng_states(state.rng)
 
 
-def restore(state: TrainState, policy, optimizer, scheduler, sampler_rng: random.Random, guard, engine) -> int:
+def restore(state: TrainState, policy, optimizer, scheduler, sampler_rng: random.Random, guard,
+            dist=None) -> dict[int, list[torch.Tensor]]:
     """Resume step: the optimizer (FSDP2: this rank's shards of the weights and Adam moments), the LR schedule,
-    the prompt sampler, the update guard; the rollout engine gets the restored weights. Returns the step to
-    continue from (the unsharded weights are loaded into the model before it is wrapped, see train.py)."""
-    from opd_lab.distributed import gathered_state_dict, unwrap
-
+    the prompt sampler (as it was before the first batch still to generate), the update guard. Returns the
+    snapshots of the weights the pending batches were sampled from (``rollout.staleness``; the pipeline
+    regenerates them). The unsharded weights are loaded into the model before it is wrapped (train.py)."""
     if state.shards is not None:
         load_shards(policy, optimizer, state.shards)
     else:
@@ -92,8 +95,11 @@ def restore(state: TrainState, policy, optimizer, scheduler, sampler_rng: random
     scheduler.load_state_dict(state.scheduler)
     sampler_rng.setstate(state.sampler_rng)
     guard.run, guard.total = state.guard["run"], state.guard["total"]
-    engine.sync_weights(unwrap(policy).lm, gathered_state_dict(policy))  # the engine samples the restored weights
-    return state.step
+    if state.rollout_snapshots is not None:
+        return state.rollout_snapshots
+    rank = dist.rank if dist is not None else 0
+    path = state.path / "snapshots" / f"rank{rank}.pt"  # sharded: this rank's shards of each version
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else {}
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
@@ -107,8 +113,8 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save(run_dir: Path, cfg: Config, step: int, model, tokenizer, optimizer, scheduler, sampler_rng: random.Random,
-         guard: dict, wandb_id: str | None, dist=None) -> Path:
+def save(run_dir: Path, cfg: Config, step: int, model, tokenizer, optimizer, scheduler, sampler_state: tuple,
+         guard: dict, wandb_id: str | None, dist=None, rollout_snapshots: dict | None = None) -> Path:
     """Write ``checkpoints/step_<step>`` atomically (temporary folder → rename) and prune old ones.
 
     ``model``: the language model, or the learner's (DDP/FSDP2-wrapped) Policy under torchrun, where every rank
@@ -133,6 +139,10 @@ def save(run_dir: Path, cfg: Config, step: int, model, tokenizer, optimizer, sch
 
         msd, osd = get_state_dict(lm, optimizer)
         dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp / "shards"))  # every rank, its shard
+        if rollout_snapshots:  # every rank, its shards of the versions the pending batches were sampled from
+            (tmp / "snapshots").mkdir(exist_ok=True)
+            torch.save(rollout_snapshots, tmp / "snapshots" / f"rank{dist.rank}.pt")
+        dist.barrier()
     if dist.is_main:
         if sharded:
             lm.config.save_pretrained(tmp)
@@ -140,8 +150,9 @@ def save(run_dir: Path, cfg: Config, step: int, model, tokenizer, optimizer, sch
             lm.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": None if sharded else optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "sampler_rng": sampler_rng.getstate(), "rng": rng_states(),
-                    "guard": guard, "wandb_id": wandb_id, "world": dist.world}, tmp / "trainer_state.pt")
+                    "scheduler": scheduler.state_dict(), "sampler_rng": sampler_state, "rng": rng_states(),
+                    "guard": guard, "wandb_id": wandb_id, "world": dist.world,
+                    "rollout_snapshots": None if sharded else rollout_snapshots}, tmp / "trainer_state.pt")
         files = {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files, "config": fingerprint(cfg)},
                                                       indent=1))
@@ -213,6 +224,7 @@ def latest(run_dir: Path, cfg: Config) -> TrainState | None:
         return TrainState(step=state["step"], optimizer=state["optimizer"], scheduler=state["scheduler"],
                           sampler_rng=_tuplify(state["sampler_rng"]), guard=state["guard"],
                           wandb_id=state["wandb_id"], path=path, rng=state["rng"],
+                          rollout_snapshots=state.get("rollout_snapshots"),
                           shards=path / "shards" if (path / "shards").is_dir() else None)
     if candidates:
         print(f"opd-lab: no usable checkpoint in {run_dir / 'checkpoints'}; starting from step 0",

@@ -1,7 +1,7 @@
 """The OPD loop, on one screen: rollout → π_old and teacher scores → R passes of gated updates → sync the engine →
-log → (evaluate) → (checkpoint). Each piece lives in its own module: scoring.py (the scored batch), update.py
-(the passes of optimizer updates), monitors.py (guard, collapse signals, memory), checkpoint.py (save, restore),
-evaluation.py (pass@k).
+log → (evaluate) → (checkpoint). Each piece lives in its own module: pipeline.py (the rollout batches, synchronous
+or ``rollout.staleness`` steps ahead), scoring.py (the scored batch), update.py (the passes of optimizer updates),
+monitors.py (guard, collapse signals, memory), checkpoint.py (save, restore), evaluation.py (pass@k).
 
 Under torchrun every rank draws the same prompts and rolls out its contiguous share (distributed.py); the logged
 metrics are over all ranks, so every rank holds the same numbers and rank 0 writes them.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,15 +19,16 @@ import torch
 
 from opd_lab import checkpoint
 from opd_lab.config import Config
-from opd_lab.distributed import SINGLE, Dist, gathered_state_dict, unwrap
+from opd_lab.distributed import SINGLE, Dist, unwrap
 from opd_lab.evaluation import run_eval
 from opd_lab.monitors import UpdateGuard, collapse_signals, cuda_memory, rollout_metrics
 from opd_lab.optim import adamw_with_schedule
+from opd_lab.pipeline import Rollouts
 from opd_lab.rollout.base import RolloutBatch, RolloutEngine, SamplingSpec
-from opd_lab.scoring import score_batch
+from opd_lab.scoring import old_stats, score_batch
 from opd_lab.tasks import Task, prompt_encoder
 from opd_lab.tokens import TokenIds
-from opd_lab.update import first_pass_micro_batches, train_step
+from opd_lab.update import old_scoring_plan, train_step
 
 
 @dataclass
@@ -51,28 +53,56 @@ def train(run: Run, state: checkpoint.TrainState | None = None) -> dict[str, flo
     cfg, dist = run.cfg, run.dist
     optimizer, scheduler = make_optimizer(cfg, run.policy)
     sampler, guard = random.Random(cfg.trainer.seed), UpdateGuard(cfg.trainer.max_bad_updates)
-    start = checkpoint.restore(state, run.policy, optimizer, scheduler, sampler, guard, run.engine) if state else 0
+    snapshots = checkpoint.restore(state, run.policy, optimizer, scheduler, sampler, guard, dist) if state else {}
+    rollouts = make_rollouts(run, sampler)
+    start = state.step if state else 0
+    rollouts.start(start, snapshots, engine_version=None if state else 0)
     final: dict[str, float] = {}
-    bar = progress(cfg, start, dist)
-    for step in bar:
-        t0 = time.perf_counter()
-        batch = sample_rollouts(run, step, sampler)
-        scored = score_batch(cfg, run.policy, run.teacher_scorer, batch, run.tokens,
-                             first_pass_micro_batches(cfg, step, batch.size, dist), dist)
-        t1 = time.perf_counter()
-        metrics = train_step(cfg, run.policy, optimizer, scheduler, scored, step, dist)
-        t2 = time.perf_counter()
-        sync_s = run.engine.sync_weights(unwrap(run.policy).lm, gathered_state_dict(run.policy))
-        metrics |= step_metrics(run, batch, scored.stats, (t0, t1, t2), sync_s, scheduler)
-        log_step(run, step + 1, metrics, guard)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", len=f"{metrics['response/mean_len']:.0f}")
-        if step + 1 == cfg.trainer.steps or (cfg.eval.every and (step + 1) % cfg.eval.every == 0):
-            final = evaluate_student(run, step + 1)
-        if cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0 \
-                and step + 1 < cfg.trainer.steps:
-            checkpoint.save(run.run_dir, cfg, step + 1, run.policy, run.tokenizer, optimizer, scheduler, sampler,
-                            {"run": guard.run, "total": guard.total}, run.tracker.run_id, dist)
+    with closing(rollouts):
+        bar = progress(cfg, start, dist)
+        for step in bar:
+            t0 = time.perf_counter()
+            batch, rollout_stats = rollouts.get(step)
+            old_rows, deferred = old_scoring_plan(cfg, step, batch.size, rollouts.current(step), dist)
+            with rollouts.behaviour(step):  # π_old: the policy that sampled the batch
+                scored = score_batch(cfg, run.policy, run.teacher_scorer, batch, run.tokens, old_rows, dist,
+                                     deferred_rows=deferred)
+            t1 = time.perf_counter()
+            metrics = train_step(cfg, run.policy, optimizer, scheduler, scored, step, dist)
+            t2 = time.perf_counter()
+            if deferred is not None:  # the first update supplied the deferred rows' π_old
+                scored.stats |= old_stats(scored, dist)
+            sync_s = rollouts.after_step(step)
+            metrics |= rollout_stats | step_metrics(run, batch, scored.stats, (t0, t1, t2), sync_s, scheduler)
+            log_step(run, step + 1, metrics, guard)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", len=f"{metrics['response/mean_len']:.0f}")
+            if step + 1 == cfg.trainer.steps or (cfg.eval.every and (step + 1) % cfg.eval.every == 0):
+                with rollouts.paused():
+                    final = evaluate_student(run, step + 1)
+            if cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0 \
+                    and step + 1 < cfg.trainer.steps:
+                pending = rollouts.state()
+                checkpoint.save(run.run_dir, cfg, step + 1, run.policy, run.tokenizer, optimizer, scheduler,
+                                pending["sampler"], {"run": guard.run, "total": guard.total}, run.tracker.run_id,
+                                dist, rollout_snapshots=pending["snapshots"])
     return final if cfg.trainer.steps else evaluate_student(run, 0)
+
+
+def make_rollouts(run: Run, sampler: random.Random) -> Rollouts:
+    """The rollout batches of the run: this rank's share of each step's prompts (every rank draws the same ones),
+    sampled synchronously or ``rollout.staleness`` steps ahead in a background thread (inline under torchrun with
+    vLLM, whose engines take part in collectives)."""
+    cfg, dist = run.cfg, run.dist
+    share = dist.shard(cfg.rollout.n_prompts)
+    encode = prompt_encoder(cfg)
+
+    def draw(rng: random.Random) -> list[list[int]]:
+        return encode(run.tokenizer, run.task.train_problems(cfg.rollout.n_prompts, rng)[share])
+
+    concurrent = not (dist.enabled and cfg.rollout.engine.value == "vllm")
+    return Rollouts(run.engine, run.policy, cfg.rollout.staleness, sampler, draw,
+                    lambda step: rollout_spec(cfg, step, share.start), concurrent=concurrent,
+                    updates_per_step=cfg.rollout.reuse * (cfg.rollout.batch_size // cfg.rollout.mini_batch_size))
 
 
 def make_optimizer(cfg: Config, model):
@@ -94,14 +124,6 @@ def rollout_spec(cfg: Config, step: int, prompt_offset: int = 0) -> SamplingSpec
     r = cfg.rollout
     return SamplingSpec(n=r.n_samples, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
                         seed=cfg.trainer.seed * 1_000_003 + step, prompt_offset=prompt_offset)
-
-
-def sample_rollouts(run: Run, step: int, sampler: random.Random) -> RolloutBatch:
-    """This rank's share of the step's prompts (every rank draws the same ones), sampled by the engine."""
-    share = run.dist.shard(run.cfg.rollout.n_prompts)
-    problems = run.task.train_problems(run.cfg.rollout.n_prompts, sampler)[share]
-    return run.engine.generate(prompt_encoder(run.cfg)(run.tokenizer, problems),
-                               rollout_spec(run.cfg, step, share.start))
 
 
 def step_metrics(run: Run, batch: RolloutBatch, score_stats: dict, times: tuple[float, float, float],

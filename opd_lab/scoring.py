@@ -151,6 +151,7 @@ class ScoredBatch:
     teacher_support_logp_B_T_S: torch.Tensor | None = None
     support_mask_B_T_S: torch.Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    old_pending_B: torch.Tensor | None = None  # bool [B]: rows whose log π_old the first update's forward supplies
 
     @property
     def response_mask_B_T(self) -> torch.Tensor:
@@ -163,7 +164,21 @@ class ScoredBatch:
 
         return ScoredBatch(self.batch.select(idx), pick(self.loss_mask_B_T), pick(self.newline_B_T),
                            pick(self.old_logp_B_T), pick(self.teacher_logp_B_T), pick(self.support_ids_B_T_S),
-                           pick(self.teacher_support_logp_B_T_S), pick(self.support_mask_B_T_S))
+                           pick(self.teacher_support_logp_B_T_S), pick(self.support_mask_B_T_S),
+                           old_pending_B=None if self.old_pending_B is None else self.old_pending_B[idx])
+
+    def take_old(self, idx: torch.Tensor | None, rows: ScoredBatch, logp_B_T: torch.Tensor) -> None:
+        """Rows ``idx`` (``rows`` = their selection) were just forwarded by the policy that sampled them, before
+        any update: where their log π_old is pending, it is this forward's ``logp_B_T`` (the same computation the
+        scoring pass would have made, so no second forward is needed). ``idx=None``: a zero-weight micro-batch."""
+        if rows.old_pending_B is None or not bool(rows.old_pending_B.any()):
+            return
+        pending = rows.old_pending_B.to(logp_B_T.device)[:, None]
+        rows.old_logp_B_T = torch.where(pending, logp_B_T.detach().float(), rows.old_logp_B_T)
+        rows.old_pending_B = torch.zeros_like(rows.old_pending_B)
+        if idx is not None:
+            self.old_logp_B_T[idx] = rows.old_logp_B_T.cpu()
+            self.old_pending_B[idx] = False
 
     def without_loss(self) -> ScoredBatch:
         """The same rows with no valid token (a zero-weight micro-batch: every masked sum is 0)."""
@@ -184,15 +199,17 @@ def policy_forward(cfg, policy: torch.nn.Module, scored: ScoredBatch) -> PolicyO
 
 def score_batch(cfg, policy: torch.nn.Module, teacher_scorer, batch: RolloutBatch, tokens: TokenIds,
                 old_micro_batches: list[torch.Tensor | None] | None = None, dist: Dist = SINGLE,
-                score_batch_size: int = 64) -> ScoredBatch:
+                score_batch_size: int = 64, deferred_rows: torch.Tensor | None = None) -> ScoredBatch:
     """π_old and teacher scores of a rollout batch, the loss mask and the support S_t the loss needs.
 
     ``policy`` is the learner's (possibly wrapped) :class:`~opd_lab.heads.Policy` at the weights that sampled
     ``batch``. π_old is its training forward on ``old_micro_batches`` (this rank's rows; ``None``: a zero-weight
     micro-batch that keeps FSDP2's collectives in step), which the learner passes as the micro-batches of the
     first pass of its updates: same precision, autocast, rows and shapes, so that on the first update
-    π_θ = π_old exactly (δ ≡ 0, every gate 1). Under torchrun ``batch`` is this rank's share and the token-mean
-    statistics are over all ranks.
+    π_θ = π_old exactly (δ ≡ 0, every gate 1). ``deferred_rows`` (the first update's rows, when the policy that
+    sampled the batch is the current one) are not scored here: the first update's own forward supplies their
+    π_old (:meth:`ScoredBatch.take_old`), and the statistics that need π_old wait for :func:`old_stats`. Under
+    torchrun ``batch`` is this rank's share and the token-mean statistics are over all ranks.
     """
     t0 = time.perf_counter()
     T_s = cfg.rollout.temperature
@@ -204,6 +221,10 @@ def score_batch(cfg, policy: torch.nn.Module, teacher_scorer, batch: RolloutBatc
                          newline_B_T=tokens.newline_V[resp_ids].long() * resp_mask,
                          old_logp_B_T=torch.zeros(resp_mask.shape), teacher_logp_B_T=torch.zeros(resp_mask.shape))
     device = next(policy.parameters()).device
+    if deferred_rows is not None:
+        scored.old_pending_B = torch.zeros(batch.size, dtype=torch.bool)
+        scored.old_pending_B[deferred_rows] = True
+        scored.old_logp_B_T[deferred_rows] = float("nan")
     with torch.no_grad():
         for m in old_micro_batches if old_micro_batches is not None else [torch.arange(batch.size)]:
             rows = scored.select(m if m is not None else torch.zeros(1, dtype=torch.long), device)
@@ -222,25 +243,25 @@ def score_batch(cfg, policy: torch.nn.Module, teacher_scorer, batch: RolloutBatc
     if needs.support:
         scored.support_ids_B_T_S, scored.teacher_support_logp_B_T_S, scored.support_mask_B_T_S = build_support(
             needs, resp_ids, teach, old_topk)
-    stats, n_tok = _score_stats(scored, special, dist)
+    n_tok, n_special = dist.sum(resp_mask.sum(), special.sum())
     scored.stats = {"time/score_old_s": t1 - t0, "time/score_teacher_s": t2 - t1,
-                    "score/tokens_per_s": 2 * n_tok / dist.world / max(t2 - t0, 1e-9), **stats}
+                    "score/tokens_per_s": 2 * n_tok / dist.world / max(t2 - t0, 1e-9), "special_masked": n_special}
+    if deferred_rows is None:
+        scored.stats |= old_stats(scored, dist)
     return scored
 
 
-def _score_stats(scored: ScoredBatch, special_B_T: torch.Tensor, dist: Dist) -> tuple[dict[str, float], float]:
-    """Sampler/π_old mismatch, the teacher − old log-ratio and the masked special tokens, over all ranks; and the
-    number of response tokens."""
+def old_stats(scored: ScoredBatch, dist: Dist = SINGLE) -> dict[str, float]:
+    """The statistics that need log π_old, over all ranks: the sampler/π_old mismatch (mean |log π_s − log π_old|
+    and the k3 estimate of KL(π_s ‖ π_old)) and the teacher − old log-ratio on loss tokens."""
     old, sampler = scored.old_logp_B_T, scored.batch.sampler_logp_B_T
     m, lm = scored.response_mask_B_T.bool(), scored.loss_mask_B_T.bool()
-    n_tok, n_loss, abs_sum, k3_sum, gap_sum, n_special = dist.sum(
-        m.sum(), lm.sum(), (sampler - old)[m].abs().sum(),
-        _k3(old - sampler)[m].sum(),  # k3 estimator of KL(π_s || π_old) on sampled tokens
-        (scored.teacher_logp_B_T - old)[lm].sum(), special_B_T.sum())
+    n_tok, n_loss, abs_sum, k3_sum, gap_sum = dist.sum(
+        m.sum(), lm.sum(), (sampler - old)[m].abs().sum(), _k3(old - sampler)[m].sum(),
+        (scored.teacher_logp_B_T - old)[lm].sum())
     return {"mismatch/sampler_old_abs": abs_sum / max(n_tok, 1.0),
             "mismatch/sampler_old_kl": k3_sum / max(n_tok, 1.0),
-            "teacher_minus_old_logp": gap_sum / max(n_loss, 1.0),
-            "special_masked": n_special}, n_tok
+            "teacher_minus_old_logp": gap_sum / max(n_loss, 1.0)}
 
 
 def _k3(log_ratio: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ row). Under torchrun every rank runs this; rank 0 decides the run directory and 
 
 from __future__ import annotations
 
+import copy
 from contextlib import closing
 from pathlib import Path
 
@@ -41,11 +42,13 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
     if state is not None:
         checkpoint.restore_rng(state)
         resume_weights(cfg, state, student, device, dist)
+    # rollout.staleness: an in-process engine samples its own copy while the learner updates the student
+    engine_model = copy.deepcopy(student) if cfg.rollout.staleness and cfg.rollout.engine.value != "vllm" else None
     policy = distributed.wrap(Policy(student), dist)  # FSDP2 resume loads its shards into this (checkpoint.restore)
     tracker = Tracker(cfg, run_dir, name=f"{run_label(cfg)}-seed{cfg.trainer.seed}",
                       resume_id=state.wandb_id if state else None) if dist.is_main else NullTracker()
-    engine = runtime.make_engine(cfg, student, setup.tokenizer, setup.paths.student, setup.tokens.stop,
-                                 sharded_root=policy if distributed.is_sharded(policy) else None)
+    engine = runtime.make_engine(cfg, engine_model or student, setup.tokenizer, setup.paths.student, setup.tokens.stop,
+                                 sharded_root=policy if distributed.is_sharded(policy) and not engine_model else None)
     scorer = runtime.make_teacher_scorer(cfg, teacher, setup.tokenizer, setup.paths.teacher)
     with recorded_failure(run_dir, tracker, dist.is_main), closing(engine), closing(scorer):
         run = Run(cfg, policy, engine, scorer, setup.tokenizer, setup.tokens, setup.task, tracker, run_dir, dist)

@@ -54,6 +54,18 @@ def first_pass_micro_batches(cfg: Config, step: int, local_rows: int, dist: Dist
                                                                                           dist)]
 
 
+def old_scoring_plan(cfg: Config, step: int, local_rows: int, current: bool, dist: Dist = SINGLE):
+    """``(micro_batches, deferred_rows)`` for :func:`~opd_lab.scoring.score_batch`: when the batch was sampled by the
+    current policy (``current``), the first update's rows are deferred (its own forward gives their π_old, bit for
+    bit what the scoring pass would) and only the later mini-batches of the first pass are scored; a stale batch
+    (rollout.staleness) is scored whole by the policy that sampled it."""
+    first = update_plan(cfg, step, local_rows, dist)[0]
+    if not current:
+        return first_pass_micro_batches(cfg, step, local_rows, dist), None
+    later = [m for mb in first[1:] for m in micro_batches(mb, cfg.trainer.grad_accum, dist)]
+    return later, first[0]
+
+
 def _rows(scored: ScoredBatch, m: torch.Tensor | None, device) -> ScoredBatch:
     """Rows ``m`` on ``device``; ``None`` is a zero-weight micro-batch (local row 0, no valid token)."""
     return scored.select(m, device) if m is not None else scored.select(torch.zeros(1, dtype=torch.long),
@@ -61,10 +73,14 @@ def _rows(scored: ScoredBatch, m: torch.Tensor | None, device) -> ScoredBatch:
 
 
 # ------------------------------------------------------------------------------------------------ one update
-def micro_batch_loss(cfg: Config, policy, mb: ScoredBatch):
+def micro_batch_loss(cfg: Config, policy, mb: ScoredBatch, scored: ScoredBatch | None = None,
+                     idx: torch.Tensor | None = None):
     """Forward one micro-batch: per-token loss ℓ_t, loss metrics, the policy outputs and the drift
-    ``(δ_B_T, m_G_B_T, cancel_B_T)`` (detached)."""
+    ``(δ_B_T, m_G_B_T, cancel_B_T)`` (detached). Rows whose π_old is pending take it from this forward
+    (``scored``/``idx``: the batch and rows ``mb`` was selected from; :meth:`ScoredBatch.take_old`)."""
     out = policy_forward(cfg, policy, mb)
+    if scored is not None:
+        scored.take_old(idx, mb, out.logp_B_T)
     loss_B_T, metrics = LOSSES.get(cfg.loss.name).fn(out, mb, cfg.loss)
     return loss_B_T, metrics, out, _drift(cfg, out.logp_B_T, mb)
 
@@ -85,10 +101,15 @@ def gate_normaliser(cfg: Config, parts: list[tuple[torch.Tensor, torch.Tensor]],
     return shift, z / max(n, 1.0)
 
 
-def _prepass_normaliser(cfg: Config, policy, micro: list[ScoredBatch], dist: Dist) -> tuple[float, float]:
+def _prepass_normaliser(cfg: Config, policy, scored: ScoredBatch, idx: list[torch.Tensor | None],
+                        micro: list[ScoredBatch], dist: Dist) -> tuple[float, float]:
     """Several micro-batches: the update's gate normaliser from a no-grad forward of each, before any backward."""
+    parts = []
     with torch.no_grad():
-        parts = [(_drift(cfg, policy_forward(cfg, policy, mb).logp_B_T, mb)[1], mb.loss_mask_B_T) for mb in micro]
+        for m, mb in zip(idx, micro, strict=True):
+            logp = policy_forward(cfg, policy, mb).logp_B_T
+            scored.take_old(m, mb, logp)
+            parts.append((_drift(cfg, logp, mb)[1], mb.loss_mask_B_T))
     return gate_normaliser(cfg, parts, dist)
 
 
@@ -100,16 +121,17 @@ def optimizer_update(cfg: Config, policy, optimizer, scored: ScoredBatch, idx: t
     untouched)."""
     policy = as_policy(policy)
     device = next(policy.parameters()).device
-    micro = [_rows(scored, m, device) for m in micro_batches(idx, cfg.trainer.grad_accum, dist)]
+    micro_idx = micro_batches(idx, cfg.trainer.grad_accum, dist)
+    micro = [_rows(scored, m, device) for m in micro_idx]
     gated = cfg.gate.kind.value != "none"
     n_valid = dist.sum(sum(float(mb.loss_mask_B_T.sum()) for mb in micro))[0]
-    norm = _prepass_normaliser(cfg, policy, micro, dist) if gated and len(micro) > 1 else None
+    norm = _prepass_normaliser(cfg, policy, scored, micro_idx, micro, dist) if gated and len(micro) > 1 else None
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = defaultdict(float)
     gates = []
-    for i, mb in enumerate(micro):
+    for i, (m, mb) in enumerate(zip(micro_idx, micro, strict=True)):
         with grad_sync(policy, i == len(micro) - 1):
-            loss_B_T, metrics, _, (delta, m_G, cancel) = micro_batch_loss(cfg, policy, mb)
+            loss_B_T, metrics, _, (delta, m_G, cancel) = micro_batch_loss(cfg, policy, mb, scored, m)
             mask = mb.loss_mask_B_T
             g = torch.ones_like(delta)
             if gated:

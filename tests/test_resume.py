@@ -77,7 +77,8 @@ def saved(tmp_path, tokenizer):
     opt, sched = make_optimizer(cfg, model)
     rng = random.Random(0)
     for step in (2, 4):
-        checkpoint.save(tmp_path, cfg, step, model, tokenizer, opt, sched, rng, {"run": 0, "total": step}, "abc")
+        checkpoint.save(tmp_path, cfg, step, model, tokenizer, opt, sched, rng.getstate(), {"run": 0, "total": step},
+                        "abc")
     return cfg, tmp_path
 
 

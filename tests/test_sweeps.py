@@ -12,7 +12,7 @@ from opd_lab.config import register_configs, to_run_config
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
 EXPECTED_JOBS = {"six_variant": 18, "six_variant_qwen3": 18, "block_ablation": 42, "tau_grid": 30, "reuse_grid": 36,
-                 "drift_map": 60}
+                 "drift_map": 96}
 
 
 def sweep_jobs(name):

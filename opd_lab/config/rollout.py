@@ -79,6 +79,7 @@ class RolloutConfig:
     max_tokens: int = 256
     reuse: int = 2
     mini_batch_size: int = 16
+    staleness: int = 0  # k: the batch of step s is sampled by the weights of step s − k, generated while learning
 
     @property
     def batch_size(self) -> int:
@@ -87,6 +88,7 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         for name in ("n_prompts", "n_samples", "max_tokens", "reuse", "mini_batch_size"):
             _check(getattr(self, name) >= 1, f"rollout.{name}", getattr(self, name), "an integer >= 1")
+        _check(self.staleness >= 0, "rollout.staleness", self.staleness, "an integer >= 0 (0: synchronous)")
         _check(self.temperature > 0, "rollout.temperature", self.temperature, "temperature > 0")
         _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "0 < top_p <= 1")
         _check(self.teacher_device is None or self.teacher_device == "cpu" or self.teacher_device.startswith("cuda"),

@@ -88,7 +88,8 @@ class StaticEngine:
                 layers.append(_Layer(
                     layer.input_layernorm.weight.detach().clone(),
                     torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(), bias,
-                    a.q_norm.weight.detach().clone(), a.k_norm.weight.detach().clone(), a.o_proj.weight.detach().clone(),
+                    a.q_norm.weight.detach().clone(), a.k_norm.weight.detach().clone(),
+                    a.o_proj.weight.detach().clone(),
                     layer.post_attention_layernorm.weight.detach().clone(),
                     torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(), m.down_proj.weight.detach().clone()))
             return (layers, base.embed_tokens.weight.detach().clone(), base.norm.weight.detach().clone(),
