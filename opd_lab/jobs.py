@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from opd_lab import distributed, runtime
+from opd_lab import console, distributed, runtime
 from opd_lab.config import Config, ConfigError, register_configs, to_run_config
 from opd_lab.distributed import Dist
 from opd_lab.evaluation import cached_eval
@@ -54,6 +54,7 @@ def run_job(cfg: DictConfig, main: Callable[[Config, Path], dict[str, float]],
     final: dict[str, float] = {}
     try:
         run = to_run_config(cfg)
+        console.configure(run.logger.verbose)
         if check is not None:
             check(run)
         final = main(run, Path(run.output_dir))

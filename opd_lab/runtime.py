@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from opd_lab import checkpoint
+from opd_lab import checkpoint, console
 from opd_lab.config import Config, ConfigError
 from opd_lab.distributed import Dist
 from opd_lab.losses import LOSSES
@@ -143,11 +143,13 @@ def make_engine(cfg: Config, model, tokenizer, path: str, stop_ids: tuple[int, .
     """The configured rollout engine (``rollout.engine``) over ``model`` (HF; ``sharded_root``: its FSDP2 root) or
     the weights at ``path`` (vLLM), stopping at ``stop_ids`` (tokens.stop_token_ids)."""
     ctx = BuildContext(cfg, tokenizer, path, stop_ids, model=model, sharded_root=sharded_root)
-    return ENGINES.get(cfg.rollout.engine.value)(ctx)
+    with console.native_stderr_to_log():
+        return ENGINES.get(cfg.rollout.engine.value)(ctx)
 
 
 def make_teacher_scorer(cfg: Config, teacher, tokenizer, path: str):
     """The configured teacher placement (``rollout.teacher_scorer``): an HF forward of the loaded teacher, in-process
     vLLM prompt log-probs over the weights at ``path``, or a vLLM server."""
     ctx = BuildContext(cfg, tokenizer, path, (), model=teacher)
-    return SCORERS.get(cfg.rollout.teacher_scorer.value)(ctx)
+    with console.native_stderr_to_log():
+        return SCORERS.get(cfg.rollout.teacher_scorer.value)(ctx)

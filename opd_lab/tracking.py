@@ -49,8 +49,12 @@ class Tracker:
 
     def finish(self, exit_code: int = 0) -> None:
         if self._wandb is not None:
+            run_dir, offline = self._wandb.dir, self._wandb.settings.mode == "offline"
             self._wandb.finish(exit_code=exit_code)
             self._wandb = None
+            if offline and os.environ.get("WANDB_SILENT") == "true":  # wandb said nothing: say where the run is
+                folder = Path(run_dir).parent
+                print(f"wandb: offline run in {folder} (upload: wandb sync {folder})", flush=True)
 
 
 class NullTracker:

@@ -78,6 +78,23 @@ def test_single_run_outputs(cache, tmp_path):
 
     AutoModelForCausalLM.from_pretrained(run_dir / "checkpoint")
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    # a quiet console: the run's own lines and bars; vLLM/Triton/transformers/wandb lines and warnings only in the log
+    console = proc.stdout + proc.stderr
+    for noise in ("Triton", "FutureWarning", "NUMA", "Loading safetensors", "Loading weights", "wandb: Tracking",
+                  "Weave", "Writing model shards", "[W"):
+        assert noise not in console, noise
+    assert "wandb sync" in proc.stdout  # where the offline run is, in one line
+    log = (run_dir / "__main__.log").read_text()
+    for kept in ("Triton", "FutureWarning", "NUMA binding", "Loading safetensors"):
+        assert kept in log, kept
+
+
+@pytest.mark.slow
+def test_verbose_console_shows_library_lines(cache, tmp_path):
+    proc = run_cli([*TINY, f"cache_dir={cache}", f"hydra.run.dir={tmp_path / 'run'}", "logger.verbose=true",
+                    "trainer.steps=1", "trainer.warmup_steps=0", "eval.baselines=false"])
+    assert "Triton" in proc.stdout + proc.stderr and "NUMA binding" in proc.stderr
+    assert "Triton" in (tmp_path / "run" / "__main__.log").read_text()
 
 
 @pytest.mark.slow

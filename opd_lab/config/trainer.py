@@ -140,3 +140,4 @@ class WandbConfig:
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     progress: bool = True
+    verbose: bool = False  # true: libraries' log lines, warnings and bars on the console too (always in the log file)

@@ -41,9 +41,8 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 def _set_env(cpu: bool, kv_cache_gib: float) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    # vLLM logs at INFO per call and warns at every in-place reload ("RotaryEmbedding: Failed to load weights":
-    # it has buffers, no weights; tests/test_vllm.py checks log-probs after a sync). Set the variable to see it.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # vLLM warns at every in-place reload ("RotaryEmbedding: Failed to load weights": it has buffers, no weights;
+    # tests/test_vllm.py checks log-probs after a sync): its records go to the run's log file (console.py).
     if cpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
 
