@@ -46,7 +46,8 @@ def main() -> None:
     cfg = DistillationConfig(
         output_dir=os.path.join(os.path.dirname(os.path.abspath(args.out)), "trl_out"), use_cpu=True, bf16=False,
         gradient_checkpointing=False, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-        max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant", max_completion_length=args.max_new_tokens,
+        max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
+        max_completion_length=args.max_new_tokens,
         temperature=1.0, top_p=1.0, top_k=0, beta=1.0, logging_steps=1, report_to=[], save_strategy="no",
         shuffle_dataset=False, seed=0, disable_tqdm=True, dataloader_num_workers=0)
 
