@@ -9,9 +9,14 @@ pandas DataFrame with one row per run, then writes to ``results/<sweep>/`` (or `
 - ``summary.csv`` and ``summary.md``: per variant, over the completed seeds, the mean, standard deviation and
   95% confidence half-width ``t_{0.975, n−1} · s / √n`` of every final metric, plus counts of failed and
   unfinished runs (and, in the Markdown, a list of the runs that did not complete, with their errors);
+- ``paired.csv`` (and a section of ``summary.md``): for every gated variant, the difference of each final pass@k
+  to the ungated run with the same setting and seed, mean and 95% CI over seeds (paired);
 - ``pass_at_k.png``: pass@k per variant (mean with 95% CI error bars, one dot per seed);
+- ``pass_at_k_over_steps.png``: held-out pass@k at every evaluation step (``eval.every``);
 - ``curves.png``: training curves per variant (mean over seeds, shaded min–max): loss, teacher − old log-ratio,
-  gate mean and std, mean |δ|.
+  gate std, fraction of gates below 0.5, mean |δ|, |δ| at the first update of each step;
+- ``drift_map.png`` when the runs vary U (updates per rollout batch) or the staleness k: final pass@k and mean
+  |δ| against U and k, per loss and gate.
 
 A variant is a run's overrides without its seed (``trainer.seed``, ``eval.seed``), named by ``cfg.variant``
 when the sweep sets one (``conf/variant``) and otherwise by the overrides that vary across the sweep.
@@ -30,21 +35,20 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from opd_lab import plots
 from opd_lab.stats import mean_ci95
 from opd_lab.tracking import read_metrics
 
 SEED_KEYS = ("trainer.seed", "eval.seed")
-CURVES = (
-    ("loss", "loss"),
-    ("teacher_minus_old_logp", "teacher − old log-ratio"),
-    ("gate/mean", "gate mean"),
-    ("gate/std", "gate std"),
-    ("drift/mean_abs_delta", "mean |δ|"),
-)
-TRAIN_MEANS = ("loss", "teacher_minus_old_logp", "gate/mean", "gate/std", "drift/mean_abs_delta",
-               "response/mean_len", "time/step_s")
+TRAIN_MEANS = ("loss", "teacher_minus_old_logp", "gate/mean", "gate/std", "gate/frac_below_0.5",
+               "drift/mean_abs_delta", "drift/first_update_mean_abs_delta", "response/mean_len",
+               "response/truncated_frac", "time/step_s")
+# config fields that do not make two runs different experiments: their seed, the gate (whose effect the pairing
+# measures), where and how they log
+UNPAIRED = ("trainer.seed", "eval.seed", "gate.", "variant", "output_dir", "cache_dir", "logger.", "trainer.resume",
+            "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.threads", "eval.every")
 
-# ------------------------------------------------------------------------------------------ reading runs
+
 def expected_jobs(sweep_dir: Path) -> list[list[str]]:
     """The jobs' override lists, in job-number order, re-expanded from ``multirun.yaml`` (as Hydra's basic
     sweeper does: ``hydra.sweeper.params`` then the command-line overrides). Empty when not reproducible."""
@@ -98,7 +102,7 @@ def read_run(run_dir: Path) -> dict:
         "run_dir": str(run_dir), "overrides": " ".join(overrides), "_overrides": overrides,
         "variant": cfg.get("variant") or values.get("variant") or None,
         "seed": int(seed) if seed is not None else None, "status": state, "error": status.get("error", ""),
-        "steps_planned": 0 if eval_only else (cfg.get("trainer") or {}).get("steps"),
+        "steps_planned": 0 if eval_only else (cfg.get("trainer") or {}).get("steps"), **setting_of(cfg, eval_only),
     }
     train = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
     row["steps_done"] = max((r["step"] for r in train), default=0)
@@ -106,16 +110,36 @@ def read_run(run_dir: Path) -> dict:
     for key in TRAIN_MEANS:
         vals = [r[key] for r in tail if key in r]
         row[f"last10pct/{key}"] = float(np.mean(vals)) if vals else math.nan
+        every = [r[key] for r in train if key in r]
+        row[f"mean/{key}"] = float(np.mean(every)) if every else math.nan
     for key, value in (status.get("final") or {}).items():
         row[f"final/{key}"] = value
     return row
 
 
-def curves_of(run_dir: Path) -> pd.DataFrame:
-    """Per-step training metrics of one run (``step`` plus the :data:`CURVES` keys that exist)."""
-    recs = [{"step": r["step"], **{k: r.get(k, math.nan) for k, _ in CURVES}}
-            for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
-    return pd.DataFrame(recs, columns=["step", *[k for k, _ in CURVES]])
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def setting_of(cfg: dict, eval_only: bool) -> dict:
+    """The run's experimental setting from its resolved ``config.yaml``: loss, gate, τ, U (updates per rollout
+    batch), reuse, staleness, lr; ``ungated`` (no gate, or τ = 0: every gate is 1) and ``_pair_key`` (everything
+    but seed and gate: runs that differ only in their gate are paired by seed)."""
+    flat = _flat(cfg)
+    r = cfg.get("rollout") or {}
+    g = cfg.get("gate") or {}
+    kind = g.get("kind")
+    batch = (r.get("n_prompts") or 0) * (r.get("n_samples") or 0)
+    pair = {k: v for k, v in flat.items() if not k.startswith(UNPAIRED)}
+    return {"loss": (cfg.get("loss") or {}).get("name"),
+            "gate": f"block{g.get('block_size')}" if kind == "block" else kind, "tau": g.get("tau"),
+            "U": (r.get("reuse") or 0) * batch // max(r.get("mini_batch_size") or 1, 1),
+            "reuse": r.get("reuse"), "staleness": r.get("staleness", 0), "lr": (cfg.get("trainer") or {}).get("lr"),
+            "ungated": not eval_only and (kind == "none" or g.get("tau") == 0),
+            "_pair_key": None if eval_only else json.dumps(pair, sort_keys=True, default=str)}
 
 
 def load_sweep(sweep_dir: str | os.PathLike) -> pd.DataFrame:
@@ -190,10 +214,48 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _fmt(mean: float, ci: float) -> str:
+def paired(runs: pd.DataFrame) -> pd.DataFrame:
+    """For every gated variant: the difference of each final metric to the ungated run with the same setting
+    (``_pair_key``) and the same seed, mean and 95% CI over seeds (a paired t interval: seed-to-seed noise
+    shared by both runs cancels)."""
+    done = runs[(runs["status"] == "completed") & runs["_pair_key"].notna()]
+    metrics = [c for c in done.columns if c.startswith("final/pass@") and "/" not in c.removeprefix("final/")]
+    base = done[done["ungated"].astype(bool)]
+    out = []
+    for variant, g in done[~done["ungated"].astype(bool)].groupby("variant", sort=False):
+        ref = base[base["_pair_key"].isin(g["_pair_key"])]
+        if not len(ref):
+            continue
+        row = {"variant": variant, "baseline": ", ".join(dict.fromkeys(ref["variant"]))}
+        merged = g.merge(ref, on=["_pair_key", "seed"], suffixes=("", "_base"))
+        row["n_pairs"] = len(merged)
+        for m in metrics:
+            mean, std, ci, n = mean_ci95((merged[m] - merged[f"{m}_base"]).tolist())
+            name = m.removeprefix("final/")
+            row[f"delta_{name}_mean"], row[f"delta_{name}_ci95"] = mean, ci
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def paired_markdown(pairs: pd.DataFrame) -> str:
+    if not len(pairs):
+        return ""
+    ks = [c.removeprefix("delta_").removesuffix("_mean") for c in pairs.columns if c.endswith("_mean")]
+    head = ["variant", "vs", "pairs", *[f"Δ{k}" for k in ks]]
+    lines = ["", "### Paired differences to the ungated run with the same seed", "",
+             "Mean ± 95% confidence half-width of (gated − ungated) over seeds; an interval that holds 0 is a null "
+             "result.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in pairs.iterrows():
+        cells = [_fmt(r[f"delta_{k}_mean"], r[f"delta_{k}_ci95"], signed=True) for k in ks]
+        lines.append(f"| {r['variant']} | {r['baseline']} | {r['n_pairs']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(mean: float, ci: float, signed: bool = False) -> str:
     if not np.isfinite(mean):
         return "–"
-    return f"{mean:.3f} ± {ci:.3f}" if np.isfinite(ci) else f"{mean:.3f}"
+    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return f"{text} ± {ci:.3f}" if np.isfinite(ci) else text
 
 
 def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame, title: str) -> str:
@@ -216,64 +278,6 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame, title: str) -> s
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------------------------------- plots
-def plot_pass_at_k(runs: pd.DataFrame, summary: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks = [c.removesuffix("_mean") for c in summary.columns if c.startswith("pass@") and c.endswith("_mean")]
-    variants = list(summary["variant"])
-    x = np.arange(len(variants))
-    width = 0.8 / max(1, len(ks))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(variants) + 2), 4.2))
-    done = runs[runs["status"] == "completed"]
-    for i, k in enumerate(ks):
-        off = (i - (len(ks) - 1) / 2) * width
-        ci = summary[f"{k}_ci95"].fillna(0).to_numpy()
-        ax.bar(x + off, summary[f"{k}_mean"], width, yerr=ci, capsize=3, label=k, alpha=0.8)
-        for j, v in enumerate(variants):
-            pts = done.loc[done["variant"] == v, f"final/{k}"].dropna()
-            ax.scatter(np.full(len(pts), x[j] + off), pts, s=10, color="black", zorder=3)
-    ax.set_xticks(x, variants, rotation=30, ha="right")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("held-out pass@k")
-    ax.set_title(f"{title}: mean ± 95% CI over seeds (dots: seeds)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_curves(runs: pd.DataFrame, path: Path, title: str, smooth: int = 5) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.6))
-    trained = runs[(runs["run_dir"] != "") & (runs["steps_done"] > 0)]
-    for variant, g in trained.groupby("variant", sort=False):
-        frames = [curves_of(Path(d)).set_index("step") for d in g["run_dir"]]
-        frames = [f for f in frames if len(f)]
-        if not frames:
-            continue
-        for ax, (key, label) in zip(axes, CURVES, strict=True):
-            table = pd.concat([f[key].rename(i) for i, f in enumerate(frames)], axis=1)
-            table = table.rolling(smooth, min_periods=1).mean()
-            line = ax.plot(table.index, table.mean(axis=1), label=variant, lw=1.3)[0]
-            ax.fill_between(table.index, table.min(axis=1), table.max(axis=1), color=line.get_color(), alpha=0.15)
-            ax.set_title(label)
-            ax.set_xlabel("step")
-    if axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend(fontsize=7)
-    fig.suptitle(f"{title}: mean over seeds (band: min–max), rolling mean over {smooth} steps")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------------------------- CLI
 def sweep_name(sweep_dir: Path, runs: pd.DataFrame) -> str:
     """The sweep's wandb group when the runs share one, else the sweep directory's parent/name."""
@@ -286,37 +290,53 @@ def sweep_name(sweep_dir: Path, runs: pd.DataFrame) -> str:
     return groups.pop() if len(groups) == 1 else sweep_dir.name
 
 
-def report(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Write ``runs.csv``, ``summary.csv``, ``summary.md``, ``pass_at_k.png`` and ``curves.png``."""
-    sweep_dir = Path(sweep_dir)
-    runs = load_sweep(sweep_dir)
-    name = sweep_name(sweep_dir, runs)
+def load_sweeps(sweep_dirs: list[Path]) -> pd.DataFrame:
+    """One table of the runs of several sweep directories (one sweep run in parts); job numbers stay per part."""
+    parts = [load_sweep(d).assign(sweep=str(d)) for d in sweep_dirs]
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
+def report(sweep_dir: str | os.PathLike | list, out: str | os.PathLike | None = None) -> tuple[pd.DataFrame,
+                                                                                               pd.DataFrame]:
+    """Write ``runs.csv``, ``summary.csv``/``summary.md`` (with the paired differences), ``paired.csv`` and the
+    plots (pass@k, training and drift curves, pass@k over training steps, the drift map when U or k vary)."""
+    dirs = [Path(d) for d in (sweep_dir if isinstance(sweep_dir, list) else [sweep_dir])]
+    runs = load_sweeps(dirs)
+    name = sweep_name(dirs[0], runs)
     out = Path(out) if out else Path("results") / name
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarise(runs)
-    runs.to_csv(out / "runs.csv", index=False)
+    summary, pairs = summarise(runs), paired(runs)
+    runs.drop(columns=["_pair_key"]).to_csv(out / "runs.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
-    title = f"{name} ({sweep_dir})"
-    (out / "summary.md").write_text(summary_markdown(summary, runs, title))
+    pairs.to_csv(out / "paired.csv", index=False)
+    title = f"{name} ({', '.join(map(str, dirs))})"
+    (out / "summary.md").write_text(summary_markdown(summary, runs, title) + paired_markdown(pairs))
+    ks = [c.removesuffix("_mean") for c in summary.columns if c.startswith("pass@") and c.endswith("_mean")
+          and "/" not in c]
     if summary["n_completed"].sum():
-        plot_pass_at_k(runs, summary, out / "pass_at_k.png", name)
-    plot_curves(runs, out / "curves.png", name)
+        plots.plot_pass_at_k(runs, summary, out / "pass_at_k.png", name)
+        plots.plot_eval_curves(runs, ks, out / "pass_at_k_over_steps.png", name)
+        done = runs[runs["status"] == "completed"]
+        if done["U"].nunique() > 1 or done["staleness"].nunique() > 1:
+            plots.plot_drift_map(runs, ks, out / "drift_map.png", name)
+    plots.plot_curves(runs, out / "curves.png", name)
     return runs, summary
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m opd_lab.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("sweep_dir", help="a Hydra multirun directory (holds multirun.yaml and one folder per job)")
+    p.add_argument("sweep_dir", nargs="+", help="a Hydra multirun directory (holds multirun.yaml and one folder "
+                   "per job); several: one sweep run in parts")
     p.add_argument("--out", help="output folder (default: results/<sweep name>)")
     args = p.parse_args(argv)
     try:
-        runs, summary = report(args.sweep_dir, args.out)
+        runs, summary = report(list(args.sweep_dir), args.out)
     except FileNotFoundError as e:
         print(f"opd-lab report: {e}", file=sys.stderr)
         return 2
     counts = runs["status"].value_counts().to_dict()
-    print(summary_markdown(summary, runs, str(args.sweep_dir)))
-    print(f"runs: {counts}; written to {args.out or Path('results') / sweep_name(Path(args.sweep_dir), runs)}")
+    print(summary_markdown(summary, runs, " ".join(args.sweep_dir)) + paired_markdown(paired(runs)))
+    print(f"runs: {counts}; written to {args.out or Path('results') / sweep_name(Path(args.sweep_dir[0]), runs)}")
     return 0
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from opd_lab.report import load_sweep, summarise, summary_markdown
+from opd_lab.report import load_sweep, paired, paired_markdown, setting_of, summarise, summary_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +30,44 @@ def test_summary_counts_failed_and_unfinished_runs_and_uses_only_completed_ones(
     assert s.loc["a", "pass@1_ci95"] == pytest.approx(12.7062047 * math.sqrt(0.02) / math.sqrt(2))  # t_{.975,1}
     md = summary_markdown(s.reset_index(), runs, "t")
     assert "| a | 2 | 0.300 ± " in md and "boom" in md and "not_started" in md and "unfinished" in md
+
+
+def _cfg(gate="none", tau=1.0, seed=0, reuse=2, mb=16, lr=3e-4, staleness=0):
+    return {"loss": {"name": "lsm", "top_k": 32}, "variant": "",
+            "gate": {"kind": gate, "block_size": 64 if gate == "block" else None, "tau": tau},
+            "rollout": {"n_prompts": 8, "n_samples": 4, "reuse": reuse, "mini_batch_size": mb, "staleness": staleness},
+            "trainer": {"seed": seed, "lr": lr, "steps": 40}, "eval": {"seed": seed}, "logger": {"progress": False}}
+
+
+def test_setting_and_pairing_key():
+    s = setting_of(_cfg("block", reuse=4, mb=8, staleness=2), eval_only=False)
+    assert (s["gate"], s["U"], s["staleness"], s["ungated"]) == ("block64", 16, 2, False)
+    assert setting_of(_cfg("block", tau=0.0), False)["ungated"]  # τ = 0: every gate is 1
+    # the seed and the gate do not enter the key; anything else does
+    assert setting_of(_cfg(seed=1), False)["_pair_key"] == setting_of(_cfg("block", seed=2), False)["_pair_key"]
+    assert setting_of(_cfg(lr=1e-3), False)["_pair_key"] != setting_of(_cfg(), False)["_pair_key"]
+    assert setting_of(_cfg(), eval_only=True)["_pair_key"] is None
+
+
+def test_paired_differences_by_hand():
+    """Δ = gated − ungated with the same setting and seed, then a t interval over seeds; another setting's
+    ungated run is never a baseline."""
+    rows = []
+    values = {"none": [0.50, 0.40, 0.60], "block": [0.55, 0.50, 0.62]}
+    for gate, vals in values.items():
+        for seed, v in enumerate(vals):
+            rows.append({"variant": f"g={gate}", "seed": seed, "status": "completed", "final/pass@1": v,
+                         **setting_of(_cfg(gate, seed=seed), False)})
+    rows.append({"variant": "other lr", "seed": 0, "status": "completed", "final/pass@1": 0.9,
+                 **setting_of(_cfg("none", lr=1e-3), False)})
+    pairs = paired(pd.DataFrame(rows)).set_index("variant")
+    assert list(pairs.index) == ["g=block"] and pairs.loc["g=block", "baseline"] == "g=none"
+    d = [0.05, 0.10, 0.02]
+    mean, sd = sum(d) / 3, math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
+    assert pairs.loc["g=block", "n_pairs"] == 3
+    assert pairs.loc["g=block", "delta_pass@1_mean"] == pytest.approx(mean)
+    assert pairs.loc["g=block", "delta_pass@1_ci95"] == pytest.approx(4.3026527 * sd / math.sqrt(3), rel=1e-6)
+    assert "+0.057 ± " in paired_markdown(pairs.reset_index())
 
 
 def test_missing_sweep_dir_is_a_clear_error(tmp_path):
@@ -79,6 +117,6 @@ def test_tiny_sweep_then_report(tmp_path):
     assert summary.loc[["sampled_token", "lsm_block64"], "pass@1_ci95"].notna().all()
     md = (out / "summary.md").read_text()
     assert "Runs that did not complete" in md and "broken" in md
-    for png in ("pass_at_k.png", "curves.png"):
+    for png in ("pass_at_k.png", "curves.png", "pass_at_k_over_steps.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
