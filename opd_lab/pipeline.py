@@ -78,8 +78,8 @@ class Rollouts:
         gen_s = batch.stats.get("rollout/seconds", 0.0)
         stale = step - self.version(step)
         stats = {"rollout/staleness": float(stale), "rollout/staleness_updates": float(stale * self.updates_per_step),
-                 "rollout/wait_s": self.wait_s,
-                 "rollout/hidden_frac": max(0.0, 1.0 - self.wait_s / gen_s) if gen_s > 0 else 0.0}
+                 "time/rollout_wait_s": self.wait_s,
+                 "time/rollout_hidden_frac": max(0.0, 1.0 - self.wait_s / gen_s) if gen_s > 0 else 0.0}
         self.wait_s = 0.0
         return batch, stats
 

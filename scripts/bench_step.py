@@ -43,7 +43,7 @@ CONFIGS = {
     "vllm_k1": ["rollout.engine=vllm", "rollout.staleness=1"],
 }
 PARTS = [("rollout/seconds", "rollout"), ("time/score_old_s", "π_old"), ("time/score_teacher_s", "teacher"),
-         ("time/learner_s", "learner"), ("time/sync_s", "sync"), ("rollout/wait_s", "waited")]
+         ("time/learner_s", "learner"), ("time/sync_s", "sync"), ("time/rollout_wait_s", "waited")]
 
 
 def run_opd(overrides: list[str], steps: int, out: Path) -> list[dict]:

@@ -30,8 +30,8 @@ def _train_records(run: Path) -> list[dict]:
 
 def _learner(records: list[dict]) -> list[dict]:
     """Everything but timings (and the waits that only timing decides)."""
-    return [{k: v for k, v in r.items() if not (k.startswith("time/") or k.endswith(("per_s", "seconds", "wait_s"))
-                                               or k == "rollout/hidden_frac")} for r in records]
+    return [{k: v for k, v in r.items() if not (k.startswith("time/") or k.endswith(("per_s", "seconds")))}
+            for r in records]
 
 
 @pytest.fixture(scope="module")
