@@ -1,6 +1,7 @@
 """The maths of the gradient-alignment diagnostic (METHODS.md, "Diagnostic: gradient alignment"), as functions on
 tensors: the ideal logit-space gradient g*_t from Q estimates, each loss's distillation gradient d_t by autograd
-through the learner's own loss functions, their cosine a_t, node selection and the model reads they need.
+through the learner's own loss functions, their cosine a_t, node selection and the model reads they need, and the
+matched-position comparison of a_t on correct vs incorrect rollouts with its bootstrap over questions.
 """
 
 from __future__ import annotations
@@ -8,11 +9,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from opd_lab.config import SampledTokenLossConfig
 from opd_lab.losses import full_reverse_kl, lsm_loss, sampled_token_loss
 from opd_lab.registry import Registry
+
+
+def q_all_equal(q_cand, q_rest: float | None = None) -> bool:
+    """Whether every Q(h_t, v) estimate (and Q(h_t, R) when given) is equal: then g*_t = 0 and a_t is undefined."""
+    qs = [float(q) for q in q_cand] + ([float(q_rest)] if q_rest is not None else [])
+    return len(set(qs)) <= 1
 
 
 def ideal_gradient(pi_V: torch.Tensor, cand_ids: torch.Tensor, q_cand: torch.Tensor, rest: str,
@@ -21,7 +29,16 @@ def ideal_gradient(pi_V: torch.Tensor, cand_ids: torch.Tensor, q_cand: torch.Ten
 
     ``rest="drop"``: π restricted to the candidates and renormalised, g* = 0 elsewhere.
     ``rest="share"``: every non-candidate token takes Q = ``q_rest``.
+
+    Where every Q estimate is equal (all 0, or all 1; under ``share`` the rest estimate counts too), g*_t = 0
+    exactly and V(h_t) is that Q: computing π·(Q − V) would leave float-rounding noise, a spurious direction.
     """
+    if rest not in ("drop", "share"):
+        raise ValueError(f"rest={rest!r}: allowed drop, share")
+    if rest == "share" and q_rest is None:
+        raise ValueError("rest='share' needs q_rest")
+    if q_all_equal(q_cand.tolist(), q_rest if rest == "share" else None):
+        return torch.zeros(pi_V.shape, dtype=torch.float32), float(q_cand.double()[0])
     pi = pi_V.double()
     q_full = torch.full_like(pi, float("nan"))
     q_full[cand_ids] = q_cand.double()
@@ -32,15 +49,75 @@ def ideal_gradient(pi_V: torch.Tensor, cand_ids: torch.Tensor, q_cand: torch.Ten
         p = p / p.sum()
         value = float((p[in_c] * q_full[in_c]).sum())
         g = torch.where(in_c, p * (torch.nan_to_num(q_full) - value), torch.zeros_like(pi))
-    elif rest == "share":
-        if q_rest is None:
-            raise ValueError("rest='share' needs q_rest")
+    else:
         q_full[~in_c] = q_rest
         value = float((pi * q_full).sum())
         g = pi * (q_full - value)
-    else:
-        raise ValueError(f"rest={rest!r}: allowed drop, share")
     return g.float(), value
+
+
+def matched_difference(question, position, correct, alignment, n_boot: int = 2000, seed: int = 0) -> dict:
+    """a_t on incorrect minus correct rollouts at matched positions t, with a 95% bootstrap CI over questions.
+
+    Inputs are parallel sequences, one entry per node (one teacher × loss): the question x, the (binned) response
+    position t, whether the rollout was correct, and a_t (NaN where undefined: those nodes are left out). With
+    n_t^inc, n_t^cor the numbers of defined nodes at t and ā_t^inc, ā_t^cor their mean a_t, over the positions
+    present in both splits
+
+        Δ = Σ_t w_t (ā_t^inc − ā_t^cor) / Σ_t w_t,   w_t = min(n_t^cor, n_t^inc),
+
+    so that late nodes (mostly of failing rollouts) are never compared with early ones. Nodes of one question are
+    correlated, so the CI resamples questions with replacement (``n_boot`` times, ``numpy.random.default_rng(seed)``;
+    a question drawn k times contributes its nodes k times), recomputes Δ, and takes the 2.5/97.5 percentiles of the
+    resamples where Δ is defined.
+
+    Returns ``matched_diff`` (Δ), ``ci95_low``, ``ci95_high``, ``positions`` (matched positions), ``nodes_correct``
+    and ``nodes_incorrect`` (defined nodes at matched positions), ``questions`` (with a defined node),
+    ``unmatched_diff`` (mean a_t incorrect − correct over all defined nodes, for contrast) and ``bootstrap`` (the
+    resamples with a defined Δ).
+    """
+    a = np.asarray(alignment, dtype=float)
+    keep = np.isfinite(a)
+    a, q = a[keep], np.asarray(question)[keep]
+    pos, inc = np.asarray(position)[keep], ~np.asarray(correct, dtype=bool)[keep]
+    out = {"matched_diff": math.nan, "ci95_low": math.nan, "ci95_high": math.nan, "positions": 0,
+           "nodes_correct": 0, "nodes_incorrect": 0, "questions": int(len(np.unique(q))),
+           "unmatched_diff": float(a[inc].mean() - a[~inc].mean()) if inc.any() and (~inc).any() else math.nan,
+           "bootstrap": 0}
+    if not (inc.any() and (~inc).any()):
+        return out
+    _, qi = np.unique(q, return_inverse=True)
+    _, pi = np.unique(pos, return_inverse=True)
+    n_q, n_p = int(qi.max()) + 1, int(pi.max()) + 1
+    cnt, tot = np.zeros((n_q, 2, n_p)), np.zeros((n_q, 2, n_p))  # split 0: correct, 1: incorrect
+    np.add.at(cnt, (qi, inc.astype(int), pi), 1.0)
+    np.add.at(tot, (qi, inc.astype(int), pi), a)
+
+    def delta(w_B_Q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = np.einsum("bq,qsp->bsp", w_B_Q, cnt)
+        s = np.einsum("bq,qsp->bsp", w_B_Q, tot)
+        both = (n[:, 0] > 0) & (n[:, 1] > 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            diff = np.where(both, s[:, 1] / n[:, 1] - s[:, 0] / n[:, 0], 0.0)
+        w = np.where(both, np.minimum(n[:, 0], n[:, 1]), 0.0)
+        den = w.sum(-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, (w * diff).sum(-1) / den, math.nan), both, n
+
+    d0, both, n = delta(np.ones((1, n_q)))
+    out.update(matched_diff=float(d0[0]), positions=int(both[0].sum()),
+               nodes_correct=int(n[0, 0][both[0]].sum()), nodes_incorrect=int(n[0, 1][both[0]].sum()))
+    if not both[0].any():
+        return out
+    draws = np.random.default_rng(seed).integers(0, n_q, size=(n_boot, n_q))
+    w = np.zeros((n_boot, n_q))
+    np.add.at(w, (np.repeat(np.arange(n_boot), n_q), draws.ravel()), 1.0)
+    boot = delta(w)[0]
+    boot = boot[np.isfinite(boot)]
+    if len(boot):
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        out.update(ci95_low=float(lo), ci95_high=float(hi), bootstrap=int(len(boot)))
+    return out
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

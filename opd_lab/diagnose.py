@@ -5,18 +5,25 @@ For a question x, a student rollout y and a node h_t (a response position chosen
 
 - Q(h_t, v): the probability that the student solves x continuing from h_t·v, estimated by M continuations per
   candidate token v, each with the rollout's remaining token budget; an end-of-response candidate (a stop id)
-  ends the response, so its Q is the grade of the prefix itself. Candidates C_t: the student's top-m tokens
-  plus the sampled token y_t. The remaining
-  vocabulary R_t is either dropped (``rest=drop``: π restricted to C_t and renormalised, g* = 0 on R_t) or shares
-  one estimate Q(h_t, R) from M continuations whose first token is drawn from π restricted to R_t (``rest=share``).
+  ends the response, so its Q is the grade of the prefix itself. Adaptively: a node whose Q estimates are all
+  equal (all 0, typical late in a failing rollout, or all 1; g*_t = 0 and a_t undefined) gets further rounds for
+  all its candidates, each doubling its per-candidate count (M, 2M, 4M, … never above
+  ``diagnose.max_continuations``), until some Q differs or the cap is reached. Candidates C_t: the student's
+  top-m tokens plus the sampled token y_t. The remaining vocabulary R_t is either dropped (``rest=drop``: π
+  restricted to C_t and renormalised, g* = 0 on R_t) or shares one estimate Q(h_t, R) from M continuations whose
+  first token is drawn from π restricted to R_t (``rest=share``; it counts as a candidate in the adaptive rule).
 - V(h_t) = Σ_v π_θ(v|h_t) Q(h_t, v) and the ideal logit-space gradient g*_t(v) = π_θ(v|h_t)(Q(h_t, v) − V(h_t)),
   the steepest-ascent direction of P(success) with respect to the logits z_t at that node.
 - The distillation gradient d_t = −∂ℓ_t/∂z_t of each loss (sampled-token, LSM, full reverse KL) against each
   teacher (a model, or the student itself given a different context such as the reference answer).
-- a_t = cos(d_t, g*_t) (undefined, NaN, when either vector is zero, e.g. all Q equal).
+- a_t = cos(d_t, g*_t) (undefined, NaN, when either vector is zero, e.g. all Q equal even at the cap: such
+  nodes are kept in ``nodes.csv`` with ``defined`` false and counted in the summaries, never dropped).
 
-Outputs in the run directory: ``nodes.csv`` (one row per question × rollout × node × teacher × loss),
-``summary.csv``/``summary.md`` (per teacher and loss, split by correct/incorrect rollouts, mean with 95% CI) and
+Outputs in the run directory: ``nodes.csv`` (one row per question × rollout × node × teacher × loss, with the
+per-candidate ``continuations`` and ``rounds`` the node used and ``defined``: g*_t ≠ 0),
+``summary.csv``/``summary.md`` (per teacher and loss, split by correct/incorrect rollouts, mean with 95% CI, the
+undefined nodes as a count and a fraction), ``matched.csv`` (and a second table in ``summary.md``: a_t incorrect −
+correct at matched positions with a bootstrap CI over questions, :func:`~opd_lab.alignment.matched_difference`) and
 ``alignment_by_position.png``, ``alignment_correct_vs_incorrect.png``.
 """
 
@@ -25,7 +32,7 @@ from __future__ import annotations
 import math
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -42,7 +49,9 @@ from opd_lab.alignment import (
     distill_gradient,
     head,
     ideal_gradient,
+    matched_difference,
     node_logits,
+    q_all_equal,
     response_entropy,
     response_states,
 )
@@ -67,6 +76,8 @@ class Probe:
     entropy_T: torch.Tensor  # entropy of π_θ(·|h_t) at every position
     candidates: list[list[int]]  # per node: the student's top-m tokens and y_t
     rest_first: list[list[int]]  # per node (rest=share): the first tokens of the shared-estimate continuations
+    continuations: list[int] = field(default_factory=list)  # per node: continuations per candidate (estimate_q)
+    rounds: list[int] = field(default_factory=list)  # per node: rounds of continuations it took (estimate_q)
 
 
 @dataclass
@@ -103,7 +114,7 @@ def run(cfg: Config, run_dir: Path) -> pd.DataFrame:
     finally:
         diag.engine.close()
     df = pd.DataFrame(rows)
-    write_outputs(df, Path(diag.d.out_dir) if diag.d.out_dir else run_dir)
+    write_outputs(df, Path(diag.d.out_dir) if diag.d.out_dir else run_dir, seed=diag.d.seed)
     return df
 
 
@@ -149,7 +160,9 @@ def sample_rollouts(diag: Diagnosis) -> RolloutBatch:
     n_cont = rollouts.size * nodes_per * n_cand * d.continuations
     print(f"opd-lab diagnose: {len(diag.problems)} questions × {d.rollouts_per_question} rollouts × ≤{nodes_per} "
           f"nodes × ≤{n_cand} candidates × M={d.continuations} = up to {n_cont} continuations "
-          f"(~{n_cont * mean_len / 2:,.0f} tokens at half the mean response length {mean_len:.0f})", flush=True)
+          f"(~{n_cont * mean_len / 2:,.0f} tokens at half the mean response length {mean_len:.0f}) in the first "
+          f"round; nodes with all-equal Q get further rounds up to {d.max_continuations} per candidate "
+          f"(≤{n_cont // d.continuations * d.max_continuations} continuations in all)", flush=True)
     return rollouts
 
 
@@ -174,26 +187,79 @@ def find_nodes(diag: Diagnosis, rollouts: RolloutBatch) -> list[Probe]:
             c = list(dict.fromkeys(torch.topk(pi[i], d.top_m).indices.tolist() + [resp[t]]))
             cands.append(c)
             if d.rest.value == "share":
-                w = pi[i].clone()
-                w[c] = 0
-                rest_first.append([int(torch.multinomial(w, 1, generator=gen)) if float(w.sum()) > 0 else c[0]
-                                   for _ in range(d.continuations)])
+                rest_first.append(_rest_tokens(pi[i], c, d.continuations, gen))
         probes.append(Probe(b, j, resp, correct, nodes, z, pi, ent, cands, rest_first))
     return probes
 
 
+def _rest_tokens(pi_V: torch.Tensor, cands: list[int], n: int, gen: torch.Generator) -> list[int]:
+    """``n`` first tokens of the shared-estimate continuations, drawn from π_θ restricted to R_t (the
+    non-candidates; the first candidate where R_t has no mass)."""
+    w = pi_V.clone()
+    w[cands] = 0
+    return [int(torch.multinomial(w, 1, generator=gen)) if float(w.sum()) > 0 else cands[0] for _ in range(n)]
+
+
+# the seed stride between rounds of continuations (round 0 keeps the historical seeds d.seed·1_000_003 + chunk start)
+ROUND_SEED_STRIDE = 1_000_000_007
+
+
 def estimate_q(diag: Diagnosis, probes: list[Probe]) -> dict[tuple, list[float]]:
     """Phase 2: the successes of the targeted continuations, keyed ``(probe, node, candidate or None for the
-    rest)``: M per candidate, one per rest token, in engine-sized chunks (vLLM serves the shared prefixes from its
-    prefix cache). An end-of-response first token ends the response: its outcome is the prefix's own grade."""
+    rest)``. Round 0: M per candidate, one per rest token, in engine-sized chunks (vLLM serves the shared prefixes
+    from its prefix cache). An end-of-response first token ends the response: its outcome is the prefix's own grade.
+
+    Adaptive Q: after each round, every node whose Q(h_t, v) estimates are all equal (with ``rest=share`` Q(h_t, R)
+    counts too; g*_t = 0, a_t undefined) and whose per-candidate count n is below ``diagnose.max_continuations`` gets
+    another round of min(n, cap − n) continuations for every candidate (and as many new rest tokens), so its count
+    doubles (M, 2M, 4M, …) until some Q differs or the cap is reached. Round r > 0 is seeded apart from round 0
+    (+ r·:data:`ROUND_SEED_STRIDE`), so its samples are new; with the cap equal to M there is exactly one round.
+    Sets each probe's ``continuations`` and ``rounds`` per node."""
     d = diag.d
-    jobs = []  # (probe index, node index, candidate token or None for the rest, first token, n samples)
-    for p_i, probe in enumerate(probes):
-        for i in range(len(probe.nodes)):
-            jobs += [(p_i, i, v, v, d.continuations) for v in probe.candidates[i]]
-            if d.rest.value == "share":
-                jobs += [(p_i, i, None, v, 1) for v in probe.rest_first[i]]
+    share = d.rest.value == "share"
+    gen = torch.Generator().manual_seed(d.seed * 7919 + 1)  # the rest tokens of rounds > 0
+    for probe in probes:
+        probe.continuations, probe.rounds = [0] * len(probe.nodes), [0] * len(probe.nodes)
+    todo = {(p_i, i): d.continuations for p_i, probe in enumerate(probes) for i in range(len(probe.nodes))}
     wins: dict[tuple, list[float]] = {}
+    rnd = 0
+    while todo:
+        jobs = []  # (probe index, node index, candidate token or None for the rest, first token, n samples)
+        for (p_i, i), n in todo.items():
+            probe = probes[p_i]
+            jobs += [(p_i, i, v, v, n) for v in probe.candidates[i]]
+            if share:
+                if rnd:
+                    probe.rest_first[i] = probe.rest_first[i] + _rest_tokens(probe.pi_N_V[i], probe.candidates[i],
+                                                                             n, gen)
+                jobs += [(p_i, i, None, v, 1) for v in probe.rest_first[i][-n:]]
+        _run_round(diag, probes, jobs, wins, rnd)
+        for (p_i, i), n in todo.items():
+            probes[p_i].continuations[i] += n
+            probes[p_i].rounds[i] = rnd + 1
+        rnd += 1
+        todo = {}
+        for p_i, probe in enumerate(probes):
+            for i, c in enumerate(probe.candidates):
+                n = probe.continuations[i]
+                q_rest = float(np.mean(wins[(p_i, i, None)])) if share else None
+                if n < d.max_continuations and q_all_equal([np.mean(wins[(p_i, i, v)]) for v in c], q_rest):
+                    todo[(p_i, i)] = min(n, d.max_continuations - n)
+        if todo:
+            print(f"opd-lab diagnose: round {rnd + 1}: {len(todo)} nodes with all-equal Q resampled", flush=True)
+    n_nodes = sum(len(p.nodes) for p in probes)
+    if rnd > 1:
+        undefined = sum(q_all_equal([np.mean(wins[(p_i, i, v)]) for v in c],
+                                    float(np.mean(wins[(p_i, i, None)])) if share else None)
+                        for p_i, p in enumerate(probes) for i, c in enumerate(p.candidates))
+        print(f"opd-lab diagnose: adaptive Q took {rnd} rounds; {undefined} of {n_nodes} nodes still have all-equal "
+              f"Q at the cap of {d.max_continuations} (g* = 0, a_t undefined)", flush=True)
+    return wins
+
+
+def _run_round(diag: Diagnosis, probes: list[Probe], jobs: list[tuple], wins: dict, rnd: int) -> None:
+    """One round of ``jobs``: end-of-response first tokens graded as they stand, the rest continued, grouped by
+    their sample count n."""
     for p_i, i, v, first, n in jobs:
         if first in diag.stop:
             probe = probes[p_i]
@@ -201,18 +267,17 @@ def estimate_q(diag: Diagnosis, probes: list[Probe]) -> dict[tuple, list[float]]
             wins.setdefault((p_i, i, v), []).extend([float(tasks.grade(text, diag.problems[probe.question]))] * n)
     jobs = [job for job in jobs if job[3] not in diag.stop]
     for n in sorted({job[4] for job in jobs}):
-        _continue(diag, probes, [job for job in jobs if job[4] == n], n, wins)
-    return wins
+        _continue(diag, probes, [job for job in jobs if job[4] == n], n, wins, rnd)
 
 
-def _continue(diag: Diagnosis, probes: list[Probe], todo: list[tuple], n: int, wins: dict) -> None:
+def _continue(diag: Diagnosis, probes: list[Probe], todo: list[tuple], n: int, wins: dict, rnd: int = 0) -> None:
     """``n`` continuations of each job, ``diagnose.chunk`` prompts per engine call, each with the rollout's
-    remaining token budget; the outcomes are appended to ``wins``."""
+    remaining token budget, seeded by round ``rnd`` and chunk; the outcomes are appended to ``wins``."""
     from tqdm.auto import tqdm
 
     d = diag.d
-    bar = tqdm(range(0, len(todo), d.chunk), desc=f"continuations (n={n})", disable=not diag.cfg.logger.progress,
-               dynamic_ncols=True)
+    bar = tqdm(range(0, len(todo), d.chunk), desc=f"continuations (round {rnd + 1}, n={n})",
+               disable=not diag.cfg.logger.progress, dynamic_ncols=True)
     for start in bar:
         chunk = todo[start : start + d.chunk]
         ps, budgets = [], []
@@ -221,7 +286,7 @@ def _continue(diag: Diagnosis, probes: list[Probe], todo: list[tuple], n: int, w
             ps.append(diag.prompts[probe.question] + probe.response[: probe.nodes[i]] + [first])
             budgets.append(diag.max_tokens - probe.nodes[i] - 1)  # the rollout's remaining token budget
         out = None if max(budgets) < 1 else diag.engine.generate(
-            ps, SamplingSpec(n, 1.0, 1.0, max(budgets), d.seed * 1_000_003 + start))
+            ps, SamplingSpec(n, 1.0, 1.0, max(budgets), d.seed * 1_000_003 + start + rnd * ROUND_SEED_STRIDE))
         for c_i, (p_i, i, v, first, _) in enumerate(chunk):
             probe = probes[p_i]
             pre = probe.response[: probe.nodes[i]] + [first]
@@ -235,7 +300,10 @@ def _continue(diag: Diagnosis, probes: list[Probe], todo: list[tuple], n: int, w
 
 
 def score_alignment(diag: Diagnosis, probes: list[Probe], wins: dict[tuple, list[float]]) -> list[dict]:
-    """Phase 3: Q, g*, the teachers' log-probs at the nodes, d_t and a_t per node × teacher × loss."""
+    """Phase 3: Q, g*, the teachers' log-probs at the nodes, d_t and a_t per node × teacher × loss. Each row
+    carries the node's per-candidate ``continuations`` n, its ``rounds``, ``defined`` (g*_t ≠ 0: some Q differs),
+    the sampling error √(Q(1 − Q)/n) of its Q estimates and ``position_bin``, the position the matched comparison
+    groups by (t on the every-k grid; for ``top_entropy``, the start of t's bin of width every_k)."""
     d = diag.d
     encode = tasks.prompt_encoder(diag.cfg)
     rows = []
@@ -250,7 +318,10 @@ def score_alignment(diag: Diagnosis, probes: list[Probe], wins: dict[tuple, list
             q_t = torch.tensor([float(np.mean(wins[(p_i, i, v)])) for v in c])
             q_rest = float(np.mean(wins[(p_i, i, None)])) if d.rest.value == "share" else None
             g_star, value = ideal_gradient(probe.pi_N_V[i], torch.tensor(c), q_t, d.rest.value, q_rest)
-            se = torch.sqrt(q_t * (1 - q_t) / d.continuations)
+            n_cont = probe.continuations[i] if probe.continuations else d.continuations
+            se = torch.sqrt(q_t * (1 - q_t) / n_cont)
+            defined = bool(g_star.abs().sum() > 0)
+            pos_bin = t if d.node_mode.value == "every_k" else t // d.every_k * d.every_k
             for tch in diag.teachers:
                 for loss in d.losses:
                     dt = distill_gradient(loss, probe.logits_N_V[i], teacher_logp[tch.name][i], probe.response[t],
@@ -263,6 +334,8 @@ def score_alignment(diag: Diagnosis, probes: list[Probe], wins: dict[tuple, list
                         "n_candidates": len(c), "q_min": float(q_t.min()), "q_max": float(q_t.max()),
                         "q_se_mean": float(se.mean()), "q_se_max": float(se.max()), "q_rest": q_rest,
                         "sampled_token_q": float(q_t[c.index(probe.response[t])]),
+                        "continuations": n_cont, "rounds": probe.rounds[i] if probe.rounds else 1,
+                        "defined": defined, "position_bin": pos_bin,
                     })
     return rows
 
@@ -270,21 +343,38 @@ def score_alignment(diag: Diagnosis, probes: list[Probe], wins: dict[tuple, list
 # ------------------------------------------------------------------------------------------------ outputs
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """Per teacher × loss × (all / correct / incorrect rollouts): mean alignment with a 95% CI over nodes,
-    plus the per-question mean (each question weighted once) and how many nodes had no defined alignment."""
+    plus the per-question mean (each question weighted once) and how many nodes had no defined alignment
+    (``undefined``, and ``undefined_frac`` of all the split's nodes, defined or not)."""
     out = []
     for (teacher, loss), g in df.groupby(["teacher", "loss"], sort=False):
         for split, part in (("all", g), ("correct", g[g["correct"]]), ("incorrect", g[~g["correct"]])):
             mean, std, ci, n = mean_ci95(part["alignment"].tolist())
             per_q = part.groupby("question")["alignment"].mean().dropna()
             qm, _, qci, qn = mean_ci95(per_q.tolist())
+            undefined = int(part["alignment"].isna().sum())
             out.append({"teacher": teacher, "loss": loss, "rollouts": split, "nodes": n,
-                        "undefined": int(part["alignment"].isna().sum()), "alignment_mean": mean,
+                        "undefined": undefined, "undefined_frac": undefined / len(part) if len(part) else math.nan,
+                        "alignment_mean": mean,
                         "alignment_std": std, "alignment_ci95": ci, "questions": qn,
                         "per_question_mean": qm, "per_question_ci95": qci})
     return pd.DataFrame(out)
 
 
-def write_outputs(df: pd.DataFrame, out: Path) -> None:
+def matched(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Per teacher × loss: a_t on incorrect minus correct rollouts at matched positions (``position_bin``), with a
+    95% bootstrap CI over questions (:func:`~opd_lab.alignment.matched_difference`, seeded by ``seed``)."""
+    pos = "position_bin" if "position_bin" in df else "position"
+    out = []
+    for (teacher, loss), g in df.groupby(["teacher", "loss"], sort=False):
+        out.append({"teacher": teacher, "loss": loss,
+                    **matched_difference(g["question"].to_numpy(), g[pos].to_numpy(), g["correct"].to_numpy(),
+                                         g["alignment"].to_numpy(), n_boot=2000, seed=seed)})
+    return pd.DataFrame(out)
+
+
+def write_outputs(df: pd.DataFrame, out: Path, seed: int = 0) -> None:
+    """``nodes.csv``, ``summary.csv``, ``matched.csv``, ``summary.md`` (both tables) and the plots; ``seed`` seeds
+    the matched comparison's bootstrap."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,12 +384,23 @@ def write_outputs(df: pd.DataFrame, out: Path) -> None:
     df.to_csv(out / "nodes.csv", index=False)
     summary = summarise(df) if len(df) else pd.DataFrame()
     summary.to_csv(out / "summary.csv", index=False)
+    match = matched(df, seed) if len(df) else pd.DataFrame()
+    match.to_csv(out / "matched.csv", index=False)
     lines = ["| teacher | loss | rollouts | nodes | mean a_t ± 95% CI | per-question mean ± CI | undefined |",
              "|---|---|---|---|---|---|---|"]
     for _, r in summary.iterrows():
         lines.append(f"| {r['teacher']} | {r['loss']} | {r['rollouts']} | {r['nodes']} | "
                      f"{r['alignment_mean']:.3f} ± {r['alignment_ci95']:.3f} | "
-                     f"{r['per_question_mean']:.3f} ± {r['per_question_ci95']:.3f} | {r['undefined']} |")
+                     f"{r['per_question_mean']:.3f} ± {r['per_question_ci95']:.3f} | "
+                     f"{r['undefined']} ({r['undefined_frac']:.1%}) |")
+    lines += ["", "Matched positions: mean a_t incorrect − correct at the same response position, weighted by "
+              "min(n_correct, n_incorrect); 95% CI: bootstrap over questions.", "",
+              "| teacher | loss | Δ incorrect − correct [95% CI] | positions | nodes (correct / incorrect) | "
+              "unmatched Δ |", "|---|---|---|---|---|---|"]
+    for _, r in match.iterrows():
+        lines.append(f"| {r['teacher']} | {r['loss']} | {r['matched_diff']:.3f} [{r['ci95_low']:.3f}, "
+                     f"{r['ci95_high']:.3f}] | {r['positions']} | {r['nodes_correct']} / {r['nodes_incorrect']} | "
+                     f"{r['unmatched_diff']:.3f} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     if not len(df):
         return

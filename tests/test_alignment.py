@@ -1,12 +1,21 @@
 """Gradient-alignment maths: g* by hand and as the autograd steepest-ascent direction, cosine limits, d_t of each
-loss against autograd/analytic forms, node selection, and the diagnostic's loss registry."""
+loss against autograd/analytic forms, node selection, the diagnostic's loss registry, and the matched-position
+comparison of correct vs incorrect rollouts with its bootstrap over questions."""
 
 import math
 
 import pytest
 import torch
 
-from opd_lab.alignment import DIAGNOSTIC_LOSSES, choose_nodes, cosine, distill_gradient, ideal_gradient
+from opd_lab.alignment import (
+    DIAGNOSTIC_LOSSES,
+    choose_nodes,
+    cosine,
+    distill_gradient,
+    ideal_gradient,
+    matched_difference,
+    q_all_equal,
+)
 from opd_lab.losses import full_reverse_kl
 
 
@@ -86,3 +95,64 @@ def test_diagnostic_losses_registry_matches_the_config():
     assert DIAGNOSTIC_LOSSES.names() == sorted(DIAGNOSTIC_LOSS_NAMES)
     with pytest.raises(KeyError, match="unknown diagnostic loss 'kl'; available"):
         distill_gradient("kl", torch.zeros(3), torch.log_softmax(torch.zeros(3), -1), 0)
+
+
+def test_ideal_gradient_is_exactly_zero_when_every_q_is_equal():
+    """All Q = 1 (or all 0, rest estimate included) gives g*_t = 0 exactly, so a_t is undefined, not the cosine of
+    float-rounding noise (π renormalised on the candidates sums to 1 only up to rounding)."""
+    torch.manual_seed(0)
+    pi = torch.softmax(torch.randn(1000) * 3, -1)
+    cands = torch.tensor([3, 17, 256, 999])
+    for q, rest, q_rest in ((1.0, "drop", None), (0.0, "drop", None), (1.0, "share", 1.0), (0.5, "share", 0.5)):
+        g, v = ideal_gradient(pi, cands, torch.full((4,), q), rest, q_rest)
+        assert torch.count_nonzero(g) == 0 and v == q
+        assert math.isnan(cosine(torch.randn(1000), g))
+    assert q_all_equal([0.0, 0.0], 0.0) and not q_all_equal([0.0, 0.0], 0.5) and not q_all_equal([1.0, 0.5])
+    g, _ = ideal_gradient(pi, cands, torch.zeros(4), "share", q_rest=0.25)  # the rest estimate differs: defined
+    assert g.norm() > 0
+
+
+# one node per row: question, position t, correct rollout, a_t
+NODES = [(0, 0, True, 0.1), (0, 0, True, 0.3), (0, 24, True, 0.0),
+         (1, 0, False, 0.5), (1, 24, False, 0.4), (1, 24, False, 0.2), (1, 48, False, 0.9),
+         (2, 24, True, 0.0), (2, 24, True, 0.0), (2, 24, False, 0.6), (2, 72, True, math.nan)]
+
+
+def _matched(nodes, **kw):
+    return matched_difference(*map(list, zip(*nodes, strict=True)), **kw)
+
+
+def test_matched_difference_by_hand():
+    """t = 0: ā^inc − ā^cor = 0.5 − 0.2, w = min(2, 1) = 1; t = 24: 0.4 − 0.0, w = min(3, 3) = 3; t = 48 has no
+    correct node and t = 72 only an undefined one: Δ = (1·0.3 + 3·0.4) / 4 = 0.375."""
+    r = _matched(NODES)
+    assert r["matched_diff"] == pytest.approx(0.375)
+    assert (r["positions"], r["nodes_correct"], r["nodes_incorrect"], r["questions"]) == (2, 5, 4, 3)
+    assert r["unmatched_diff"] == pytest.approx((0.5 + 0.4 + 0.2 + 0.9 + 0.6) / 5 - (0.1 + 0.3) / 5)
+    assert r["ci95_low"] <= r["matched_diff"] <= r["ci95_high"]
+    assert 0 < r["bootstrap"] <= 2000
+    assert _matched(NODES) == r  # the bootstrap is seeded
+
+
+def test_matched_difference_uses_only_positions_present_in_both_splits():
+    """Correct rollouts probed only early (a_t = 0), incorrect ones only late (a_t = 1), one shared position t = 96:
+    the matched difference is that position's 0.6 − 0.5, not the unmatched 0.9 − 0.1."""
+    nodes = [(0, 0, True, 0.0), (0, 24, True, 0.0), (1, 48, False, 1.0), (1, 72, False, 1.0),
+             (2, 96, True, 0.5), (3, 96, False, 0.6)]
+    r = _matched(nodes)
+    assert r["matched_diff"] == pytest.approx(0.1)
+    assert (r["positions"], r["nodes_correct"], r["nodes_incorrect"]) == (1, 1, 1)
+    assert r["unmatched_diff"] == pytest.approx((1 + 1 + 0.6) / 3 - 0.5 / 3)
+    none = _matched(nodes[:4])  # no shared position: undefined, not an unmatched comparison
+    assert math.isnan(none["matched_diff"]) and none["positions"] == 0 and math.isnan(none["ci95_low"])
+
+
+def test_matched_difference_bootstrap_is_over_questions():
+    """Resampling whole questions: one question gives a zero-width interval, and repeating every node within its
+    question (correlated nodes add no information) leaves Δ and the interval unchanged."""
+    one = _matched([(7, t, c, a) for _, t, c, a in NODES])
+    assert one["ci95_low"] == pytest.approx(one["matched_diff"]) == pytest.approx(one["ci95_high"])
+    r, doubled = _matched(NODES), _matched(NODES + NODES)
+    for k in ("matched_diff", "ci95_low", "ci95_high"):
+        assert doubled[k] == pytest.approx(r[k])
+    assert r["ci95_high"] - r["ci95_low"] > 0

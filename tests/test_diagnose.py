@@ -119,6 +119,127 @@ def test_end_of_response_candidate_is_graded_not_continued(monkeypatch, tmp_path
     assert max(spec.max_tokens for _, spec in continuations) == 40 - 0 - 1  # node 0's remaining budget
 
 
+class LateOracleEngine(OracleEngine):
+    """As :class:`OracleEngine`, but a continuation prompt's first call always fails (Q = 0 for every candidate
+    after round one); later calls with the same prompt succeed iff its last token is even, except from a node
+    whose prefix ends with ``hopeless`` (a late node of a failing rollout: it never succeeds). ``fail=True``: every
+    continuation fails."""
+
+    def __init__(self, tokenizer, fail=False, hopeless=()):
+        super().__init__(tokenizer)
+        self.fail, self.hopeless, self.prompts_seen = fail, list(hopeless), set()
+
+    def generate(self, prompts, spec):
+        if self.calls == 0:
+            return super().generate(prompts, spec)
+        h = len(self.hopeless)
+        fresh = [self.fail or (h and p[-1 - h : -1] == self.hopeless) or tuple(p) not in self.prompts_seen
+                 for p in prompts]
+        self.prompts_seen |= {tuple(p) for p in prompts}
+        # the parent decides GOOD/BAD from the last token: make it odd (id 1) where the continuation must fail
+        out = super().generate([p[:-1] + [1] if f else p for p, f in zip(prompts, fresh, strict=True)], spec)
+        self.seen[-1] = (prompts, spec)
+        return out
+
+
+def _adaptive_cfg(tmp_path, *extra):
+    from tests.conftest import compose
+
+    return compose([*[t for t in TINY if not t.startswith(("rollout.", "eval.", "trainer.steps"))],
+                    "rollout.engine=hf", f"cache_dir={tmp_path / 'cache'}", "logger.progress=false",
+                    "+diagnose=default", "diagnose.n_questions=2", "diagnose.rollouts_per_question=1",
+                    "diagnose.every_k=5", "diagnose.max_nodes=3", "diagnose.continuations=2",
+                    "diagnose.teachers={teacher: {model: teacher}}", "diagnose.losses=[full_rkl]",
+                    f"diagnose.out_dir={tmp_path / 'out'}", *extra])
+
+
+def _run_adaptive(monkeypatch, tmp_path, cfg, fail=False, hopeless_from=None):
+    import opd_lab.runtime
+    import opd_lab.tasks
+    from opd_lab import diagnose
+    from opd_lab.models import load_tokenizer, resolve_paths
+
+    tok = load_tokenizer(resolve_paths(cfg).tokenizer)
+    resp = tok(OracleEngine.ROLLOUT, add_special_tokens=False)["input_ids"]
+    engine = LateOracleEngine(tok, fail=fail, hopeless=resp[:hopeless_from] if hopeless_from else ())
+    monkeypatch.setattr(opd_lab.runtime, "make_engine", lambda *a, **k: engine)
+    monkeypatch.setattr(opd_lab.tasks, "grade", lambda text, problem: text.removesuffix("<|im_end|>").endswith("GOOD"))
+    return diagnose.run(cfg, tmp_path / "run"), engine, tok
+
+
+def test_adaptive_q_resamples_all_zero_nodes_until_some_q_differs(monkeypatch, tmp_path):
+    """Round one gives Q = 0 everywhere (g* = 0); round two's new samples succeed for even tokens, so the nodes at
+    t = 0, 5 (candidates of both parities) become defined at 2M per candidate; the hopeless node t = 10 keeps
+    all-equal Q and stops at the cap. Later rounds are new seeds; no count exceeds max_continuations."""
+    cfg = _adaptive_cfg(tmp_path, "diagnose.max_continuations=8")
+    df, engine, tok = _run_adaptive(monkeypatch, tmp_path, cfg, hopeless_from=10)
+    df = df[df["teacher"] == "teacher"]
+    assert len(df) == 2 * 3 and sorted(set(df["position"])) == [0, 5, 10]
+    assert (df["continuations"] > 2).all() and (df["continuations"] <= 8).all()  # every node was resampled
+    defined, undefined = df[df["defined"]], df[~df["defined"]]
+    assert set(defined["position"]) == {0, 5} and set(undefined["position"]) == {10}
+    # defined after round two: Q(v) = (0·2 + 1[v even]·2) / 4
+    assert (defined["continuations"] == 4).all() and (defined["rounds"] == 2).all()
+    assert (defined["q_min"] == 0.0).all() and (defined["q_max"] == 0.5).all()
+    assert defined["alignment"].notna().all()
+    assert defined["q_se_max"].tolist() == pytest.approx([(0.25 / 4) ** 0.5] * 4)  # SE √(Q(1−Q)/n), n = 4
+    # rounds 2, 4, 8: all-equal Q up to the cap, still undefined and counted
+    assert (undefined["continuations"] == 8).all() and (undefined["rounds"] == 3).all()
+    assert undefined["alignment"].isna().all() and (undefined["q_min"] == undefined["q_max"]).all()
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index(["teacher", "rollouts"])
+    assert summary.loc[("teacher", "all"), "undefined"] == len(undefined) == 2
+    (p1, s1), (p2, s2), (p3, s3) = engine.seen[1:]  # one engine call per round (chunk = 256)
+    assert (s1.n, s2.n, s3.n) == (2, 2, 4)  # per candidate: 2, +2 → 4, +4 → 8
+    assert p2 == p1 and set(map(tuple, p3)) < set(map(tuple, p1))  # round two: every node; three: the undefined
+    assert len({s1.seed, s2.seed, s3.seed}) == 3 and s1.seed == 0  # round one as before; later rounds new samples
+    assert (tmp_path / "out" / "matched.csv").stat().st_size > 0
+
+
+def test_adaptive_q_always_failing_node_stays_undefined_at_the_cap(monkeypatch, tmp_path):
+    """A stub where every continuation fails: every node (rest=share: the rest estimate included) is resampled
+    2 → 4 → 7 (the last round clipped to the cap), stays undefined, and is counted in the summary."""
+    cfg = _adaptive_cfg(tmp_path, "diagnose.max_continuations=7", "diagnose.rest=share")
+    df, engine, tok = _run_adaptive(monkeypatch, tmp_path, cfg, fail=True)
+    df = df[df["teacher"] == "teacher"]
+    assert len(df) == 2 * 3
+    assert (df["continuations"] == 7).all() and (df["rounds"] == 3).all()
+    assert (~df["defined"]).all() and df["alignment"].isna().all()
+    assert (df["q_max"] == 0).all() and (df["q_rest"] == 0).all() and (df["q_se_max"] == 0).all()
+    assert [spec.n for _, spec in engine.seen[1:]] == [1, 2, 1, 2, 1, 3]  # rest (1 per token), then candidates
+    # 7 samples per candidate and 7 rest tokens per node, except those that end the response (graded, not continued)
+    n_cands = df.groupby(["question", "position"])["n_candidates"].first()
+    assert sum(len(p) * spec.n for p, spec in engine.seen[1:]) == 7 * int((n_cands + 1).sum())
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index(["teacher", "rollouts"])
+    assert summary.loc[("teacher", "all"), "undefined"] == len(df)
+    assert summary.loc[("teacher", "all"), "undefined_frac"] == 1.0
+    assert "(100.0%)" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_cap_equal_to_m_is_one_round_as_before(monkeypatch, tmp_path):
+    """max_continuations = continuations: exactly the historical engine calls (n = M per candidate, seeds
+    seed·1_000_003 + chunk start, diagnose.chunk prompts per call) and no further round, even where Q is all 0."""
+    cfg = _adaptive_cfg(tmp_path, "diagnose.max_continuations=2", "diagnose.chunk=5", "diagnose.seed=3")
+    df, engine, tok = _run_adaptive(monkeypatch, tmp_path, cfg)
+    df = df[df["teacher"] == "teacher"]
+    calls = engine.seen[1:]
+    n_jobs = int(df["n_candidates"].sum())  # no EOS candidate here: every candidate is continued
+    assert [len(p) for p, _ in calls] == [min(5, n_jobs - s) for s in range(0, n_jobs, 5)]
+    assert [spec.seed for _, spec in calls] == [3 * 1_000_003 + s for s in range(0, n_jobs, 5)]
+    assert all(spec.n == 2 for _, spec in calls)
+    assert (df["continuations"] == 2).all() and (df["rounds"] == 1).all()
+    assert (df["q_max"] == 0).all() and (~df["defined"]).all()  # round one fails everywhere: not resampled
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index(["teacher", "rollouts"])
+    assert summary.loc[("teacher", "all"), "undefined"] == len(df)
+
+
+def test_max_continuations_below_m_is_rejected():
+    from opd_lab.config import ConfigError, DiagnoseConfig
+
+    with pytest.raises(ConfigError, match=r"diagnose.max_continuations=4 is invalid: allowed an integer >= "):
+        DiagnoseConfig(continuations=8, max_continuations=4)
+    assert DiagnoseConfig().max_continuations == 64
+
+
 @pytest.mark.slow
 def test_diagnose_cli_on_tiny_models(tmp_path):
     run_dir = tmp_path / "run"

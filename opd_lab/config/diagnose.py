@@ -43,7 +43,11 @@ class DiagnoseConfig:
     max_nodes: int = 8  # per rollout
     top_m: int = 3  # candidates: the student's top-m tokens plus the sampled token
     rest: RestMode = RestMode.drop  # the other tokens: dropped (π renormalised on the candidates) or one shared Q
-    continuations: int = 8  # M targeted continuations per candidate
+    continuations: int = 8  # M targeted continuations per candidate (the first round)
+    # adaptive Q: a node whose Q estimates are all equal (g*_t = 0, a_t undefined) gets another round for all its
+    # candidates, doubling its per-candidate count (M, 2M, 4M, …), until some Q differs or this cap is reached;
+    # max_continuations = continuations: one round of M (no adaptive sampling)
+    max_continuations: int = 64
     max_tokens: int | None = None  # continuation cap (null: rollout.max_tokens)
     chunk: int = 256  # continuation prompts per engine call
     losses: list[str] = field(default_factory=lambda: ["sampled_token", "lsm", "full_rkl"])
@@ -57,6 +61,8 @@ class DiagnoseConfig:
         for name in ("n_questions", "rollouts_per_question", "every_k", "max_nodes", "top_m", "continuations",
                      "lsm_top_k", "chunk"):
             _check(getattr(self, name) >= 1, f"diagnose.{name}", getattr(self, name), "an integer >= 1")
+        _check(self.max_continuations >= self.continuations, "diagnose.max_continuations", self.max_continuations,
+               f"an integer >= diagnose.continuations ({self.continuations})")
         _check(self.max_tokens is None or self.max_tokens >= 1, "diagnose.max_tokens", self.max_tokens,
                "null or an integer >= 1")
         bad = [x for x in self.losses if x not in DIAGNOSTIC_LOSS_NAMES]
