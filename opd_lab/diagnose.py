@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from opd_lab import runtime, tasks
+from opd_lab import console, runtime, tasks
 from opd_lab.alignment import (
     Teacher,
     choose_nodes,
@@ -448,6 +448,7 @@ def app(cfg: DictConfig) -> None:
 
     try:
         run_cfg = to_run_config(cfg)
+        console.configure(run_cfg.logger.verbose)  # engine and library records to the log file only
         if run_cfg.diagnose is None:
             raise ConfigError("diagnose=null is invalid: allowed a diagnose config (diagnose=default)")
         df = run(run_cfg, Path(run_cfg.output_dir))

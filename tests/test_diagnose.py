@@ -249,6 +249,8 @@ def test_diagnose_cli_on_tiny_models(tmp_path):
                            f"hydra.run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "continuations" in proc.stdout  # the cost estimate is printed before the work
+    for noise in ("Triton", "FutureWarning", "cpu_worker.py", "[W"):  # a quiet console: engine lines in the log only
+        assert noise not in proc.stdout + proc.stderr, noise
     df = pd.read_csv(run_dir / "nodes.csv")
     assert set(df.columns) >= {"question", "rollout", "correct", "position", "entropy", "teacher", "loss",
                                "alignment", "g_star_norm", "q_se_mean", "q_se_max", "value", "q_rest"}
