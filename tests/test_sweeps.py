@@ -11,7 +11,7 @@ from opd_lab.config import register_configs, to_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
-EXPECTED_JOBS = {"six_variant": 18, "six_variant_qwen3": 18, "block_ablation": 42, "tau_grid": 30, "reuse_grid": 36,
+EXPECTED_JOBS = {"six_variant": 18, "six_variant_qwen3": 18, "block_ablation": 42, "tau_grid": 36, "reuse_grid": 36,
                  "drift_map": 96}
 
 
@@ -56,3 +56,29 @@ def test_every_job_composes_and_validates(name):
             ("lsm", "lsm", "none", None), ("lsm_block64", "lsm", "block", 64)}
     if name == "block_ablation":
         assert len({(s[1], s[2], s[3]) for s in seen}) == 14
+
+
+@pytest.mark.parametrize("name", ["six_variant", "block_ablation", "tau_grid", "reuse_grid"])
+def test_benchmark_sweeps_take_the_drift_regime(name):
+    """``experiment=drift`` reaches every job of each embedded benchmark sweep: no sweep pins the rollout settings
+    that make the regime (updates per rollout batch, staleness), except the axis the sweep varies."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        regime = to_run_config(compose("config", overrides=["experiment=drift", "output_dir=/tmp/x"])).rollout
+        default = to_run_config(compose("config", overrides=["output_dir=/tmp/x"])).rollout
+        point = to_run_config(compose("config", overrides=["drift=u8", "output_dir=/tmp/x"])).rollout
+    assert (regime.reuse, regime.mini_batch_size, regime.staleness) == (point.reuse, point.mini_batch_size,
+                                                                        point.staleness)  # the map's U = 8 point
+    assert (regime.reuse, regime.mini_batch_size, regime.staleness) != (default.reuse, default.mini_batch_size,
+                                                                        default.staleness)
+    jobs = sweep_jobs(name)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "sweeps"), version_base="1.3"):
+        for job in jobs:
+            cfg = compose(name, overrides=[f"hydra.searchpath=[file://{ROOT / 'conf'}]", "output_dir=/tmp/x",
+                                           "experiment=drift", *job])
+            run = to_run_config(cfg).rollout
+            assert run.mini_batch_size == regime.mini_batch_size and run.staleness == regime.staleness
+            if name != "reuse_grid":
+                assert run.reuse == regime.reuse
