@@ -144,6 +144,12 @@ def setting_of(cfg: dict, eval_only: bool) -> dict:
 
 def load_sweep(sweep_dir: str | os.PathLike) -> pd.DataFrame:
     """Every job of the sweep as one row, including failed, unfinished and never-started jobs."""
+    rows = _sweep_rows(sweep_dir)
+    _name_by_axes(rows)
+    return pd.DataFrame(rows)
+
+
+def _sweep_rows(sweep_dir: str | os.PathLike) -> list[dict]:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"no such sweep directory: {sweep_dir}")
@@ -174,8 +180,7 @@ def load_sweep(sweep_dir: str | os.PathLike) -> pd.DataFrame:
     rows += [{"job": None, **read_run(d)} for d in extra]
     if not rows:
         raise FileNotFoundError(f"{sweep_dir} holds no Hydra job directories (.hydra/overrides.yaml)")
-    _name_by_axes(rows)
-    return pd.DataFrame(rows)
+    return rows
 
 
 def _name_by_axes(rows: list[dict]) -> None:
@@ -291,9 +296,11 @@ def sweep_name(sweep_dir: Path, runs: pd.DataFrame) -> str:
 
 
 def load_sweeps(sweep_dirs: list[Path]) -> pd.DataFrame:
-    """One table of the runs of several sweep directories (one sweep run in parts); job numbers stay per part."""
-    parts = [load_sweep(d).assign(sweep=str(d)) for d in sweep_dirs]
-    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    """One table of the runs of several sweep directories (one sweep run in parts); job numbers stay per part.
+    Variants are named by the overrides that vary across all the parts (a part may fix one, e.g. its loss)."""
+    rows = [{**row, "sweep": str(d)} for d in sweep_dirs for row in _sweep_rows(d)]
+    _name_by_axes(rows)
+    return pd.DataFrame(rows)
 
 
 def report(sweep_dir: str | os.PathLike | list, out: str | os.PathLike | None = None) -> tuple[pd.DataFrame,

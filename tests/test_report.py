@@ -70,6 +70,28 @@ def test_paired_differences_by_hand():
     assert "+0.057 ± " in paired_markdown(pairs.reset_index())
 
 
+def test_variants_are_named_by_what_varies_across_all_parts(tmp_path):
+    """A sweep run in parts, each fixing one override (its loss): the loss must name the variants, or both
+    losses' runs would merge into one variant and pair with each other."""
+    import yaml
+
+    from opd_lab.report import load_sweeps
+
+    parts = []
+    for loss in ("sampled_token", "lsm"):
+        part = tmp_path / loss
+        jobs = [[f"drift={d}", f"loss={loss}", f"gate={g}", f"trainer.seed={s}"]
+                for d in ("u2", "u8") for g in ("none", "block64") for s in (0, 1)]
+        for num, overrides in enumerate(jobs):
+            (part / str(num) / ".hydra").mkdir(parents=True)
+            (part / str(num) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+            (part / str(num) / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"num": num}}}))
+        parts.append(part)
+    runs = load_sweeps(parts)
+    assert len(runs) == 16 and runs["variant"].nunique() == 8
+    assert "drift=u2 loss=lsm gate=none" in set(runs["variant"])
+
+
 def test_missing_sweep_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such sweep directory"):
         load_sweep(tmp_path / "nope")
