@@ -7,12 +7,13 @@ mini-batch: the same rows a single process would take, each rank forwarding the 
 What must be global for the update to equal the single-process one (METHODS.md's token mean and gate
 normalisation are ratios of sums over the whole mini-batch)::
 
-    loss = Σ_ranks Σ m g ℓ / Σ_ranks Σ m g          (gate's unit mean and token mean over all ranks)
+    loss = Σ_ranks Σ m ĝ ℓ / Σ_ranks Σ m            (ĝ: unit mean over all ranks' valid tokens; token mean)
 
 Each rank back-propagates its unnormalised Σ m g ℓ; DDP / FSDP2 average the gradients over the W ranks during
 the backward of the last micro-batch (earlier ones accumulate locally: ``no_sync`` /
-``set_requires_gradient_sync(False)``), so the learner divides by Z / W with Z the all-reduced Σ m g (with a
-gate clip, the no-grad pre-pass all-reduces Σ m g before the clip and Z = Σ_ranks Σ m).
+``set_requires_gradient_sync(False)``), so the learner divides by Z / W with Z = Σ_ranks Σ m, the all-reduced
+token count (the gates' normaliser, Σ m g before the unit-mean division and any clip, is all-reduced in a
+no-grad pre-pass when an update spans several micro-batches).
 Every rank runs the same number of forward and backward passes per update (FSDP2 all-gathers inside each one):
 a rank with fewer rows of a mini-batch runs zero-weight micro-batches. Metrics are all-reduced sums, so every
 rank holds the same numbers; only rank 0 writes them (wandb, ``metrics.jsonl``) and the evaluation files

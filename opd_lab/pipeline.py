@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from opd_lab.distributed import gathered_state_dict, unwrap
+from opd_lab.distributed import gathered_state_dict, is_sharded, unwrap
 from opd_lab.rollout.base import RolloutBatch
 
 
@@ -140,15 +140,26 @@ class Rollouts:
 
     @contextlib.contextmanager
     def _swapped(self, snapshot: list[torch.Tensor]):
+        """The snapshot's values copied into the parameters (and the live values back afterwards). By value, not
+        by rebinding ``p.data``: FSDP2 gathers from its own sharded storage, which a rebinding never reaches; and
+        FSDP2's root keeps its gathered parameters after a forward, so it is resharded at both ends of the swap
+        (the next forward gathers the values in place now)."""
+        sharded = is_sharded(self.policy)
         params = list(self.policy.parameters())
-        live = [p.data for p in params]
-        for p, s in zip(params, snapshot, strict=True):
-            p.data = s
+        with torch.no_grad():
+            if sharded:
+                self.policy.reshard()
+            live = [p.detach().clone() for p in params]
+            for p, s in zip(params, snapshot, strict=True):
+                p.detach().copy_(s)
         try:
             yield
         finally:
-            for p, d in zip(params, live, strict=True):
-                p.data = d
+            with torch.no_grad():
+                if sharded:
+                    self.policy.reshard()
+                for p, d in zip(params, live, strict=True):
+                    p.detach().copy_(d)
 
     def _submit(self, step: int) -> None:
         self.sampler_before[step] = self.sampler.getstate()

@@ -107,6 +107,22 @@ def test_fsdp2_two_ranks_equal_one_process_and_sharded_resume(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0, msg=k)
 
 
+@pytest.mark.slow
+def test_fsdp2_with_stale_rollouts_scores_pi_old_with_the_sampling_weights(tmp_path):
+    """staleness k = 1 under FSDP2: π_old comes from the snapshot of the weights that sampled the batch (copied
+    into FSDP2's own sharded storage), so the first update's δ measures the staleness, as in one process; the
+    engine's own copy of a tied student gets the gathered weights with its head restored."""
+    args = [*BASE, "rollout.engine=hf", "rollout.top_p=0.000001", "rollout.staleness=1", "loss=lsm", "gate=block32"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([*args, f"hydra.run.dir={one}"], world=1)
+    _run([*args, "trainer.parallel=fsdp2", f"hydra.run.dir={two}"], world=2)
+    _assert_same_run(two, one)
+    for ra, rb in zip(_steps(two), _steps(one), strict=True):
+        assert ra["drift/first_update_mean_abs_delta"] == pytest.approx(rb["drift/first_update_mean_abs_delta"],
+                                                                        rel=1e-3, abs=1e-6)
+    assert _steps(two)[-1]["drift/first_update_mean_abs_delta"] > 1e-4  # a stale batch: δ > 0 before any update
+
+
 def test_rank_shares_and_single_process_reductions():
     d = Dist(rank=1, world=2)
     assert d.shard(8) == slice(4, 8) and SINGLE.shard(8) == slice(0, 8)

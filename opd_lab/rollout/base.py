@@ -152,6 +152,16 @@ SCORERS.add("vllm", "opd_lab.rollout.vllm:build_teacher_scorer")
 SCORERS.add("server", "opd_lab.rollout.server:build_teacher_scorer")
 
 
+def engine_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """What an engine's own copy of the student loads at a weight sync: ``state_dict`` (FSDP2's gathered full
+    state, which leaves out a tied ``lm_head.weight``) with the tied head restored, or the module's own state."""
+    if state_dict is None:
+        return model.state_dict()
+    if "lm_head.weight" not in state_dict and getattr(model.config, "tie_word_embeddings", False):
+        return {**state_dict, "lm_head.weight": state_dict["model.embed_tokens.weight"]}
+    return state_dict
+
+
 def pad_prompts(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token-id lists to ``[N, P]`` ids and attention mask."""
     P = max(len(p) for p in prompts)

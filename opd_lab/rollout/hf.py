@@ -7,7 +7,7 @@ import time
 import torch
 
 from opd_lab.distributed import full_params
-from opd_lab.rollout.base import BuildContext, RolloutBatch, SamplingSpec, assemble_batch, pad_prompts
+from opd_lab.rollout.base import BuildContext, RolloutBatch, SamplingSpec, assemble_batch, engine_state, pad_prompts
 from opd_lab.tokens import ends_with_stop
 
 
@@ -81,7 +81,7 @@ class HFEngine:
 
     def sync_weights(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> float:
         if model is not self.model:
-            self.model.load_state_dict(state_dict if state_dict is not None else model.state_dict())
+            self.model.load_state_dict(engine_state(model, state_dict))
         return 0.0
 
     def close(self) -> None:

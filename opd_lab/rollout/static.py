@@ -26,7 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from opd_lab.distributed import full_params
-from opd_lab.rollout.base import BuildContext, RolloutBatch, SamplingSpec, assemble_batch, pad_prompts, sample_seed
+from opd_lab.rollout.base import (
+    BuildContext,
+    RolloutBatch,
+    SamplingSpec,
+    assemble_batch,
+    engine_state,
+    pad_prompts,
+    sample_seed,
+)
 from opd_lab.tokens import ends_with_stop
 
 
@@ -226,7 +234,7 @@ class StaticEngine:
     def sync_weights(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> float:
         """The weights are read from the model at every call: nothing to copy unless ``model`` is another module."""
         if model is not self.model:
-            self.model.load_state_dict(state_dict if state_dict is not None else model.state_dict())
+            self.model.load_state_dict(engine_state(model, state_dict))
         return 0.0
 
     def close(self) -> None:
