@@ -181,6 +181,13 @@ def gate_metrics(gate_N: torch.Tensor, dist: Dist = SINGLE) -> dict[str, float]:
             "gate/frac_below_0.5": below / n}
 
 
+def mean_over_updates(per_update: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the updates that report it: an update whose mini-batch holds no valid token (every
+    response empty or masked, as in a collapsed run) has no gate statistics, and must not end the run."""
+    keys = dict.fromkeys(k for u in per_update for k in u if k not in ("tokens", "guard/skipped"))
+    return {k: sum(u[k] for u in per_update if k in u) / sum(k in u for u in per_update) for k in keys}
+
+
 # ---------------------------------------------------------------------------------------------- one step
 def train_step(cfg: Config, policy, optimizer, scheduler, scored: ScoredBatch, step: int,
                dist: Dist = SINGLE) -> dict[str, float]:
@@ -195,8 +202,7 @@ def train_step(cfg: Config, policy, optimizer, scheduler, scored: ScoredBatch, s
         for local in pass_:
             per_update.append(optimizer_update(cfg, policy, optimizer, scored, local, dist))
             scheduler.step()
-    keys = per_update[0].keys()
-    out = {k: sum(u[k] for u in per_update) / len(per_update) for k in keys if k not in ("tokens", "guard/skipped")}
+    out = mean_over_updates(per_update)
     out["guard/skipped_updates"] = sum(u["guard/skipped"] for u in per_update)
     out["guard/trailing_bad_updates"] = next(
         (i for i, u in enumerate(reversed(per_update)) if not u["guard/skipped"]), len(per_update))

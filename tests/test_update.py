@@ -275,3 +275,15 @@ def test_injected_nan_loss_is_skipped_and_counted(setup, loss):
         assert torch.equal(p, q)  # no update applied
     after = opt.state_dict()["state"]
     assert all(torch.equal(after[k]["exp_avg"], adam[k]["exp_avg"]) for k in adam)
+
+
+def test_metrics_average_over_the_updates_that_report_them():
+    """A mini-batch with no valid token has no gate statistics (a collapsed drift-map run died on this with a
+    KeyError): each metric is averaged over the updates that have it."""
+    from opd_lab.update import mean_over_updates
+
+    per_update = [{"loss": 1.0, "gate/mean": 1.0, "gate/std": 0.2, "tokens": 5.0, "guard/skipped": 0.0},
+                  {"loss": 3.0, "tokens": 0.0, "guard/skipped": 0.0},
+                  {"loss": 2.0, "gate/mean": 1.0, "gate/std": 0.4, "tokens": 7.0, "guard/skipped": 0.0}]
+    out = mean_over_updates(per_update)
+    assert out == pytest.approx({"loss": 2.0, "gate/mean": 1.0, "gate/std": 0.3})
