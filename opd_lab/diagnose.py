@@ -223,6 +223,11 @@ def estimate_q(diag: Diagnosis, probes: list[Probe]) -> dict[tuple, list[float]]
     todo = {(p_i, i): d.continuations for p_i, probe in enumerate(probes) for i in range(len(probe.nodes))}
     wins: dict[tuple, list[float]] = {}
     rnd = 0
+
+    def undefined(p_i: int, i: int) -> bool:  # every Q estimate of the node equal so far: g*_t = 0
+        q_rest = float(np.mean(wins[(p_i, i, None)])) if share else None
+        return q_all_equal([np.mean(wins[(p_i, i, v)]) for v in probes[p_i].candidates[i]], q_rest)
+
     while todo:
         jobs = []  # (probe index, node index, candidate token or None for the rest, first token, n samples)
         for (p_i, i), n in todo.items():
@@ -240,19 +245,15 @@ def estimate_q(diag: Diagnosis, probes: list[Probe]) -> dict[tuple, list[float]]
         rnd += 1
         todo = {}
         for p_i, probe in enumerate(probes):
-            for i, c in enumerate(probe.candidates):
-                n = probe.continuations[i]
-                q_rest = float(np.mean(wins[(p_i, i, None)])) if share else None
-                if n < d.max_continuations and q_all_equal([np.mean(wins[(p_i, i, v)]) for v in c], q_rest):
+            for i, n in enumerate(probe.continuations):
+                if n < d.max_continuations and undefined(p_i, i):
                     todo[(p_i, i)] = min(n, d.max_continuations - n)
         if todo:
             print(f"opd-lab diagnose: round {rnd + 1}: {len(todo)} nodes with all-equal Q resampled", flush=True)
     n_nodes = sum(len(p.nodes) for p in probes)
     if rnd > 1:
-        undefined = sum(q_all_equal([np.mean(wins[(p_i, i, v)]) for v in c],
-                                    float(np.mean(wins[(p_i, i, None)])) if share else None)
-                        for p_i, p in enumerate(probes) for i, c in enumerate(p.candidates))
-        print(f"opd-lab diagnose: adaptive Q took {rnd} rounds; {undefined} of {n_nodes} nodes still have all-equal "
+        n_undefined = sum(undefined(p_i, i) for p_i, p in enumerate(probes) for i in range(len(p.nodes)))
+        print(f"opd-lab diagnose: adaptive Q took {rnd} rounds; {n_undefined} of {n_nodes} nodes still have all-equal "
               f"Q at the cap of {d.max_continuations} (g* = 0, a_t undefined)", flush=True)
     return wins
 

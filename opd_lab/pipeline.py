@@ -11,7 +11,7 @@ step, then starts the next batch; evaluation waits until it is idle.
 Everything is deterministic, whatever the threads' timing: prompts are drawn in batch order from the sampler,
 every (prompt, sample) has its own seeded stream, and a checkpoint stores the sampler state before the first
 pending batch and the snapshots of the versions the pending batches use, so a resumed run regenerates its
-in-flight batches exactly (:meth:`state`, :meth:`restore`).
+in-flight batches exactly (:meth:`state`, and :meth:`start` with the checkpoint's snapshots).
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class Rollouts:
         with torch.no_grad():
             if sharded:
                 self.policy.reshard()
-            live = [p.detach().clone() for p in params]
+            live = self._take()
             for p, s in zip(params, snapshot, strict=True):
                 p.detach().copy_(s)
         try:

@@ -48,10 +48,14 @@ def micro_batches(idx: torch.Tensor, grad_accum: int, dist: Dist) -> list[torch.
     return micro + [None] * (n - len(micro))
 
 
+def _micro_of(cfg: Config, mini_batches: list[torch.Tensor], dist: Dist) -> list[torch.Tensor | None]:
+    """The micro-batches of ``mini_batches``, in order."""
+    return [m for mb in mini_batches for m in micro_batches(mb, cfg.trainer.grad_accum, dist)]
+
+
 def first_pass_micro_batches(cfg: Config, step: int, local_rows: int, dist: Dist = SINGLE) -> list[torch.Tensor | None]:
     """The micro-batches of the first pass, in order: the rows and shapes π_old is scored with (scoring.py)."""
-    return [m for mb in update_plan(cfg, step, local_rows, dist)[0] for m in micro_batches(mb, cfg.trainer.grad_accum,
-                                                                                          dist)]
+    return _micro_of(cfg, update_plan(cfg, step, local_rows, dist)[0], dist)
 
 
 def old_scoring_plan(cfg: Config, step: int, local_rows: int, current: bool, dist: Dist = SINGLE):
@@ -61,9 +65,8 @@ def old_scoring_plan(cfg: Config, step: int, local_rows: int, current: bool, dis
     (rollout.staleness) is scored whole by the policy that sampled it."""
     first = update_plan(cfg, step, local_rows, dist)[0]
     if not current:
-        return first_pass_micro_batches(cfg, step, local_rows, dist), None
-    later = [m for mb in first[1:] for m in micro_batches(mb, cfg.trainer.grad_accum, dist)]
-    return later, first[0]
+        return _micro_of(cfg, first, dist), None
+    return _micro_of(cfg, first[1:], dist), first[0]
 
 
 def _rows(scored: ScoredBatch, m: torch.Tensor | None, device) -> ScoredBatch:
