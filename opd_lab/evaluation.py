@@ -88,7 +88,7 @@ def evaluate(
         idx = range(j * n_samples, (j + 1) * n_samples)
         correct = [(not bool(batch.truncated_B[i])) and grade(batch.response_text[i], p) for i in idx]
         trunc = sum(int(batch.truncated_B[i]) for i in idx)
-        row = {"benchmark": p.source, "question": p.question, "answer": p.answer, "n": n_samples,
+        row = {"benchmark": p.source, "tag": p.tag, "question": p.question, "answer": p.answer, "n": n_samples,
                "correct": sum(correct),
                "truncated": trunc, "mean_len": sum(lengths[i] for i in idx) / n_samples}
         for k in ks:
@@ -140,7 +140,7 @@ def eval_key(cfg: Config, path: str, prompts: list[list[int]], stop_ids: tuple[i
     """
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
     stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    model = {k: v for k, v in as_flat_dict(cfg.model).items() if not k.startswith("prepare.")}
+    model = {k: v for k, v in as_flat_dict(cfg.model).items() if not k.startswith(("prepare.", "teachers"))}
     blob = json.dumps({"path": str(Path(path).resolve()) if files else path, "files": stamp,
                        "eval": as_flat_dict(cfg.eval), "task": as_flat_dict(cfg.task), "model": model,
                        "engine": cfg.rollout.engine.value, "vllm": as_flat_dict(cfg.rollout.vllm),

@@ -33,13 +33,14 @@ from opd_lab.update import old_scoring_plan, train_step
 
 @dataclass
 class Run:
-    """What the loop drives: the (possibly DDP/FSDP2-wrapped) :class:`~opd_lab.heads.Policy`, the engine and teacher
-    scorer, the task and its tokenizer, the tracker and the run directory."""
+    """What the loop drives: the (possibly DDP/FSDP2-wrapped) :class:`~opd_lab.heads.Policy`, the engine, the
+    teachers (:class:`~opd_lab.teachers.Teachers`: one, or several and their routing), the task and its tokenizer,
+    the tracker and the run directory."""
 
     cfg: Config
     policy: torch.nn.Module
     engine: RolloutEngine
-    teacher_scorer: object
+    teachers: object
     tokenizer: object
     tokens: TokenIds
     task: Task
@@ -65,7 +66,7 @@ def train(run: Run, state: checkpoint.TrainState | None = None) -> dict[str, flo
             batch, rollout_stats = rollouts.get(step)
             old_rows, deferred = old_scoring_plan(cfg, step, batch.size, rollouts.current(step), dist)
             with rollouts.behaviour(step):  # π_old: the policy that sampled the batch
-                scored = score_batch(cfg, run.policy, run.teacher_scorer, batch, run.tokens, old_rows, dist,
+                scored = score_batch(cfg, run.policy, run.teachers, batch, run.tokens, old_rows, dist,
                                      deferred_rows=deferred)
             t1 = time.perf_counter()
             metrics = train_step(cfg, run.policy, optimizer, scheduler, scored, step, dist)
@@ -96,8 +97,9 @@ def make_rollouts(run: Run, sampler: random.Random) -> Rollouts:
     share = dist.shard(cfg.rollout.n_prompts)
     encode = prompt_encoder(cfg)
 
-    def draw(rng: random.Random) -> list[list[int]]:
-        return encode(run.tokenizer, run.task.train_problems(cfg.rollout.n_prompts, rng)[share])
+    def draw(rng: random.Random) -> tuple[list[list[int]], list[str]]:
+        problems = run.task.train_problems(cfg.rollout.n_prompts, rng)[share]
+        return encode(run.tokenizer, problems), [p.tag for p in problems]
 
     concurrent = not (dist.enabled and cfg.rollout.engine.value == "vllm")
     return Rollouts(run.engine, run.policy, cfg.rollout.staleness, sampler, draw,

@@ -33,6 +33,16 @@ def masked_sum(values_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor
     return torch.where(mask_B_T.bool(), values_B_T, torch.zeros_like(values_B_T)).sum()
 
 
+def dedup_mask(ids_B_T_S: torch.Tensor) -> torch.Tensor:
+    """1 on the first occurrence of each id along the last dim, 0 on repeats."""
+    sorted_ids, order = torch.sort(ids_B_T_S, dim=-1, stable=True)
+    first_sorted = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first_sorted[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]
+    keep = torch.empty_like(first_sorted)
+    keep.scatter_(-1, order, first_sorted)
+    return keep.long()
+
+
 # ------------------------------------------------------------------------------------ sampled-token OPD
 def discounted_returns(r_B_T: torch.Tensor, mask_B_T: torch.Tensor, gamma: float) -> torch.Tensor:
     """A_t = Σ_{t'≥t} γ^{t'−t} r_{t'} over valid positions (masked r_{t'} count as 0); γ = 0 gives A = r."""

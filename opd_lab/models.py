@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from opd_lab.config import ArithTaskConfig, Config, ConfigError
+from opd_lab.config import ArithTaskConfig, Config, ConfigError, TeacherSpec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -19,6 +19,14 @@ class ModelPaths:
     student: str
     teacher: str
     tokenizer: str
+    teachers: dict[str, str] = field(default_factory=dict)  # the training teachers: name → folder or hub id
+
+
+def train_slice_task(task: ArithTaskConfig, spec: TeacherSpec) -> ArithTaskConfig:
+    """The arithmetic task an embedded teacher is trained on: the task, narrowed by ``spec.train_slice``."""
+    if spec.train_slice is None:
+        return task
+    return replace(task, **{k: v for k, v in asdict(spec.train_slice).items() if v is not None})
 
 
 def resolve_paths(cfg: Config) -> ModelPaths:
@@ -37,11 +45,25 @@ def resolve_paths(cfg: Config) -> ModelPaths:
 
         student = embedded("student") if student == "embedded" else student
         teacher = embedded("teacher") if teacher == "embedded" else teacher
-    for field_name, value in (("model.student", student), ("model.teacher", teacher)):
+    teachers = {"teacher": teacher}
+    if m.teachers:
+        teachers = {}
+        for name, spec in m.teachers.items():
+            if spec.model == "embedded":
+                from opd_lab.prepare import resolve_role
+
+                arith = cfg.task if isinstance(cfg.task, ArithTaskConfig) else ArithTaskConfig()
+                teachers[name] = str(resolve_role(m.prepare, train_slice_task(arith, spec), "teacher", cfg.cache_dir,
+                                                  progress=cfg.logger.progress))
+            else:
+                teachers[name] = spec.model
+    checks = [("model.student", student), ("model.teacher", teacher)]
+    checks += [(f"model.teachers.{n}.model", v) for n, v in teachers.items() if m.teachers]
+    for field_name, value in checks:
         _check_reachable(field_name, value)
     if cfg.eval.checkpoint:
         _check_reachable("eval.checkpoint", cfg.eval.checkpoint, always_local=True)
-    return ModelPaths(student, teacher, m.tokenizer or student)
+    return ModelPaths(student, teacher, m.tokenizer or student, teachers)
 
 
 def _check_reachable(field_name: str, value: str, always_local: bool = False) -> None:
@@ -91,15 +113,16 @@ def load_model(path: str, dtype: str, device: str, trainable: bool):
     return model
 
 
-def check_same_vocab(student_tok, teacher_tok) -> None:
-    """Hard error unless the two tokenizers have identical vocabularies and special ids."""
+def check_same_vocab(student_tok, teacher_tok, field_name: str = "model.teacher") -> None:
+    """Hard error unless the two tokenizers have identical vocabularies and special ids (``field_name``: the
+    teacher's config field, named in the message)."""
     if student_tok.get_vocab() != teacher_tok.get_vocab():
-        raise ConfigError("student and teacher tokenizers differ (vocabulary); opd-lab needs one shared "
-                          "vocabulary: set model.tokenizer or pick a matching pair")
+        raise ConfigError(f"{field_name}: student and teacher tokenizers differ (vocabulary); opd-lab needs one "
+                          "shared vocabulary: set model.tokenizer or pick a matching pair")
     for attr in ("eos_token_id", "pad_token_id", "bos_token_id", "all_special_ids"):
         if getattr(student_tok, attr) != getattr(teacher_tok, attr):
-            raise ConfigError(f"student and teacher tokenizers differ in {attr}: "
+            raise ConfigError(f"{field_name}: student and teacher tokenizers differ in {attr}: "
                               f"{getattr(student_tok, attr)} vs {getattr(teacher_tok, attr)}")
     if student_tok.chat_template != teacher_tok.chat_template:
-        raise ConfigError("student and teacher tokenizers have different chat templates; set "
+        raise ConfigError(f"{field_name}: student and teacher tokenizers have different chat templates; set "
                           "model.chat_template to render both the same way")

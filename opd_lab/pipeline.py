@@ -31,9 +31,10 @@ from opd_lab.rollout.base import RolloutBatch
 class Rollouts:
     """The rollout batches of steps ``start``, ``start + 1``, … for the loop.
 
-    ``draw(sampler)`` returns one step's prompts (token ids, this rank's share) and ``spec(step)`` its
-    SamplingSpec; ``concurrent=False`` runs every generation inline at the moment it would have started (the same
-    batches: used where a background thread cannot run the engine, e.g. vLLM under torchrun).
+    ``draw(sampler)`` returns one step's prompts (token ids, this rank's share), or ``(prompts, tags)`` with each
+    prompt's problem tag (per-sample routing), and ``spec(step)`` its SamplingSpec; ``concurrent=False`` runs
+    every generation inline at the moment it would have started (the same batches: used where a background thread
+    cannot run the engine, e.g. vLLM under torchrun).
     """
 
     def __init__(self, engine, policy, staleness: int, sampler: random.Random, draw: Callable, spec: Callable,
@@ -163,13 +164,19 @@ class Rollouts:
 
     def _submit(self, step: int) -> None:
         self.sampler_before[step] = self.sampler.getstate()
-        prompts, spec = self.draw(self.sampler), self.spec(step)
+        drawn, spec = self.draw(self.sampler), self.spec(step)
+        prompts, tags = drawn if isinstance(drawn, tuple) else (drawn, [])
         if self.pool is None:  # inline: the learner waits for the whole generation
             t0 = time.perf_counter()
-            self.pending[step] = self.engine.generate(prompts, spec)
+            self.pending[step] = self._generate(prompts, tags, spec)
             self.wait_s += time.perf_counter() - t0
         else:
-            self.pending[step] = self.pool.submit(self.engine.generate, prompts, spec)
+            self.pending[step] = self.pool.submit(self._generate, prompts, tags, spec)
+
+    def _generate(self, prompts: list[list[int]], tags: list[str], spec) -> RolloutBatch:
+        batch = self.engine.generate(prompts, spec)
+        batch.prompt_tags = list(tags)
+        return batch
 
     def _idle(self) -> None:
         """Wait for the generation in flight (if any) to finish."""

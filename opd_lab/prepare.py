@@ -1,7 +1,8 @@
 """Build the embedded default: tokenizer, Qwen3-architecture teacher and student trained from scratch by SFT.
 
 ``resolve_role`` returns the folder of the teacher or the student, in this order of preference:
-1. the copy shipped as package data (``opd_lab/assets/embedded/<role>``) when its key equals this config's;
+1. the copy shipped as package data (``opd_lab/assets/embedded/<role>``, or ``<role>_<name>`` for a teacher trained
+   on a slice of the task: ``model.teachers.<name>.train_slice``) when its key equals this config's;
 2. ``<cache_dir>/embedded/<role>-<key>`` from an earlier prepare;
 3. a fresh SFT run into the cache (atomic: built in a temporary folder, then renamed).
 
@@ -170,8 +171,9 @@ def resolve_role(pcfg: PrepareConfig, task_cfg: ArithTaskConfig, role: str, cach
                  progress: bool = True) -> Path:
     """Folder of one embedded model for this config: shipped copy, cached copy, or a fresh build (atomic)."""
     key = role_key(pcfg, task_cfg, role)
-    if _key_of(ASSETS / role) == key:
-        return ASSETS / role
+    for shipped in [ASSETS / role, *sorted(ASSETS.glob(f"{role}_*"))]:  # teacher, teacher_ops3 (a specialist), …
+        if _key_of(shipped) == key:
+            return shipped
     target = Path(cache_dir) / "embedded" / f"{role}-{key}"
     if _key_of(target) == key:
         return target

@@ -16,7 +16,11 @@ pandas DataFrame with one row per run, then writes to ``results/<sweep>/`` (or `
 - ``curves.png``: training curves per variant (mean over seeds, shaded min–max): loss, teacher − old log-ratio,
   gate std, fraction of gates below 0.5, mean |δ|, |δ| at the first update of each step;
 - ``drift_map.png`` when the runs vary U (updates per rollout batch) or the staleness k: final pass@k and mean
-  |δ| against U and k, per loss and gate.
+  |δ| against U and k, per loss and gate;
+- with ``--keep-runs``: ``runs/<part>/``, each sweep directory's ``multirun.yaml`` and, per job, the small files
+  the report reads (``.hydra/``, ``config.yaml``, ``status.json``, ``metrics.jsonl``, ``evals/``; no weights, no
+  wandb). A kept part is itself a sweep directory, so a sweep run over several sessions is reported from the kept
+  parts of the earlier ones and the new directories together.
 
 A variant is a run's overrides without its seed (``trainer.seed``, ``eval.seed``), named by ``cfg.variant``
 when the sweep sets one (``conf/variant``) and otherwise by the overrides that vary across the sweep.
@@ -330,14 +334,61 @@ def report(sweep_dir: str | os.PathLike | list, out: str | os.PathLike | None = 
     return runs, summary
 
 
+KEPT = (".hydra/overrides.yaml", ".hydra/hydra.yaml", ".hydra/config.yaml", "config.yaml", "status.json",
+        "metrics.jsonl")
+
+
+def keep_runs(sweep_dirs: list[Path], out: Path) -> list[Path]:
+    """Copy what the report reads of each sweep directory into ``out/runs/<part>/`` (the part named by the sweep
+    directory's own name; a directory already under ``out/runs`` is left where it is). Returns the kept parts."""
+    import shutil
+
+    kept = []
+    for d in sweep_dirs:
+        d = Path(d).resolve()
+        if (out / "runs").resolve() in d.parents:
+            kept.append(d)
+            continue
+        dest = out / "runs" / f"{d.parent.name}_{d.name}"
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        if (d / "multirun.yaml").exists():
+            shutil.copy2(d / "multirun.yaml", dest / "multirun.yaml")
+        for ov in sorted(d.rglob(".hydra/overrides.yaml")):
+            run_dir = ov.parent.parent
+            if "wandb" in run_dir.parts:
+                continue
+            target = dest / run_dir.relative_to(d)
+            for name in KEPT:
+                if (run_dir / name).exists():
+                    (target / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(run_dir / name, target / name)
+            for f in sorted((run_dir / "evals").glob("*.csv")):
+                (target / "evals").mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, target / "evals" / f.name)
+        kept.append(dest)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m opd_lab.report", description=__doc__.split("\n\n")[0])
     p.add_argument("sweep_dir", nargs="+", help="a Hydra multirun directory (holds multirun.yaml and one folder "
                    "per job); several: one sweep run in parts")
     p.add_argument("--out", help="output folder (default: results/<sweep name>)")
+    p.add_argument("--keep-runs", action="store_true", help="also copy each job's config, status, metrics and "
+                   "evaluations into <out>/runs/<part>/ (a sweep directory the report can read again later)")
     args = p.parse_args(argv)
     try:
-        runs, summary = report(list(args.sweep_dir), args.out)
+        dirs = list(args.sweep_dir)
+        if args.keep_runs:
+            first = Path(dirs[0])
+            if not first.is_dir():
+                raise FileNotFoundError(f"no such sweep directory: {first}")
+            out = Path(args.out) if args.out else Path("results") / sweep_name(first, load_sweep(first))
+            dirs = keep_runs([Path(d) for d in dirs], out)
+            args.out = str(out)
+        runs, summary = report(dirs, args.out)
     except FileNotFoundError as e:
         print(f"opd-lab report: {e}", file=sys.stderr)
         return 2

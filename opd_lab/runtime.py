@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from opd_lab import checkpoint, console
-from opd_lab.config import Config, ConfigError
+from opd_lab.config import Config, ConfigError, TeacherScorer, TeacherSpec
 from opd_lab.distributed import Dist
 from opd_lab.losses import LOSSES
 from opd_lab.models import ModelPaths, check_same_vocab, load_model, load_tokenizer, loading, resolve_paths
@@ -96,6 +96,10 @@ def prepare(cfg: Config, dist: Dist) -> Setup:
         tokenizer = load_tokenizer(paths.tokenizer, cfg.model.chat_template)
     with loading("model.teacher", paths.teacher):
         check_same_vocab(tokenizer, load_tokenizer(paths.teacher, cfg.model.chat_template))
+    for name, path in paths.teachers.items() if cfg.model.teachers else ():
+        field_name = f"model.teachers.{name}.model"
+        with loading(field_name, path):
+            check_same_vocab(tokenizer, load_tokenizer(path, cfg.model.chat_template), field_name)
     LOSSES.get(cfg.loss.name).check(cfg.loss, len(tokenizer))
     tokens = TokenIds.build(tokenizer, list(cfg.model.special_tokens), paths.student)
     training = cfg.eval.only is None
@@ -128,11 +132,12 @@ def check_prompt_lengths(cfg: Config, tokenizer, task, training: bool = True, n_
 
 def load_models(cfg: Config, paths: ModelPaths, device: str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """The trainable student on ``device`` and, when an HF forward needs it (the HF teacher scorer, or the HF
-    engine evaluating the teacher's baseline), the frozen teacher on ``rollout.teacher_device`` or ``device``."""
+    engine evaluating the teacher's baseline), the frozen teacher on ``rollout.teacher_device`` or ``device`` (None
+    with ``model.teachers``: :func:`load_teachers` loads those)."""
     with loading("model.student", paths.student):
         student = load_model(paths.student, cfg.model.dtype, device, trainable=True)
     teacher = None
-    if cfg.rollout.teacher_scorer.value == "hf" or cfg.rollout.engine.value == "hf":
+    if not cfg.model.teachers and (cfg.rollout.teacher_scorer.value == "hf" or cfg.rollout.engine.value == "hf"):
         with loading("model.teacher", paths.teacher):
             teacher = load_model(paths.teacher, cfg.model.dtype, cfg.rollout.teacher_device or device,
                                  trainable=False)
@@ -153,3 +158,68 @@ def make_teacher_scorer(cfg: Config, teacher, tokenizer, path: str):
     ctx = BuildContext(cfg, tokenizer, path, (), model=teacher)
     with console.native_stderr_to_log():
         return SCORERS.get(cfg.rollout.teacher_scorer.value)(ctx)
+
+
+# ------------------------------------------------------------------------------------------------- teachers
+@dataclass
+class LoadedTeachers:
+    """The training teachers before their scorers exist: names, folders or hub ids, HF modules (None where no HF
+    forward needs one), devices, and whether they are scored one at a time (``routing.residency``)."""
+
+    names: list[str]
+    paths: list[str]
+    models: list[torch.nn.Module | None]
+    devices: list[str]
+    weights: list[float]
+    one_at_a_time: bool = False
+
+
+def teacher_config(cfg: Config, spec: TeacherSpec) -> Config:
+    """The run's config as one teacher of ``model.teachers`` sees it: its own scorer, device and server URL in
+    place of the ``rollout.teacher_*`` settings (what the scorer builders read)."""
+    r = cfg.rollout
+    return replace(cfg, rollout=replace(
+        r, teacher_scorer=TeacherScorer(spec.scorer) if spec.scorer else r.teacher_scorer,
+        teacher_device=spec.device or r.teacher_device,
+        teacher_server=replace(r.teacher_server, url=spec.server_url or r.teacher_server.url)))
+
+
+def load_teachers(cfg: Config, paths: ModelPaths, teacher, device: str) -> LoadedTeachers:
+    """The training teachers: ``model.teacher`` (the loaded ``teacher``, exactly as before) or every entry of
+    ``model.teachers``, each HF module loaded on the CPU and moved to its device unless they do not fit there
+    together (``routing.residency``: auto | all | one)."""
+    if not cfg.model.teachers:
+        dev = cfg.rollout.teacher_device or device
+        return LoadedTeachers(["teacher"], [paths.teacher], [teacher], [dev], [1.0])
+    residency = cfg.routing.residency.value
+    names, models, devices = list(cfg.model.teachers), [], []
+    for name, spec in cfg.model.teachers.items():
+        tcfg = teacher_config(cfg, spec)
+        dev = tcfg.rollout.teacher_device or device
+        model = None
+        if tcfg.rollout.teacher_scorer.value == "hf" or cfg.rollout.engine.value == "hf":
+            with loading(f"model.teachers.{name}.model", paths.teachers[name]):
+                model = load_model(paths.teachers[name], cfg.model.dtype, dev if residency == "all" else "cpu",
+                                   trainable=False)
+        models.append(model)
+        devices.append(dev)
+    from opd_lab.teachers import fits_together
+
+    one = residency == "one" or (residency == "auto" and not fits_together(models, devices))
+    if not one:
+        for model, dev in zip(models, devices, strict=True):
+            if model is not None:
+                model.to(dev)
+    weights = [s.weight for s in cfg.model.teachers.values()]
+    return LoadedTeachers(names, [paths.teachers[n] for n in names], models, devices, weights, one)
+
+
+def make_teachers(cfg: Config, tokenizer, loaded: LoadedTeachers):
+    """The run's :class:`~opd_lab.teachers.Teachers`: one scorer per teacher (its own placement settings)."""
+    from opd_lab.teachers import Teachers
+
+    specs = list(cfg.model.teachers.values()) or [None]
+    scorers = [make_teacher_scorer(teacher_config(cfg, spec) if spec else cfg, model, tokenizer, path)
+               for spec, model, path in zip(specs, loaded.models, loaded.paths, strict=True)]
+    return Teachers(loaded.names, scorers, cfg.routing, loaded.weights, loaded.models, loaded.devices,
+                    loaded.one_at_a_time)

@@ -13,10 +13,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from opd_lab.config import RoutingConfig
 from opd_lab.distributed import SINGLE, Dist, full_params, unwrap
 from opd_lab.heads import as_policy, gather_float, head_logits, logsumexp_last, response_hidden
-from opd_lab.losses import LOSSES, PolicyOutputs, ScoreNeeds, at_least_f32
+from opd_lab.losses import LOSSES, PolicyOutputs, ScoreNeeds, at_least_f32, dedup_mask
 from opd_lab.rollout.base import BuildContext, RolloutBatch, TeacherScores
+from opd_lab.routing import fraction_metrics
+from opd_lab.teachers import Teachers
 from opd_lab.tokens import TokenIds, special_mask_B_T
 
 
@@ -29,13 +32,15 @@ def score_teacher(
     query_ids_B_T_Q: torch.Tensor | None = None,
     batch_size: int = 64,
     chunk_size: int = 256,
+    entropy: bool = False,
 ) -> TeacherScores:
-    """Teacher log-probs of the sampled tokens, its top-K (``top_k`` > 0) and log-probs at extra ids.
+    """Teacher log-probs of the sampled tokens, its top-K (``top_k`` > 0), log-probs at extra ids and (``entropy``)
+    the entropy H(q(·|h_t)) of its distribution at each position.
 
     Runs ``batch_size`` sequences at a time and the LM head ``chunk_size`` positions at a time: the largest
     tensor is ``[batch_size, chunk_size, V]`` logits, never ``[B, T, V]``.
     """
-    logp, tk_ids, tk_logp, q_logp = [], [], [], []
+    logp, tk_ids, tk_logp, q_logp, ent = [], [], [], [], []
     w = teacher.get_output_embeddings().weight
     for s in range(0, batch.size, batch_size):
         idx = torch.arange(s, min(s + batch_size, batch.size))
@@ -43,7 +48,7 @@ def score_teacher(
         h = response_hidden(teacher, sub)
         y = sub.response_ids_B_T.to(h.device)
         q = query_ids_B_T_Q[idx].to(h.device) if query_ids_B_T_Q is not None else None
-        parts: dict[str, list[torch.Tensor]] = {"lp": [], "ti": [], "tl": [], "ql": []}
+        parts: dict[str, list[torch.Tensor]] = {"lp": [], "ti": [], "tl": [], "ql": [], "h": []}
         for c in range(0, h.shape[1], chunk_size):
             logits = head_logits(h[:, c : c + chunk_size], w, temperature)
             lse = logsumexp_last(at_least_f32(logits))
@@ -54,17 +59,23 @@ def score_teacher(
                 parts["tl"].append(at_least_f32(vals) - lse[..., None])
             if q is not None:
                 parts["ql"].append(gather_float(logits, q[:, c : c + chunk_size]) - lse[..., None])
+            if entropy:
+                lp_V = at_least_f32(logits) - lse[..., None]
+                parts["h"].append(-(lp_V.exp() * lp_V).sum(-1))
         logp.append(torch.cat(parts["lp"], 1).cpu())
         if top_k > 0:
             tk_ids.append(torch.cat(parts["ti"], 1).cpu())
             tk_logp.append(torch.cat(parts["tl"], 1).cpu())
         if q is not None:
             q_logp.append(torch.cat(parts["ql"], 1).cpu())
+        if entropy:
+            ent.append(torch.cat(parts["h"], 1).cpu())
     return TeacherScores(
         logp_B_T=torch.cat(logp),
         topk_ids_B_T_K=torch.cat(tk_ids) if tk_ids else None,
         topk_logp_B_T_K=torch.cat(tk_logp) if tk_logp else None,
         query_logp_B_T_Q=torch.cat(q_logp) if q_logp else None,
+        entropy_B_T=torch.cat(ent) if ent else None,
     )
 
 
@@ -76,9 +87,9 @@ class HFTeacherScorer:
         self.teacher, self.batch_size, self.chunk_size = teacher, batch_size, chunk_size
 
     def __call__(self, batch: RolloutBatch, top_k: int, temperature: float,
-                 query_ids_B_T_Q: torch.Tensor | None = None) -> TeacherScores:
+                 query_ids_B_T_Q: torch.Tensor | None = None, entropy: bool = False) -> TeacherScores:
         return score_teacher(self.teacher, batch, top_k, temperature, query_ids_B_T_Q, self.batch_size,
-                             self.chunk_size)
+                             self.chunk_size, entropy)
 
     def close(self) -> None:
         pass
@@ -102,16 +113,6 @@ def score_student_old(
     """log π_old(y_t|h_t) ``[B, T]`` and, if ``top_k`` > 0, π_old's top-K ids ``[B, T, K]`` (student support)."""
     scores = score_teacher(model, batch, top_k, temperature, None, batch_size, chunk_size)
     return scores.logp_B_T, scores.topk_ids_B_T_K
-
-
-def dedup_mask(ids_B_T_S: torch.Tensor) -> torch.Tensor:
-    """1 on the first occurrence of each id along the last dim, 0 on repeats."""
-    sorted_ids, order = torch.sort(ids_B_T_S, dim=-1, stable=True)
-    first_sorted = torch.ones_like(sorted_ids, dtype=torch.bool)
-    first_sorted[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]
-    keep = torch.empty_like(first_sorted)
-    keep.scatter_(-1, order, first_sorted)
-    return keep.long()
 
 
 def build_support(needs: ScoreNeeds, response_ids_B_T: torch.Tensor, teacher: TeacherScores,
@@ -152,6 +153,10 @@ class ScoredBatch:
     support_mask_B_T_S: torch.Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
     old_pending_B: torch.Tensor | None = None  # bool [B]: rows whose log π_old the first update's forward supplies
+    # several teachers (teachers.py): the routing weights w_{t,i}, every teacher's log q_i(y_t), their names
+    route_B_T_N: torch.Tensor | None = None
+    teacher_logp_each_B_T_N: torch.Tensor | None = None
+    teacher_names: tuple[str, ...] = ()
 
     @property
     def response_mask_B_T(self) -> torch.Tensor:
@@ -165,7 +170,8 @@ class ScoredBatch:
         return ScoredBatch(self.batch.select(idx), pick(self.loss_mask_B_T), pick(self.newline_B_T),
                            pick(self.old_logp_B_T), pick(self.teacher_logp_B_T), pick(self.support_ids_B_T_S),
                            pick(self.teacher_support_logp_B_T_S), pick(self.support_mask_B_T_S),
-                           old_pending_B=None if self.old_pending_B is None else self.old_pending_B[idx])
+                           old_pending_B=None if self.old_pending_B is None else self.old_pending_B[idx],
+                           route_B_T_N=pick(self.route_B_T_N), teacher_names=self.teacher_names)
 
     def take_old(self, idx: torch.Tensor | None, rows: ScoredBatch, logp_B_T: torch.Tensor) -> None:
         """Rows ``idx`` (``rows`` = their selection) were just forwarded by the policy that sampled them, before
@@ -237,15 +243,31 @@ def score_batch(cfg, policy: torch.nn.Module, teacher_scorer, batch: RolloutBatc
             _, old_topk = score_student_old(unwrap(policy).lm, batch, T_s, needs.student_top_k, score_batch_size,
                                             cfg.trainer.chunk_size)
     t1 = time.perf_counter()
-    teach = teacher_scorer(batch, needs.teacher_top_k, T_s, old_topk)
+    teachers = teacher_scorer if isinstance(teacher_scorer, Teachers) else Teachers(["teacher"], [teacher_scorer],
+                                                                                     RoutingConfig())
+
+    def old_at(query_ids_B_T_Q):  # π_old at y_t and at extra ids (routing.rule=min_kl), no grad
+        with full_params(policy):
+            s = score_teacher(unwrap(policy).lm, batch, 0, T_s, query_ids_B_T_Q, score_batch_size,
+                              cfg.trainer.chunk_size)
+        return s.logp_B_T, s.query_logp_B_T_Q
+
+    routed = teachers.score(batch, needs, T_s, old_topk, old_at,
+                            lambda sc: build_support(needs, resp_ids, sc, old_topk))
+    teach = routed.scores
     t2 = time.perf_counter()
     scored.teacher_logp_B_T = teach.logp_B_T
+    if routed.weights_B_T_N is not None:
+        scored.route_B_T_N, scored.teacher_logp_each_B_T_N = routed.weights_B_T_N, routed.each_logp_B_T_N
+        scored.teacher_names = tuple(teachers.names)
     if needs.support:
         scored.support_ids_B_T_S, scored.teacher_support_logp_B_T_S, scored.support_mask_B_T_S = build_support(
             needs, resp_ids, teach, old_topk)
     n_tok, n_special = dist.sum(resp_mask.sum(), special.sum())
     scored.stats = {"time/score_old_s": t1 - t0, "time/score_teacher_s": t2 - t1,
                     "score/tokens_per_s": 2 * n_tok / dist.world / max(t2 - t0, 1e-9), "special_masked": n_special}
+    if scored.route_B_T_N is not None:
+        scored.stats |= routing_stats(scored, dist)
     if deferred_rows is None:
         scored.stats |= old_stats(scored, dist)
     return scored
@@ -259,9 +281,24 @@ def old_stats(scored: ScoredBatch, dist: Dist = SINGLE) -> dict[str, float]:
     n_tok, n_loss, abs_sum, k3_sum, gap_sum = dist.sum(
         m.sum(), lm.sum(), (sampler - old)[m].abs().sum(), _k3(old - sampler)[m].sum(),
         (scored.teacher_logp_B_T - old)[lm].sum())
-    return {"mismatch/sampler_old_abs": abs_sum / max(n_tok, 1.0),
-            "mismatch/sampler_old_kl": k3_sum / max(n_tok, 1.0),
-            "teacher_minus_old_logp": gap_sum / max(n_loss, 1.0)}
+    out = {"mismatch/sampler_old_abs": abs_sum / max(n_tok, 1.0),
+           "mismatch/sampler_old_kl": k3_sum / max(n_tok, 1.0),
+           "teacher_minus_old_logp": gap_sum / max(n_loss, 1.0)}
+    if scored.teacher_logp_each_B_T_N is not None:  # each teacher's log q_i − log π_old on loss tokens
+        gaps = dist.sum(*((scored.teacher_logp_each_B_T_N[..., i] - old)[lm].sum()
+                          for i in range(len(scored.teacher_names))))
+        out |= {f"teacher/{name}/minus_old_logp": g / max(n_loss, 1.0)
+                for name, g in zip(scored.teacher_names, gaps, strict=True)}
+    return out
+
+
+def routing_stats(scored: ScoredBatch, dist: Dist = SINGLE) -> dict[str, float]:
+    """Per-teacher token fractions f_i over the loss tokens of all ranks and the routing entropy H(f)."""
+    lm = scored.loss_mask_B_T.bool()
+    n = len(scored.teacher_names)
+    sums = dist.sum(lm.sum(), *(scored.route_B_T_N[..., i][lm].double().sum() for i in range(n)))
+    frac = [float(x) / max(float(sums[0]), 1.0) for x in sums[1:]]
+    return fraction_metrics(frac, list(scored.teacher_names))
 
 
 def _k3(log_ratio: torch.Tensor) -> torch.Tensor:

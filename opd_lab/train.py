@@ -34,7 +34,8 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
         return jobs.evaluate_only(cfg, run_dir, setup)
     device = distributed.rank_device(cfg.trainer.device, dist)
     student, teacher = runtime.load_models(cfg, setup.paths, device)
-    table, frames = evaluate_baselines(cfg, setup, student, teacher, dist)
+    loaded = runtime.load_teachers(cfg, setup.paths, teacher, device)
+    table, frames = evaluate_baselines(cfg, setup, student, loaded, dist)
 
     state = checkpoint.latest(run_dir, cfg) if started.resume_dir is not None else None
     if dist.is_main:
@@ -49,9 +50,9 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
                       resume_id=state.wandb_id if state else None) if dist.is_main else NullTracker()
     engine = runtime.make_engine(cfg, engine_model or student, setup.tokenizer, setup.paths.student, setup.tokens.stop,
                                  sharded_root=policy if distributed.is_sharded(policy) and not engine_model else None)
-    scorer = runtime.make_teacher_scorer(cfg, teacher, setup.tokenizer, setup.paths.teacher)
-    with recorded_failure(run_dir, tracker, dist.is_main), closing(engine), closing(scorer):
-        run = Run(cfg, policy, engine, scorer, setup.tokenizer, setup.tokens, setup.task, tracker, run_dir, dist)
+    teachers = runtime.make_teachers(cfg, setup.tokenizer, loaded)
+    with recorded_failure(run_dir, tracker, dist.is_main), closing(engine), closing(teachers):
+        run = Run(cfg, policy, engine, teachers, setup.tokenizer, setup.tokens, setup.task, tracker, run_dir, dist)
         final = train(run, state)
         weights = distributed.gathered_state_dict(policy)  # every rank (FSDP2 gathers); rank 0 saves
         if dist.is_main:
@@ -64,18 +65,30 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
     return final
 
 
-def evaluate_baselines(cfg: Config, setup: runtime.Setup, student: torch.nn.Module, teacher, dist):
-    """pass@k of the untrained student and teacher (``eval.baselines``; rank 0; cached across runs by
-    :func:`~opd_lab.evaluation.eval_key`): their rows of the result table and their per-problem frames."""
+def evaluate_baselines(cfg: Config, setup: runtime.Setup, student: torch.nn.Module,
+                       teachers: runtime.LoadedTeachers, dist):
+    """pass@k of the untrained student and of each teacher (``eval.baselines``; rank 0; cached across runs by
+    :func:`~opd_lab.evaluation.eval_key`): their rows of the result table (``teacher``, or ``teacher_<name>`` for
+    each of ``model.teachers``) and their per-problem frames."""
     table: dict[str, dict[str, float]] = {}
     frames = []
     if cfg.eval.baselines and dist.is_main:
-        for name, model, path in (("base_student", student, setup.paths.student),
-                                  ("teacher", teacher, setup.paths.teacher)):
+        rows = [("base_student", student, setup.paths.student, None)]
+        multi = bool(cfg.model.teachers)
+        rows += [(f"teacher_{n}" if multi else "teacher", m, p, d)
+                 for n, m, p, d in zip(teachers.names, teachers.models, teachers.paths, teachers.devices, strict=True)]
+        for name, model, path, device in rows:
             stop = stop_token_ids(setup.tokenizer, path)
-            res: EvalResult = cached_eval(
-                cfg, path, lambda m=model, p=path, s=stop: runtime.make_engine(cfg, m, setup.tokenizer, p, s),
-                setup.tokenizer, setup.task, stop)
+            moved = teachers.one_at_a_time and model is not None and device is not None
+            if moved:
+                model.to(device)
+            try:
+                res: EvalResult = cached_eval(
+                    cfg, path, lambda m=model, p=path, s=stop: runtime.make_engine(cfg, m, setup.tokenizer, p, s),
+                    setup.tokenizer, setup.task, stop)
+            finally:
+                if moved:
+                    model.to("cpu")
             table[name] = res.metrics
             frames.append(res.per_problem.assign(model=name, step=0))
     dist.barrier()

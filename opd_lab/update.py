@@ -143,11 +143,34 @@ def optimizer_update(cfg: Config, policy, optimizer, scored: ScoredBatch, idx: t
                                     cfg.gate.clip_max, mean)
             (masked_sum(loss_B_T * g, mask) * (dist.world / max(n_valid, 1.0))).backward()
         per_token = {"loss": loss_B_T.detach() * g, "ungated_loss": loss_B_T.detach(), "abs_delta": delta.abs(),
-                     "cancel": cancel, **metrics}
+                     "cancel": cancel, **metrics, **routed_loss_terms(mb, loss_B_T.detach() * g)}
         for k, v in per_token.items():
             sums[k] += float(masked_sum(v, mask))
         gates.append(g.detach()[mask.bool()])
-    return _step_optimizer(cfg, policy, optimizer, sums, gates, n_valid, dist)
+    return per_teacher_loss(_step_optimizer(cfg, policy, optimizer, sums, gates, n_valid, dist))
+
+
+def routed_loss_terms(mb: ScoredBatch, gated_loss_B_T: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Several teachers: per teacher i, the per-token terms w_{t,i} g_t ℓ_t and w_{t,i} whose masked sums give its
+    loss Σ m w_i g ℓ / Σ m w_i (:func:`per_teacher_loss`)."""
+    if mb.route_B_T_N is None:
+        return {}
+    out = {}
+    for i, name in enumerate(mb.teacher_names):
+        w = mb.route_B_T_N[..., i].to(gated_loss_B_T.device)
+        out[f"teacher/{name}/loss_w"], out[f"teacher/{name}/w"] = gated_loss_B_T * w, w
+    return out
+
+
+def per_teacher_loss(out: dict[str, float]) -> dict[str, float]:
+    """``teacher/<name>/loss`` = Σ m w_i g ℓ / Σ m w_i from the update's token means of its two terms (absent when
+    no token of the update was routed to that teacher)."""
+    for key in [k for k in out if k.endswith("/loss_w")]:
+        prefix = key.removesuffix("loss_w")  # teacher/<name>/
+        lw, w = out.pop(key), out.pop(prefix + "w")
+        if w > 0:
+            out[prefix + "loss"] = lw / w
+    return out
 
 
 def _step_optimizer(cfg: Config, policy, optimizer, sums: dict[str, float], gates: list[torch.Tensor],

@@ -80,6 +80,7 @@ def test_apps_import_the_library_never_each_other():
     ("opd_lab.rollout.server", {"opd_lab.scoring", "opd_lab.losses", "opd_lab.update"}),
     ("opd_lab.losses", {"opd_lab.rollout.base", "opd_lab.scoring", "opd_lab.tracking", "opd_lab.distributed"}),
     ("opd_lab.gates", {"opd_lab.rollout.base", "opd_lab.scoring", "opd_lab.tracking", "opd_lab.distributed"}),
+    ("opd_lab.routing", {"opd_lab.scoring", "opd_lab.tracking", "opd_lab.distributed", "opd_lab.update"}),
     ("opd_lab.config", {"opd_lab.losses", "opd_lab.scoring", "opd_lab.rollout.base"}),
 ])
 def test_narrow_dependencies(module, forbidden):

@@ -142,3 +142,19 @@ def test_tiny_sweep_then_report(tmp_path):
     for png in ("pass_at_k.png", "curves.png", "pass_at_k_over_steps.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+
+    # --keep-runs: the small files of every job are kept under <out>/runs/<part>/, and the kept part alone gives
+    # the same report (a sweep run over several sessions, whose run directories are not kept)
+    kept_out = tmp_path / "kept"
+    rep = subprocess.run([sys.executable, "-m", "opd_lab.report", str(sweep_dir), "--out", str(kept_out),
+                          "--keep-runs"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    part = kept_out / "runs" / f"{sweep_dir.parent.name}_{sweep_dir.name}"
+    assert (part / "multirun.yaml").exists() and (part / "0" / "metrics.jsonl").exists()
+    assert not list(part.rglob("*.safetensors")) and not list(part.rglob("wandb"))
+    again = tmp_path / "again"
+    rep = subprocess.run([sys.executable, "-m", "opd_lab.report", str(part), "--out", str(again)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    pd.testing.assert_frame_equal(pd.read_csv(again / "summary.csv"), pd.read_csv(out / "summary.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(kept_out / "summary.csv"), pd.read_csv(out / "summary.csv"))

@@ -49,6 +49,8 @@ from opd_lab.config.model import (  # noqa: F401
     ModelConfig,
     PrepareConfig,
     TaskConfig,
+    TeacherSpec,
+    TrainSlice,
 )
 from opd_lab.config.rollout import (  # noqa: F401
     Backend,
@@ -56,6 +58,14 @@ from opd_lab.config.rollout import (  # noqa: F401
     TeacherScorer,
     TeacherServerConfig,
     VLLMConfig,
+)
+from opd_lab.config.routing import (  # noqa: F401
+    AlignmentRouting,
+    Confidence,
+    MixtureSpace,
+    Residency,
+    RoutingConfig,
+    RoutingRule,
 )
 from opd_lab.config.trainer import (  # noqa: F401
     DistBackend,
@@ -79,6 +89,7 @@ class Config:
     model: ModelConfig = MISSING
     task: Any = MISSING
     trainer: TrainerConfig = MISSING
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     diagnose: DiagnoseConfig | None = None  # set by conf/diagnose.yaml (python -m opd_lab.diagnose)
@@ -103,6 +114,7 @@ def register_configs() -> None:
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)
     cs.store(group="diagnose", name="base_diagnose", node=DiagnoseConfig)
+    cs.store(group="routing", name="base_routing", node=RoutingConfig)
 
 
 def to_run_config(cfg: DictConfig) -> Config:
@@ -123,18 +135,26 @@ def to_run_config(cfg: DictConfig) -> Config:
     assert isinstance(run, Config)
     for name in ("loss", "task"):
         _check(is_dataclass(getattr(run, name)), name, getattr(run, name), "an option of the config group")
-    scorer = run.rollout.teacher_scorer
-    if scorer in (TeacherScorer.vllm, TeacherScorer.server):
-        _check(run.rollout.temperature == 1.0, "rollout.teacher_scorer", scorer.value,
-               "hf when rollout.temperature != 1 (vLLM prompt log-probs ignore temperature)")
-        lsm = isinstance(run.loss, LSMLossConfig)
-        _check(not lsm or run.loss.support == Support.teacher, "rollout.teacher_scorer", scorer.value,
-               "hf when loss.support is student or union (vLLM returns the teacher's top-K only)")
-        _check(not lsm or run.loss.top_k <= run.rollout.vllm.max_logprobs, "loss.top_k",
-               getattr(run.loss, "top_k", None), f"<= rollout.vllm.max_logprobs={run.rollout.vllm.max_logprobs}")
+    for field_name, used in teacher_scorers(run):
+        if used in (TeacherScorer.vllm, TeacherScorer.server):
+            _check(run.rollout.temperature == 1.0, field_name, used.value,
+                   "hf when rollout.temperature != 1 (vLLM prompt log-probs ignore temperature)")
+            lsm = isinstance(run.loss, LSMLossConfig)
+            _check(not lsm or run.loss.support == Support.teacher, field_name, used.value,
+                   "hf when loss.support is student or union (vLLM returns the teacher's top-K only)")
+            _check(not lsm or run.loss.top_k <= run.rollout.vllm.max_logprobs, "loss.top_k",
+                   getattr(run.loss, "top_k", None), f"<= rollout.vllm.max_logprobs={run.rollout.vllm.max_logprobs}")
+            _check(run.routing.rule != RoutingRule.max_confidence or run.routing.confidence != Confidence.entropy,
+                   field_name, used.value, "hf with routing.confidence=entropy (the entropy needs the full "
+                   "distribution; vLLM returns the top-K only)")
+            _check(run.routing.rule not in (RoutingRule.mixture, RoutingRule.alignment)
+                   or not isinstance(run.loss, LSMLossConfig), field_name, used.value,
+                   f"hf with routing.rule={run.routing.rule.value} and loss=lsm (the mixture's support needs every "
+                   "teacher's log-probs at the other teachers' top-K ids)")
+    run.routing.check_teachers(teacher_names(run))
     _check(run.eval.checkpoint is None or run.eval.only is not None, "eval.checkpoint", run.eval.checkpoint,
            "null unless eval.only is set (an evaluation-only run)")
-    uses_vllm = Backend.vllm in (run.rollout.engine,) or scorer == TeacherScorer.vllm
+    uses_vllm = run.rollout.engine == Backend.vllm or any(s == TeacherScorer.vllm for _, s in teacher_scorers(run))
     for name, cap in (("rollout.max_tokens", run.rollout.max_tokens), ("eval.max_tokens", run.eval.max_tokens)):
         _check(not uses_vllm or cap < run.rollout.vllm.max_model_len, name, cap,
                f"< rollout.vllm.max_model_len={run.rollout.vllm.max_model_len} (prompt + response must fit)")
@@ -146,6 +166,20 @@ def to_run_config(cfg: DictConfig) -> Config:
         f"<= rollout.mini_batch_size={mb} (each micro-batch holds at least one sequence)",
     )
     return run
+
+
+def teacher_names(run: Config) -> list[str]:
+    """The training teachers' names: ``model.teachers``, or ``teacher`` (``model.teacher``) when it is empty."""
+    return list(run.model.teachers) or ["teacher"]
+
+
+def teacher_scorers(run: Config) -> list[tuple[str, TeacherScorer]]:
+    """``(field, scorer)`` of every training teacher: its own ``scorer`` or ``rollout.teacher_scorer``."""
+    if not run.model.teachers:
+        return [("rollout.teacher_scorer", run.rollout.teacher_scorer)]
+    return [(f"model.teachers.{n}.scorer" if s.scorer else "rollout.teacher_scorer",
+             TeacherScorer(s.scorer) if s.scorer else run.rollout.teacher_scorer)
+            for n, s in run.model.teachers.items()]
 
 
 def as_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:

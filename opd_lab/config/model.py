@@ -47,12 +47,54 @@ class PrepareConfig:
 
 
 @dataclass
+class TrainSlice:
+    """The slice of the arithmetic task an embedded teacher is trained on (a specialist); null fields keep the
+    task's own value."""
+
+    min_operands: int | None = None
+    max_operands: int | None = None
+    min_digits: int | None = None
+    max_digits: int | None = None
+
+
+@dataclass
+class TeacherSpec:
+    """One teacher of ``model.teachers``: a hub id, a local folder or ``embedded`` (built locally, on the whole
+    task or on ``train_slice`` of it), where it is scored (null fields: the ``rollout.teacher_*`` settings) and its
+    mixture weight (``routing.rule=mixture``)."""
+
+    model: str = MISSING
+    scorer: str | None = None  # hf | vllm | server (null: rollout.teacher_scorer)
+    device: str | None = None  # hf scorer (null: rollout.teacher_device)
+    server_url: str | None = None  # server scorer (null: rollout.teacher_server.url)
+    weight: float = 1.0
+    train_slice: TrainSlice | None = None  # embedded only: train this teacher on a slice of the task
+
+    def validate(self, name: str) -> None:
+        where = f"model.teachers.{name}"
+        _check(bool(self.model), f"{where}.model", self.model, "a hub id, a local folder or 'embedded'")
+        _check(self.scorer in (None, "hf", "vllm", "server"), f"{where}.scorer", self.scorer,
+               "null, hf, vllm or server")
+        _check(self.device is None or self.device == "cpu" or self.device.startswith("cuda"), f"{where}.device",
+               self.device, "null, 'cpu' or 'cuda[:i]'")
+        _check(self.server_url is None or self.server_url.startswith(("http://", "https://")),
+               f"{where}.server_url", self.server_url, "null or an http(s):// URL")
+        _check(self.weight >= 0 and self.weight == self.weight, f"{where}.weight", self.weight, "a weight >= 0")
+        _check(self.train_slice is None or self.model == "embedded", f"{where}.train_slice", self.train_slice,
+               "null unless model is 'embedded' (only the embedded teacher is trained here)")
+
+
+@dataclass
 class ModelConfig:
-    """Student/teacher pair: hub ids or local ``save_pretrained`` folders, or ``embedded`` (built locally)."""
+    """Student/teacher pair: hub ids or local ``save_pretrained`` folders, or ``embedded`` (built locally).
+
+    ``teachers`` (name → :class:`TeacherSpec`) makes it multi-teacher OPD (``routing`` decides which teacher scores
+    each token); empty, the one teacher is ``teacher``, exactly as before."""
 
     name: str = MISSING
     student: str = MISSING
     teacher: str = MISSING
+    teachers: dict[str, TeacherSpec] = field(default_factory=dict)
     tokenizer: str | None = None
     dtype: str = "float32"
     # Sampled tokens masked out of the loss (loss.mask_special); each must be a single token of the tokenizer.
@@ -68,7 +110,11 @@ class ModelConfig:
             self.dtype,
             "one of float32, bfloat16, float16",
         )
-        is_embedded = self.student == "embedded" or self.teacher == "embedded"
+        for name, spec in self.teachers.items():
+            spec.validate(name)
+        _check(not self.teachers or sum(s.weight for s in self.teachers.values()) > 0, "model.teachers.*.weight",
+               {n: s.weight for n, s in self.teachers.items()}, "weights whose sum is > 0")
+        is_embedded = "embedded" in (self.student, self.teacher, *(s.model for s in self.teachers.values()))
         _check(
             not is_embedded or self.prepare is not None,
             "model.prepare",
@@ -114,6 +160,7 @@ class DatasetConfig:
     question_field: str = "problem"
     answer_field: str = "answer"
     limit: int | None = None  # first N records only
+    tag_field: str | None = None  # dotted path of a record's tag (per-sample routing); null: the set's name
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "task.*.path", self.path, "a hub id or a local file")

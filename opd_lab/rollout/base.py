@@ -51,6 +51,12 @@ class RolloutBatch:
     prompt_index_B: torch.Tensor
     response_text: list[str] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
+    prompt_tags: list[str] = field(default_factory=list)  # per prompt: its problem's tag (per-sample routing)
+
+    @property
+    def tags_B(self) -> list[str]:
+        """Each row's problem tag (empty strings when the batch carries none)."""
+        return [self.prompt_tags[i] if self.prompt_tags else "" for i in self.prompt_index_B.tolist()]
 
     @property
     def response_ids_B_T(self) -> torch.Tensor:
@@ -71,6 +77,7 @@ class RolloutBatch:
             truncated_B=self.truncated_B[idx],
             prompt_index_B=self.prompt_index_B[idx],
             response_text=[self.response_text[i] for i in idx.tolist()] if self.response_text else [],
+            prompt_tags=self.prompt_tags,
         )
 
 
@@ -103,6 +110,7 @@ class TeacherScores:
     topk_ids_B_T_K: torch.Tensor | None = None
     topk_logp_B_T_K: torch.Tensor | None = None
     query_logp_B_T_Q: torch.Tensor | None = None  # log q at the requested extra ids
+    entropy_B_T: torch.Tensor | None = None  # H(q(·|h_t)) (asked of an hf scorer by routing.confidence=entropy)
 
 
 class RolloutEngine(Protocol):

@@ -34,7 +34,9 @@ class Problem:
     """One question with its reference answer and worked solution.
 
     ``prompt`` is the user message (the question itself when None); ``source`` names the benchmark (pass@k is
-    reported per source); ``grader`` is ``exact`` (boxed string equality) or ``math`` (math-verify).
+    reported per source); ``grader`` is ``exact`` (boxed string equality) or ``math`` (math-verify); ``tag`` is
+    the problem's slice for per-sample teacher routing (``ops<n>`` on the embedded task, a data-source field on
+    math data).
     """
 
     question: str
@@ -43,6 +45,7 @@ class Problem:
     source: str = "arith"
     prompt: str | None = None
     grader: str = "exact"
+    tag: str = ""
 
 
 def width_for(max_digits: int, max_operands: int) -> int:
@@ -101,7 +104,7 @@ class ArithmeticTask:
             d = rng.randint(self.min_digits, self.max_digits)
             operands.append(rng.randint(10 ** (d - 1) if d > 1 else 0, 10**d - 1))
         question = "+".join(str(x) for x in operands)
-        return Problem(question, str(sum(operands)), worked_solution(operands, self.width))
+        return Problem(question, str(sum(operands)), worked_solution(operands, self.width), tag=f"ops{n}")
 
     def _draw(self, rng: random.Random, n: int, exclude: set[str]) -> list[Problem]:
         out: list[Problem] = []

@@ -88,8 +88,9 @@ def load_problems(spec: DatasetConfig, field_name: str, source: str, template: s
                               f"its top-level fields are {sorted(rec)}") from None
         if isinstance(answer, float) and answer.is_integer():
             answer = int(answer)  # AMC23 stores answers as floats
+        tag = str(get_field(rec, spec.tag_field)) if spec.tag_field else source
         out.append(Problem(question=question, answer=str(answer).strip(), solution="", source=source,
-                           prompt=template.format(question=question), grader="math"))
+                           prompt=template.format(question=question), grader="math", tag=tag))
     return out
 
 
