@@ -69,6 +69,7 @@ class TrainState:
     rng: dict[str, Any]  # torch/numpy/python global RNG states (:func:`restore_rng`)
     shards: Path | None = None  # FSDP2: the torch.distributed.checkpoint folder of weights and optimizer
     rollout_snapshots: dict[int, list[torch.Tensor]] | None = None  # rollout.staleness: versions pending batches use
+    routing_weights: list[float] | None = None  # routing.rule=alignment: the teachers' weights at the checkpoint
 
 
 def rng_states() -> dict[str, Any]:
@@ -114,7 +115,8 @@ def _tuplify(x):
 
 
 def save(run_dir: Path, cfg: Config, step: int, model, tokenizer, optimizer, scheduler, sampler_state: tuple,
-         guard: dict, wandb_id: str | None, dist=None, rollout_snapshots: dict | None = None) -> Path:
+         guard: dict, wandb_id: str | None, dist=None, rollout_snapshots: dict | None = None,
+         routing_weights: list[float] | None = None) -> Path:
     """Write ``checkpoints/step_<step>`` atomically (temporary folder → rename) and prune old ones.
 
     ``model``: the language model, or the learner's (DDP/FSDP2-wrapped) Policy under torchrun, where every rank
@@ -152,7 +154,8 @@ def save(run_dir: Path, cfg: Config, step: int, model, tokenizer, optimizer, sch
         torch.save({"step": step, "optimizer": None if sharded else optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "sampler_rng": sampler_state, "rng": rng_states(),
                     "guard": guard, "wandb_id": wandb_id, "world": dist.world,
-                    "rollout_snapshots": None if sharded else rollout_snapshots}, tmp / "trainer_state.pt")
+                    "rollout_snapshots": None if sharded else rollout_snapshots,
+                    "routing_weights": routing_weights}, tmp / "trainer_state.pt")
         files = {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files, "config": fingerprint(cfg)},
                                                       indent=1))
@@ -225,6 +228,7 @@ def latest(run_dir: Path, cfg: Config) -> TrainState | None:
                           sampler_rng=_tuplify(state["sampler_rng"]), guard=state["guard"],
                           wandb_id=state["wandb_id"], path=path, rng=state["rng"],
                           rollout_snapshots=state.get("rollout_snapshots"),
+                          routing_weights=state.get("routing_weights"),
                           shards=path / "shards" if (path / "shards").is_dir() else None)
     if candidates:
         print(f"opd-lab: no usable checkpoint in {run_dir / 'checkpoints'}; starting from step 0",

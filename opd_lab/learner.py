@@ -55,6 +55,8 @@ def train(run: Run, state: checkpoint.TrainState | None = None) -> dict[str, flo
     optimizer, scheduler = make_optimizer(cfg, run.policy)
     sampler, guard = random.Random(cfg.trainer.seed), UpdateGuard(cfg.trainer.max_bad_updates)
     snapshots = checkpoint.restore(state, run.policy, optimizer, scheduler, sampler, guard, dist) if state else {}
+    if state is not None and state.routing_weights is not None:
+        run.teachers.weights = torch.tensor(state.routing_weights, dtype=torch.float64)
     rollouts = make_rollouts(run, sampler)
     start = state.step if state else 0
     rollouts.start(start, snapshots, engine_version=None if state else 0)
@@ -64,6 +66,7 @@ def train(run: Run, state: checkpoint.TrainState | None = None) -> dict[str, flo
         for step in bar:
             t0 = time.perf_counter()
             batch, rollout_stats = rollouts.get(step)
+            align = refresh_teacher_weights(run, rollouts, step)  # routing.rule=alignment, every N steps
             old_rows, deferred = old_scoring_plan(cfg, step, batch.size, rollouts.current(step), dist)
             with rollouts.behaviour(step):  # π_old: the policy that sampled the batch
                 scored = score_batch(cfg, run.policy, run.teachers, batch, run.tokens, old_rows, dist,
@@ -74,7 +77,7 @@ def train(run: Run, state: checkpoint.TrainState | None = None) -> dict[str, flo
             if deferred is not None:  # the first update supplied the deferred rows' π_old
                 scored.stats |= old_stats(scored, dist)
             sync_s = rollouts.after_step(step)
-            metrics |= rollout_stats | step_metrics(run, batch, scored.stats, (t0, t1, t2), sync_s, scheduler)
+            metrics |= rollout_stats | align | step_metrics(run, batch, scored.stats, (t0, t1, t2), sync_s, scheduler)
             log_step(run, step + 1, metrics, guard)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", len=f"{metrics['response/mean_len']:.0f}")
             if step + 1 == cfg.trainer.steps or (cfg.eval.every and (step + 1) % cfg.eval.every == 0):
@@ -85,7 +88,8 @@ def train(run: Run, state: checkpoint.TrainState | None = None) -> dict[str, flo
                 pending = rollouts.state()
                 checkpoint.save(run.run_dir, cfg, step + 1, run.policy, run.tokenizer, optimizer, scheduler,
                                 pending["sampler"], {"run": guard.run, "total": guard.total}, run.tracker.run_id,
-                                dist, rollout_snapshots=pending["snapshots"])
+                                dist, rollout_snapshots=pending["snapshots"],
+                                routing_weights=run.teachers.weights.tolist() if aligning(run) else None)
     return final if cfg.trainer.steps else evaluate_student(run, 0)
 
 
@@ -105,6 +109,25 @@ def make_rollouts(run: Run, sampler: random.Random) -> Rollouts:
     return Rollouts(run.engine, run.policy, cfg.rollout.staleness, sampler, draw,
                     lambda step: rollout_spec(cfg, step, share.start), concurrent=concurrent,
                     updates_per_step=cfg.rollout.reuse * (cfg.rollout.batch_size // cfg.rollout.mini_batch_size))
+
+
+def aligning(run: Run) -> bool:
+    """Whether the teachers' weights come from gradient alignment (``routing.rule=alignment``, several teachers)."""
+    return run.cfg.routing.rule.value == "alignment" and len(run.teachers) > 1
+
+
+def refresh_teacher_weights(run: Run, rollouts: Rollouts, step: int) -> dict[str, float]:
+    """``routing.rule=alignment``: every ``routing.alignment.every`` steps (from step 0) the teachers' weights are
+    the softmax of their alignment on the probe set (teacher_alignment.py), with the engine idle and holding the
+    current weights; returns the refresh's metrics (empty on other steps)."""
+    if not aligning(run) or step % run.cfg.routing.alignment.every:
+        return {}
+    from opd_lab.distributed import full_params
+    from opd_lab.teacher_alignment import alignment_weights
+
+    with rollouts.paused(), full_params(run.policy):
+        return alignment_weights(run.cfg, unwrap(run.policy).lm, run.engine, run.tokenizer, run.task,
+                                 run.tokens.stop, run.teachers, step)
 
 
 def make_optimizer(cfg: Config, model):

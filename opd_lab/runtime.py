@@ -42,6 +42,9 @@ def check_launch(cfg: Config, dist: Dist, in_multirun: bool) -> None:
                           "a multiple of the number of ranks (each rank rolls out an equal share)")
     if cfg.eval.only is not None:
         raise ConfigError("eval.only is set: an evaluation-only run uses one process (run it without torchrun)")
+    if cfg.routing.rule.value == "alignment":
+        raise ConfigError("routing.rule=alignment under torchrun: the alignment probe runs in one process; use "
+                          "another routing rule with torchrun")
     if "vllm" in (cfg.rollout.engine.value, cfg.rollout.teacher_scorer.value) and in_multirun:
         raise ConfigError("rollout.engine/teacher_scorer=vllm with --multirun under torchrun: a second vLLM "
                           "engine in the same torchrun processes hangs; sweep with hydra/launcher=slurm_multigpu "

@@ -69,12 +69,12 @@ def evaluate_baselines(cfg: Config, setup: runtime.Setup, student: torch.nn.Modu
                        teachers: runtime.LoadedTeachers, dist):
     """pass@k of the untrained student and of each teacher (``eval.baselines``; rank 0; cached across runs by
     :func:`~opd_lab.evaluation.eval_key`): their rows of the result table (``teacher``, or ``teacher_<name>`` for
-    each of ``model.teachers``) and their per-problem frames."""
+    each of several ``model.teachers``) and their per-problem frames."""
     table: dict[str, dict[str, float]] = {}
     frames = []
     if cfg.eval.baselines and dist.is_main:
         rows = [("base_student", student, setup.paths.student, None)]
-        multi = bool(cfg.model.teachers)
+        multi = len(teachers.names) > 1
         rows += [(f"teacher_{n}" if multi else "teacher", m, p, d)
                  for n, m, p, d in zip(teachers.names, teachers.models, teachers.paths, teachers.devices, strict=True)]
         for name, model, path, device in rows:

@@ -14,7 +14,7 @@ Symbols follow ``METHODS.md``: ``tau`` (gate temperature), ``top_k`` (K), ``reus
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -147,11 +147,20 @@ def to_run_config(cfg: DictConfig) -> Config:
             _check(run.routing.rule != RoutingRule.max_confidence or run.routing.confidence != Confidence.entropy,
                    field_name, used.value, "hf with routing.confidence=entropy (the entropy needs the full "
                    "distribution; vLLM returns the top-K only)")
-            _check(run.routing.rule not in (RoutingRule.mixture, RoutingRule.alignment)
-                   or not isinstance(run.loss, LSMLossConfig), field_name, used.value,
-                   f"hf with routing.rule={run.routing.rule.value} and loss=lsm (the mixture's support needs every "
+            _check(run.routing.rule != RoutingRule.mixture or not isinstance(run.loss, LSMLossConfig), field_name,
+                   used.value, "hf with routing.rule=mixture and loss=lsm (the mixture's support needs every "
                    "teacher's log-probs at the other teachers' top-K ids)")
+            _check(run.routing.rule != RoutingRule.alignment, field_name, used.value,
+                   "hf with routing.rule=alignment (the alignment probe needs each teacher's logits at its nodes)")
     run.routing.check_teachers(teacher_names(run))
+    for name, spec in run.model.teachers.items():
+        if spec.train_slice is not None and isinstance(run.task, ArithTaskConfig):
+            narrowed = {k: v for k, v in asdict(spec.train_slice).items() if v is not None}
+            try:
+                replace(run.task, **narrowed)
+            except ConfigError as e:
+                raise ConfigError(f"model.teachers.{name}.train_slice={narrowed} is invalid on this task "
+                                  f"({e})") from None
     _check(run.eval.checkpoint is None or run.eval.only is not None, "eval.checkpoint", run.eval.checkpoint,
            "null unless eval.only is set (an evaluation-only run)")
     uses_vllm = run.rollout.engine == Backend.vllm or any(s == TeacherScorer.vllm for _, s in teacher_scorers(run))

@@ -1,0 +1,130 @@
+"""Multi-teacher OPD through the config and the real CLI on tiny models: bad input stops at start-up naming the
+field; one entry in model.teachers is bit-identical to model.teacher; every routing rule trains with either loss
+and logs its per-teacher metrics; specialists are built on their slice of the task."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from opd_lab.config import ConfigError
+from tests.conftest import compose
+from tests.test_e2e import TINY, run_cli
+
+TWO = "++model.teachers={a: {model: embedded}, b: {model: embedded, train_slice: {min_operands: 3}, weight: 2.0}}"
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["routing=per_sample", TWO, "++routing.by_tag={ops2: a, ops3: nobody}"], "routing.by_tag.ops3"),
+    (["routing=per_sample", TWO, "routing.default=zed"], "routing.default"),
+    (["routing=per_sample", TWO], "routing.by_tag"),
+    (["routing=mixture", "++model.teachers={a: {model: embedded, weight: 0.0}, b: {model: embedded, weight: 0.0}}"],
+     "model.teachers.*.weight"),
+    (["routing=mixture", "++model.teachers={a: {model: embedded, weight: -1.0}}"], "model.teachers.a.weight"),
+    (["routing=single", TWO], "routing.rule"),
+    (["routing=mixture", "loss=lsm", "rollout.teacher_scorer=vllm", TWO], "rollout.teacher_scorer"),
+    (["routing=max_confidence", "routing.confidence=entropy", TWO,
+      "model.teachers.a.scorer=vllm"], "model.teachers.a.scorer"),
+    (["routing=alignment", TWO, "model.teachers.b.scorer=server", "model.teachers.b.server_url=http://x:1"],
+     "model.teachers.b.scorer"),
+    (["routing=mixture", "++model.teachers={a: {model: /some/model, train_slice: {max_digits: 1}}}"],
+     "model.teachers.a.train_slice"),
+    (["routing=mixture", "++model.teachers={a: {model: embedded, scorer: nope}}"], "model.teachers.a.scorer"),
+    (["routing=mixture", "++model.teachers={a: {model: embedded}, b: {model: embedded, train_slice: {max_digits: 1}}}"],
+     "model.teachers.b.train_slice"),
+])
+def test_bad_multi_teacher_config_names_the_field(overrides, field):
+    with pytest.raises(ConfigError) as e:
+        compose(overrides)
+    assert field in str(e.value), str(e.value)
+
+
+def test_a_misspelt_teacher_field_fails_at_composition():
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    with pytest.raises((HydraException, OmegaConfBaseException)):
+        compose(["routing=mixture", "++model.teachers={a: {modle: embedded}}"])
+
+
+def test_a_teacher_with_another_vocabulary_stops_start_up(tmp_path, tokenizer):
+    """The shared-vocabulary check runs for every teacher, before any weights load, naming its field."""
+    from opd_lab.distributed import SINGLE
+    from opd_lab.runtime import prepare
+
+    other = tmp_path / "other"
+    tok = __import__("copy").deepcopy(tokenizer)
+    tok.add_tokens(["<extra_token>"])
+    tok.save_pretrained(other)
+    cfg = compose([*TINY, f"cache_dir={tmp_path / 'cache'}", "routing=mixture",
+                   f"++model.teachers={{a: {{model: embedded}}, b: {{model: {other}}}}}"])
+    with pytest.raises(ConfigError, match="model.teachers.b.model.*vocabulary"):
+        prepare(cfg, SINGLE)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s", "learner/tokens_per_s",
+                                                              "score/tokens_per_s", "rollout/tokens_per_s",
+                                                              "rollout/seconds", "memory/"))} for r in rows]
+
+
+@pytest.mark.slow
+def test_one_entry_of_model_teachers_is_bit_identical_to_model_teacher(tmp_path):
+    cache = tmp_path / "cache"
+    common = [*TINY, "rollout.engine=hf", f"cache_dir={cache}", "loss=lsm", "gate=block32"]
+    run_cli([*common, f"hydra.run.dir={tmp_path / 'one'}"])
+    run_cli([*common, f"hydra.run.dir={tmp_path / 'map'}", "++model.teachers={teacher: {model: embedded}}"])
+    assert _metrics(tmp_path / "one") == _metrics(tmp_path / "map")
+    assert (tmp_path / "one" / "eval.csv").read_text() == (tmp_path / "map" / "eval.csv").read_text()
+
+
+RULES = [("per_sample", "lsm", ["++routing.by_tag={ops2: a, ops3: b}"]),
+         ("mixture", "lsm", ["routing.mixture_space=prob"]),
+         ("mixture", "sampled_token", []),
+         ("min_kl", "lsm", []),
+         ("min_kl", "sampled_token", []),
+         ("max_confidence", "sampled_token", ["routing.confidence=entropy"]),
+         ("alignment", "lsm", ["routing.alignment.every=1", "routing.alignment.n_questions=1",
+                               "routing.alignment.rollouts_per_question=1", "routing.alignment.max_nodes=2",
+                               "routing.alignment.continuations=1", "routing.alignment.max_continuations=2",
+                               "routing.alignment.every_k=4"])]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule,loss,extra", RULES, ids=[f"{r}-{loss}" for r, loss, _ in RULES])
+def test_every_rule_trains_and_logs_per_teacher_metrics(cache, tmp_path, rule, loss, extra):
+    run_dir = tmp_path / "run"
+    run_cli([*TINY, "task.max_operands=3", "rollout.engine=hf", f"cache_dir={cache}", f"loss={loss}",
+             "gate=block32", f"routing={rule}", TWO, *extra, f"hydra.run.dir={run_dir}", "loss.top_k=8"
+             if loss == "lsm" else "loss.clip_eps=0.2"])
+    rows = [r for r in _metrics(run_dir) if "loss" in r]
+    assert len(rows) == 2
+    for r in rows:
+        frac = [r[f"routing/frac/{n}"] for n in ("a", "b")]
+        assert sum(frac) == pytest.approx(1.0) and 0 <= r["routing/entropy"] <= 0.6932
+        assert all(f"teacher/{n}/minus_old_logp" in r for n in ("a", "b"))
+        assert any(f"teacher/{n}/loss" in r for n in ("a", "b"))
+        if rule == "mixture":  # weights 1 : 2 at every token
+            assert frac == pytest.approx([1 / 3, 2 / 3])
+    if rule == "alignment":
+        assert all("routing/weight/a" in r and "routing/alignment_defined_frac" in r for r in rows)
+    table = (run_dir / "eval.csv").read_text()
+    assert "teacher_a" in table and "teacher_b" in table and "trained_student" in table
+
+
+def test_a_specialist_is_trained_on_its_slice_and_cached_apart(tmp_path):
+    """An embedded teacher with a train slice is keyed (and built) apart from the generalist."""
+    from opd_lab.models import resolve_paths
+
+    cfg = compose([*TINY, "task.max_operands=3", f"cache_dir={tmp_path}", TWO, "routing=mixture"])
+    assert cfg.model.teachers["b"].train_slice.min_operands == 3
+    paths = resolve_paths(cfg)
+    assert paths.teachers["a"] == paths.teacher and paths.teachers["b"] != paths.teacher
+    info = json.loads((Path(paths.teachers["b"]) / "prepare.json").read_text())
+    assert info["task"]["min_operands"] == 3 and info["task"]["max_operands"] == 3
