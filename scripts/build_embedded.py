@@ -3,6 +3,8 @@
     .venv/bin/python scripts/build_embedded.py [hydra overrides, e.g. model.prepare.seed=1]
     .venv/bin/python scripts/build_embedded.py --check     # rebuild into a temp dir, compare with the shipped
     .venv/bin/python scripts/build_embedded.py --student-only   # (or --teacher-only) one role
+    .venv/bin/python scripts/build_embedded.py model=embedded_specialists --specialists [--check]
+        # the teachers of model.teachers trained on a slice of the task → assets/embedded/teacher_<name>
 
 Training is deterministic on CPU with ``model.prepare.threads`` fixed (2), so the rebuild is bit-for-bit:
 ``--check`` compares SHA-256 of every weight file and exits non-zero on any difference.
@@ -20,6 +22,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from opd_lab.config import register_configs, to_run_config
+from opd_lab.models import train_slice_task
 from opd_lab.prepare import ASSETS, ROLES, build_role, role_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,24 +41,32 @@ def main(argv: list[str]) -> int:
         cfg = compose(config_name="config", overrides=overrides)
     cfg.output_dir = "unused"
     run = to_run_config(cfg)
-    roles = [r for r in ROLES if f"--{r}-only" in argv] or list(ROLES)
+    # (folder name under assets/embedded, role, the task it is trained on)
+    if "--specialists" in argv:
+        builds = [(f"teacher_{name}", "teacher", train_slice_task(run.task, spec))
+                  for name, spec in run.model.teachers.items() if spec.model == "embedded" and spec.train_slice]
+        if not builds:
+            print("no embedded teacher with a train_slice in model.teachers (try model=embedded_specialists)")
+            return 2
+    else:
+        builds = [(r, r, run.task) for r in [r for r in ROLES if f"--{r}-only" in argv] or list(ROLES)]
     status = 0
-    for role in roles:
-        print(f"{role}: key {role_key(run.model.prepare, run.task, role)}", flush=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"embedded-{role}-"))
-        build_role(run.model.prepare, run.task, role, tmp)
+    for folder, role, task in builds:
+        print(f"{folder}: key {role_key(run.model.prepare, task, role)}", flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"embedded-{folder}-"))
+        build_role(run.model.prepare, task, role, tmp)
         new = digests(tmp)
         print(json.dumps(new, indent=2))
         if check:
-            old = digests(ASSETS / role)
+            old = digests(ASSETS / folder)
             same = old == new
-            print(f"{role}: " + ("bit-for-bit identical to the shipped weights" if same else f"DIFFERENT: {old}"))
+            print(f"{folder}: " + ("bit-for-bit identical to the shipped weights" if same else f"DIFFERENT: {old}"))
             status |= 0 if same else 1
         else:
-            shutil.rmtree(ASSETS / role, ignore_errors=True)
+            shutil.rmtree(ASSETS / folder, ignore_errors=True)
             ASSETS.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(tmp, ASSETS / role)
-            print(f"wrote {ASSETS / role}")
+            shutil.copytree(tmp, ASSETS / folder)
+            print(f"wrote {ASSETS / folder}")
         shutil.rmtree(tmp)
     return status
 

@@ -128,3 +128,29 @@ def test_a_specialist_is_trained_on_its_slice_and_cached_apart(tmp_path):
     assert paths.teachers["a"] == paths.teacher and paths.teachers["b"] != paths.teacher
     info = json.loads((Path(paths.teachers["b"]) / "prepare.json").read_text())
     assert info["task"]["min_operands"] == 3 and info["task"]["max_operands"] == 3
+
+
+@pytest.mark.slow
+def test_qwen3_multi_teacher_experiment_on_tiny_local_models(tmp_path):
+    """experiment=qwen3_math_multi_teacher (math + general teacher, per-sample routing by the data source) trains
+    end to end with the project's tiny models in place of the hub ids, on benchmark-layout fixtures."""
+    from opd_lab.models import resolve_paths
+    from tests.test_math_task import write_fixtures
+
+    cache = tmp_path / "cache"
+    paths = resolve_paths(compose([*TINY, f"cache_dir={cache}"]))
+    data = write_fixtures(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    tiny = [t for t in TINY if not t.startswith(("task.", "model.prepare."))]
+    run_cli([*tiny, "experiment=qwen3_math_multi_teacher", f"model.student={paths.student}",
+             f"model.teacher={paths.teacher}", f"model.teachers.math.model={paths.teacher}",
+             f"model.teachers.general.model={paths.student}", "model.dtype=float32", "trainer.device=cpu",
+             "rollout.engine=hf", f"task.train.path={data['dapo']}", "task.train.question_field=prompt.0.content",
+             "task.train.answer_field=reward_model.ground_truth", "task.eval.amc23.question_field=question",
+             *[f"task.eval.{b}.path={data[b]}" for b in ("aime24", "aime25", "math500", "amc23")],
+             f"cache_dir={cache}", f"hydra.run.dir={run_dir}"])
+    rows = [r for r in _metrics(run_dir) if "loss" in r]
+    assert len(rows) == 2
+    assert all(r["routing/frac/math"] == 1.0 and r["routing/frac/general"] == 0.0 for r in rows)  # math_dapo → math
+    table = (run_dir / "eval.csv").read_text()
+    assert "teacher_math" in table and "teacher_general" in table
