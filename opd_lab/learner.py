@@ -57,6 +57,10 @@ def train(run: Run, state: checkpoint.TrainState | None = None) -> dict[str, flo
     snapshots = checkpoint.restore(state, run.policy, optimizer, scheduler, sampler, guard, dist) if state else {}
     if state is not None and state.routing_weights is not None:
         run.teachers.weights = torch.tensor(state.routing_weights, dtype=torch.float64)
+    if aligning(run):  # the alignment probe set is held out from training
+        from opd_lab.teacher_alignment import reserve_probe
+
+        reserve_probe(cfg, run.task)
     rollouts = make_rollouts(run, sampler)
     start = state.step if state else 0
     rollouts.start(start, snapshots, engine_version=None if state else 0)

@@ -10,7 +10,10 @@ positions, N teachers, K top-K ids, Q query ids, C candidate ids.
   - ``per_sample``: i*_t is the same for every token of a row, set by its problem's tag.
   - ``max_confidence``: i*_t = argmax_i max_v q_i(v|h_t) (``top1``) or argmin_i H(q_i(·|h_t)) (``entropy``).
   - ``min_kl``: i*_t = argmin_i D_i(t), the teacher closest to the student on the loss's support:
-    LSM, D_i = KL(π̂_old ‖ q̂_i) renormalised on teacher i's own support S_t^i (the LSM loss at π_θ = π_old);
+    LSM, D_i = KL(π̂_old ‖ q̂_i) renormalised on the support S_t^i the loss would take from teacher i (its own top-K
+    with ``support=teacher``; π_old's top-K, shared by every teacher, with ``student``; both with ``union``): the
+    LSM loss at π_θ = π_old. π_old here is a no-grad forward of the sampling policy at those ids (the routing
+    decision only: the loss keeps the learner's own π_old);
     the sampled-token loss, whose support is the sampled token, D_i = k3 = e^{r_i} − 1 − r_i with
     r_i = log q_i(y_t) − log π_old(y_t): the non-negative sampled estimate of KL(π_old ‖ q_i).
   Ties go to the first teacher in ``model.teachers`` order.
@@ -18,8 +21,9 @@ positions, N teachers, K top-K ids, Q query ids, C candidate ids.
   ``log`` space, log q(v) = Σ_i w_i log q_i(v) (the sampled-token reward is Σ_i w_i r_i, whose expectation is
   −Σ_i w_i KL(π‖q_i); LSM's renormalisation on S_t makes q̂ the normalised geometric mixture there); ``prob`` space,
   q(v) = Σ_i w_i q_i(v), a proper mixture distribution. The teacher support S_t of a mixture is its top-K among the
-  union of the teachers' top-K ids (exact whenever the mixture's top-K lies in that union, e.g. when the teachers
-  agree), scored by every teacher at every candidate id.
+  union of the teachers' top-K ids, scored by every teacher at every candidate id: an approximation of the
+  mixture's own top-K, exact when that lies in the union (always when N·K ≥ V, or when the teachers agree), not in
+  general (a token second for every teacher can top the mixture).
 """
 
 from __future__ import annotations
@@ -119,8 +123,8 @@ def mix(values_N: list[torch.Tensor], w_N: torch.Tensor, space: str) -> torch.Te
     (``prob``); float32."""
     v = torch.stack([x.double() for x in values_N], dim=0)
     w = w_N.double().view(-1, *([1] * (v.dim() - 1)))
-    if space == "log":
-        return (w * v).sum(0).float()
+    if space == "log":  # a teacher with weight 0 contributes 0, also where its log-prob is −inf
+        return torch.where(w > 0, w * v, torch.zeros_like(v)).sum(0).float()
     logw = torch.where(w > 0, w.log(), torch.full_like(w, -math.inf))
     return torch.logsumexp(logw + v, dim=0).float()
 

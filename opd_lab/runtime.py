@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from opd_lab import checkpoint, console
-from opd_lab.config import Config, ConfigError, TeacherScorer, TeacherSpec
+from opd_lab.config import Config, ConfigError, TeacherScorer, TeacherSpec, teacher_scorers
 from opd_lab.distributed import Dist
 from opd_lab.losses import LOSSES
 from opd_lab.models import ModelPaths, check_same_vocab, load_model, load_tokenizer, loading, resolve_paths
@@ -42,10 +42,10 @@ def check_launch(cfg: Config, dist: Dist, in_multirun: bool) -> None:
                           "a multiple of the number of ranks (each rank rolls out an equal share)")
     if cfg.eval.only is not None:
         raise ConfigError("eval.only is set: an evaluation-only run uses one process (run it without torchrun)")
-    if cfg.routing.rule.value == "alignment":
+    if cfg.routing.rule.value == "alignment" and len(cfg.model.teachers) > 1:
         raise ConfigError("routing.rule=alignment under torchrun: the alignment probe runs in one process; use "
                           "another routing rule with torchrun")
-    if "vllm" in (cfg.rollout.engine.value, cfg.rollout.teacher_scorer.value) and in_multirun:
+    if "vllm" in (cfg.rollout.engine.value, *(sc.value for _, sc in teacher_scorers(cfg))) and in_multirun:
         raise ConfigError("rollout.engine/teacher_scorer=vllm with --multirun under torchrun: a second vLLM "
                           "engine in the same torchrun processes hangs; sweep with hydra/launcher=slurm_multigpu "
                           "(one job per grid point) or one torchrun per job, or use rollout.engine=hf")
@@ -104,6 +104,7 @@ def prepare(cfg: Config, dist: Dist) -> Setup:
         with loading(field_name, path):
             check_same_vocab(tokenizer, load_tokenizer(path, cfg.model.chat_template), field_name)
     LOSSES.get(cfg.loss.name).check(cfg.loss, len(tokenizer))
+    check_routing_tags(cfg, task)
     tokens = TokenIds.build(tokenizer, list(cfg.model.special_tokens), paths.student)
     training = cfg.eval.only is None
     if hasattr(task, "load_train") and training:
@@ -112,11 +113,27 @@ def prepare(cfg: Config, dist: Dist) -> Setup:
     return Setup(task, paths, tokenizer, tokens)
 
 
+def check_routing_tags(cfg: Config, task) -> None:
+    """``routing=per_sample`` on a task that knows its tags (``task.tags()``: the embedded task's ``ops<n>``): every
+    ``routing.by_tag`` key is one of them, and without ``routing.default`` every tag has a teacher."""
+    if cfg.routing.rule.value != "per_sample" or not hasattr(task, "tags"):
+        return
+    tags = task.tags()
+    for tag in cfg.routing.by_tag:
+        if tag not in tags:
+            raise ConfigError(f"routing.by_tag.{tag} is invalid: the task has no problems tagged {tag!r}; its tags are "
+                              f"{', '.join(tags)}")
+    missing = [t for t in tags if t not in cfg.routing.by_tag]
+    if missing and cfg.routing.default is None:
+        raise ConfigError(f"routing.by_tag has no teacher for the tags {', '.join(missing)} and routing.default is "
+                          "null: map them or set routing.default")
+
+
 def check_prompt_lengths(cfg: Config, tokenizer, task, training: bool = True, n_longest: int = 64) -> None:
     """With a vLLM engine, prompt + response must fit ``rollout.vllm.max_model_len`` (vLLM would cap the
     response silently): checked on every evaluation prompt and (``training``) the longest training prompts by
     characters; the engine checks every prompt again when it samples."""
-    if "vllm" not in (cfg.rollout.engine.value, cfg.rollout.teacher_scorer.value):
+    if "vllm" not in (cfg.rollout.engine.value, *(sc.value for _, sc in teacher_scorers(cfg))):
         return
     encode = prompt_encoder(cfg)
     limit = cfg.rollout.vllm.max_model_len

@@ -2,7 +2,8 @@
 training on a fixed probe set, with the current student.
 
 Every ``routing.alignment.every`` steps (and before the first), on ``n_questions`` probe problems drawn once from the
-training distribution with ``routing.alignment.seed`` (never the evaluation split): student rollouts, nodes,
+training distribution with ``routing.alignment.seed`` and held out from both training (:func:`reserve_probe` takes
+them out of every training draw before the first) and evaluation (``task.probe_problems``): student rollouts, nodes,
 adaptive Q estimates by targeted continuations (opd_lab/probe.py), then for each teacher i the alignment
 a_t = cos(d_t, g*_t) of the run's loss against teacher i at every node. With ā_i the mean over the nodes where a_t
 is defined (some Q differs), the weights are w_i = softmax_i(ā_i / temperature); the mixture of teachers.py then
@@ -12,7 +13,6 @@ uses them. When no node is defined the weights are kept as they were (and the me
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import replace
 
 import numpy as np
@@ -22,6 +22,11 @@ from opd_lab.alignment import Teacher
 from opd_lab.config import Config, DiagnoseConfig
 from opd_lab.probe import Diagnosis, estimate_q, find_nodes, sample_rollouts, score_alignment
 from opd_lab.tasks import prompt_encoder
+
+
+def reserve_probe(cfg: Config, task) -> None:
+    """Take the alignment probe set out of training (before any training batch is drawn)."""
+    task.reserve(task.probe_problems(cfg.routing.alignment.n_questions, cfg.routing.alignment.seed))
 
 
 def softmax_weights(mean_alignment_N: list[float], temperature: float) -> torch.Tensor:
@@ -49,7 +54,7 @@ def alignment_weights(cfg: Config, student, engine, tokenizer, task, stop: tuple
     and ``routing/alignment_defined_frac``. ``student``: the current student's language model; ``engine``: a
     rollout engine holding its current weights."""
     a = cfg.routing.alignment
-    problems = task.train_problems(a.n_questions, random.Random(a.seed))
+    problems = task.probe_problems(a.n_questions, a.seed)
     prompts = prompt_encoder(cfg)(tokenizer, problems)
     dcfg = probe_config(cfg, teachers.names, step)
     was_training = student.training

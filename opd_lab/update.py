@@ -147,13 +147,14 @@ def optimizer_update(cfg: Config, policy, optimizer, scored: ScoredBatch, idx: t
         for k, v in per_token.items():
             sums[k] += float(masked_sum(v, mask))
         gates.append(g.detach()[mask.bool()])
-    return per_teacher_loss(_step_optimizer(cfg, policy, optimizer, sums, gates, n_valid, dist))
+    return _step_optimizer(cfg, policy, optimizer, sums, gates, n_valid, dist)
 
 
 def routed_loss_terms(mb: ScoredBatch, gated_loss_B_T: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Several teachers: per teacher i, the per-token terms w_{t,i} g_t ℓ_t and w_{t,i} whose masked sums give its
-    loss Σ m w_i g ℓ / Σ m w_i (:func:`per_teacher_loss`)."""
-    if mb.route_B_T_N is None:
+    """Several teachers routed per sample or per token (one-hot w): per teacher i, the per-token terms w_{t,i} g_t ℓ_t
+    and w_{t,i} whose masked sums give its loss Σ m w_i g ℓ / Σ m w_i (:func:`per_teacher_loss`). A mixture gives
+    every token every teacher's weight, so its per-teacher loss would be the loss itself: none is logged."""
+    if mb.route_B_T_N is None or not bool(((mb.route_B_T_N == 0) | (mb.route_B_T_N == 1)).all()):
         return {}
     out = {}
     for i, name in enumerate(mb.teacher_names):
@@ -163,8 +164,8 @@ def routed_loss_terms(mb: ScoredBatch, gated_loss_B_T: torch.Tensor) -> dict[str
 
 
 def per_teacher_loss(out: dict[str, float]) -> dict[str, float]:
-    """``teacher/<name>/loss`` = Σ m w_i g ℓ / Σ m w_i from the update's token means of its two terms (absent when
-    no token of the update was routed to that teacher)."""
+    """``teacher/<name>/loss`` = Σ m w_i g ℓ / Σ m w_i from the token means of its two terms (over a step's updates:
+    the ratio of their means; absent when no token was routed to that teacher)."""
     for key in [k for k in out if k.endswith("/loss_w")]:
         prefix = key.removesuffix("loss_w")  # teacher/<name>/
         lw, w = out.pop(key), out.pop(prefix + "w")
@@ -228,7 +229,7 @@ def train_step(cfg: Config, policy, optimizer, scheduler, scored: ScoredBatch, s
         for local in pass_:
             per_update.append(optimizer_update(cfg, policy, optimizer, scored, local, dist))
             scheduler.step()
-    out = mean_over_updates(per_update)
+    out = per_teacher_loss(mean_over_updates(per_update))
     out["guard/skipped_updates"] = sum(u["guard/skipped"] for u in per_update)
     out["guard/trailing_bad_updates"] = next(
         (i for i, u in enumerate(reversed(per_update)) if not u["guard/skipped"]), len(per_update))

@@ -17,8 +17,20 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("group", ["loss", "gate", "rollout", "model", "task", "trainer", "logger"])
 def test_every_option_composes(group):
     for f in sorted(Path(CONF_DIR, group).glob("*.yaml")):
-        cfg = compose([f"{group}={f.stem}"])
+        # a model with several teachers needs a routing rule for them (routing=single refuses two teachers)
+        extra = ["routing=mixture"] if group == "model" and "teachers:" in f.read_text() else []
+        cfg = compose([f"{group}={f.stem}", *extra])
         assert getattr(cfg, group) is not None
+
+
+def test_every_routing_option_composes_with_two_teachers():
+    for f in sorted(Path(CONF_DIR, "routing").glob("*.yaml")):
+        if f.stem == "single":
+            assert compose(["routing=single"]).routing.rule.value == "single"
+            continue
+        extra = ["++routing.by_tag={ops3: ops3, ops4: ops4}"] if f.stem == "per_sample" else []
+        cfg = compose([f"routing={f.stem}", "model=embedded_specialists", *extra])
+        assert cfg.routing.rule.value == f.stem and list(cfg.model.teachers) == ["ops3", "ops4"]
 
 
 def test_defaults_are_lsm_block64_reuse2():

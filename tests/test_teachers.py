@@ -3,6 +3,7 @@ give one teacher's target under every rule; the per-token rules pick what a brut
 picks; one-at-a-time residency never holds two teachers on the device; routed scores flow through score_batch and
 an optimizer update with per-teacher metrics."""
 
+import math
 import random
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from opd_lab.config import RoutingConfig
 from opd_lab.config.routing import Confidence, RoutingRule
-from opd_lab.losses import LOSSES, ScoreNeeds
+from opd_lab.losses import ScoreNeeds
 from opd_lab.rollout.base import SamplingSpec
 from opd_lab.rollout.hf import HFEngine
 from opd_lab.scoring import HFTeacherScorer, build_support, score_batch
@@ -18,7 +19,7 @@ from opd_lab.tasks import encode_prompts
 from opd_lab.tasks.arith import ArithmeticTask
 from opd_lab.teachers import Teachers
 from opd_lab.tokens import TokenIds
-from opd_lab.update import optimizer_update
+from opd_lab.update import optimizer_update, per_teacher_loss
 from tests.conftest import compose, tiny_model
 from tests.test_update import RecordingOptimizer
 
@@ -193,11 +194,46 @@ def test_routed_batch_through_an_update(setup, tokenizer, rule):
     names = ["a", "b"]
     assert data.teacher_names == tuple(names) and data.route_B_T_N.shape == (*batch.response_mask_B_T.shape, 2)
     fr = [data.stats[f"routing/frac/{n}"] for n in names]
-    assert sum(fr) == pytest.approx(1.0) and 0 <= data.stats["routing/entropy"] <= 0.6932
-    assert all(f"teacher/{n}/minus_old_logp" in data.stats for n in names)
-    out = optimizer_update(cfg, student, RecordingOptimizer(student), data, torch.arange(8))
+    lm = data.loss_mask_B_T.bool()
+    want = data.route_B_T_N[lm].double().mean(0).tolist()
+    assert fr == pytest.approx(want) and sum(fr) == pytest.approx(1.0)
+    assert data.stats["routing/entropy"] == pytest.approx(-sum(f * math.log(f) for f in fr if f > 0))
+    old = data.old_logp_B_T
+    for i, n in enumerate(names):  # each teacher's own gap, from its own log-probs
+        gap = (data.teacher_logp_each_B_T_N[..., i] - old)[lm].mean()
+        assert data.stats[f"teacher/{n}/minus_old_logp"] == pytest.approx(float(gap), rel=1e-5)
+    out = per_teacher_loss(optimizer_update(cfg, student, RecordingOptimizer(student), data, torch.arange(8)))
     present = [n for n, f in zip(names, fr, strict=True) if f > 0]
     assert all(f"teacher/{n}/loss" in out for n in present)
     assert sum(f * out.get(f"teacher/{n}/loss", 0.0) for n, f in zip(names, fr, strict=True)) == pytest.approx(
         out["loss"], rel=1e-5)
-    assert LOSSES.get("lsm")  # the loss is unchanged by routing: it reads the routed support only
+
+
+def test_a_mixture_logs_no_per_teacher_loss(setup):
+    """Under a mixture every token carries every teacher's weight: a per-teacher loss would be the loss itself."""
+    student, teachers, batch, tokens = setup
+    cfg = compose(["loss=sampled_token", "gate=none", "rollout.n_prompts=4", "rollout.n_samples=2",
+                   "rollout.mini_batch_size=8"])
+    t = Teachers(["a", "b"], [HFTeacherScorer(m) for m in teachers], _routing("mixture"), [1.0, 3.0])
+    data = score_batch(cfg, student, t, batch, tokens)
+    assert data.stats["routing/frac/a"] == pytest.approx(0.25) and data.stats["routing/frac/b"] == pytest.approx(0.75)
+    out = per_teacher_loss(optimizer_update(cfg, student, RecordingOptimizer(student), data, torch.arange(8)))
+    assert not any(k.startswith("teacher/") and k.endswith("loss") for k in out)
+    each = data.teacher_logp_each_B_T_N
+    assert torch.allclose(data.teacher_logp_B_T, 0.25 * each[..., 0] + 0.75 * each[..., 1], atol=1e-6)
+
+
+def test_hard_rules_take_ids_and_log_probs_from_the_same_teacher(setup):
+    """Whatever teacher a token is routed to, its support ids and their log-probs both come from that teacher."""
+    student, teachers, batch, _ = setup
+    ref = [HFTeacherScorer(m)(batch, 5, 1.0) for m in teachers]
+    for rule in ("min_kl", "max_confidence", "per_sample"):
+        t = Teachers(["a", "b"], [HFTeacherScorer(m) for m in teachers], _routing(rule))
+        routed = t.score(batch, NEEDS["lsm"], 1.0, None, _old_at(student, batch),
+                         lambda s: build_support(NEEDS["lsm"], batch.response_ids_B_T, s, None))
+        choice = routed.weights_B_T_N.argmax(-1)
+        for i in range(2):
+            m = (choice == i) & batch.response_mask_B_T.bool()
+            assert torch.equal(routed.scores.topk_ids_B_T_K[m], ref[i].topk_ids_B_T_K[m]), rule
+            assert torch.equal(routed.scores.topk_logp_B_T_K[m], ref[i].topk_logp_B_T_K[m]), rule
+            assert torch.equal(routed.scores.logp_B_T[m], ref[i].logp_B_T[m]), rule

@@ -4,6 +4,7 @@ prompt source.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from omegaconf import MISSING
@@ -79,7 +80,7 @@ class TeacherSpec:
                self.device, "null, 'cpu' or 'cuda[:i]'")
         _check(self.server_url is None or self.server_url.startswith(("http://", "https://")),
                f"{where}.server_url", self.server_url, "null or an http(s):// URL")
-        _check(self.weight >= 0 and self.weight == self.weight, f"{where}.weight", self.weight, "a weight >= 0")
+        _check(math.isfinite(self.weight) and self.weight >= 0, f"{where}.weight", self.weight, "a finite weight >= 0")
         _check(self.train_slice is None or self.model == "embedded", f"{where}.train_slice", self.train_slice,
                "null unless model is 'embedded' (only the embedded teacher is trained here)")
 

@@ -41,8 +41,9 @@ class Residency(str, Enum):
 @dataclass
 class AlignmentRouting:
     """``routing.rule=alignment``: every ``every`` steps (and before the first), the diagnostic (METHODS.md) runs on
-    ``n_questions`` held-out problems with the current student; teacher i's weight is softmax_i(ā_i / temperature)
-    of its mean alignment ā_i over the defined nodes, for the run's loss."""
+    ``n_questions`` probe problems of the training distribution, held out from training and evaluation, with the
+    current student; teacher i's weight is softmax_i(ā_i / temperature) of its mean alignment ā_i over the defined
+    nodes, for the run's loss (sampled-token, or LSM on the teacher's top-K)."""
 
     every: int = 50
     n_questions: int = 4

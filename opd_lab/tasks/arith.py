@@ -96,6 +96,7 @@ class ArithmeticTask:
         self.width = width_for(max_digits, max_operands)
         self._eval = self._draw(random.Random(eval_seed), n_eval, exclude=set())
         self._eval_questions = {p.question for p in self._eval}
+        self._reserved: set[str] = set()  # questions kept out of training (a probe set: reserve())
 
     def _one(self, rng: random.Random) -> Problem:
         n = rng.randint(self.min_operands, self.max_operands)
@@ -122,13 +123,26 @@ class ArithmeticTask:
         return list(self._eval)
 
     def train_problems(self, n: int, rng: random.Random) -> list[Problem]:
-        """``n`` fresh training problems from ``rng``, disjoint from the held-out split."""
+        """``n`` fresh training problems from ``rng``, disjoint from the held-out split and the reserved ones."""
         out = []
         while len(out) < n:
             p = self._one(rng)
-            if p.question not in self._eval_questions:
+            if p.question not in self._eval_questions and p.question not in self._reserved:
                 out.append(p)
         return out
+
+    def probe_problems(self, n: int, seed: int) -> list[Problem]:
+        """``n`` problems of the training distribution, disjoint from the held-out split, from their own stream
+        (``seed``); :meth:`reserve` keeps them out of training."""
+        return self._draw(random.Random(f"probe-{seed}"), n, exclude=self._eval_questions)
+
+    def reserve(self, problems: list[Problem]) -> None:
+        """Keep ``problems`` out of every later training draw (a probe set held out from training)."""
+        self._reserved |= {p.question for p in problems}
+
+    def tags(self) -> list[str]:
+        """Every problem tag the task produces: ``ops<n>`` for each operand count n."""
+        return [f"ops{n}" for n in range(self.min_operands, self.max_operands + 1)]
 
 
 def extract_boxed(text: str) -> str | None:

@@ -121,6 +121,18 @@ class MathTask:
         self.load_train()
         return [self._train[rng.randrange(len(self._train))] for _ in range(n)]
 
+    def probe_problems(self, n: int, seed: int) -> list[Problem]:
+        """``n`` training records drawn without replacement with ``seed`` (:meth:`reserve` takes them out of
+        training)."""
+        self.load_train()
+        return random.Random(f"probe-{seed}").sample(self._train, min(n, len(self._train) - 1))
+
+    def reserve(self, problems: list[Problem]) -> None:
+        """Take ``problems`` out of the training pool (a probe set held out from training)."""
+        self.load_train()
+        drop = {p.question for p in problems}
+        self._train = [p for p in self._train if p.question not in drop]
+
 
 # ------------------------------------------------------------------------------------------------ grading
 def last_boxed(text: str) -> str | None:
