@@ -12,7 +12,7 @@ from opd_lab.config import register_configs, to_run_config
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
 EXPECTED_JOBS = {"six_variant": 18, "six_variant_qwen3": 18, "block_ablation": 42, "tau_grid": 36, "reuse_grid": 36,
-                 "drift_map": 96}
+                 "drift_map": 96, "multi_teacher": 18}
 
 
 def sweep_jobs(name):
@@ -56,6 +56,26 @@ def test_every_job_composes_and_validates(name):
             ("lsm", "lsm", "none", None), ("lsm_block64", "lsm", "block", 64)}
     if name == "block_ablation":
         assert len({(s[1], s[2], s[3]) for s in seen}) == 14
+    if name == "multi_teacher":
+        assert {s[0] for s in seen} == {"mt_generalist", "mt_per_sample", "mt_mixture", "mt_min_kl",
+                                        "mt_max_confidence", "mt_alignment"}
+
+
+def test_multi_teacher_sweep_compares_the_generalist_with_the_routed_specialists():
+    register_configs()
+    jobs = sweep_jobs("multi_teacher")
+    GlobalHydra.instance().clear()
+    rules = {}
+    with initialize_config_dir(str(ROOT / "sweeps"), version_base="1.3"):
+        for job in jobs:
+            run = to_run_config(compose("multi_teacher", overrides=[f"hydra.searchpath=[file://{ROOT / 'conf'}]",
+                                                                    "output_dir=/tmp/x", *job]))
+            assert run.trainer.steps == 200 and run.eval.every == 50
+            rules[run.variant] = (run.routing.rule.value, tuple(run.model.teachers), dict(run.routing.by_tag))
+    assert rules["mt_generalist"] == ("single", (), {})
+    assert rules["mt_per_sample"] == ("per_sample", ("ops3", "ops4"), {"ops3": "ops3", "ops4": "ops4"})
+    for rule in ("mixture", "min_kl", "max_confidence", "alignment"):
+        assert rules[f"mt_{rule}"] == (rule, ("ops3", "ops4"), {})
 
 
 @pytest.mark.parametrize("name", ["six_variant", "block_ablation", "tau_grid", "reuse_grid"])
