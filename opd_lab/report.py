@@ -228,6 +228,7 @@ def paired(runs: pd.DataFrame) -> pd.DataFrame:
     (``_pair_key``) and the same seed, mean and 95% CI over seeds (a paired t interval: seed-to-seed noise
     shared by both runs cancels)."""
     done = runs[(runs["status"] == "completed") & runs["_pair_key"].notna()]
+    done = done.assign(_pair_key=common_pair_keys(done["_pair_key"]))
     metrics = [c for c in done.columns if c.startswith("final/pass@") and "/" not in c.removeprefix("final/")]
     base = done[done["ungated"].astype(bool)]
     out = []
@@ -244,6 +245,15 @@ def paired(runs: pd.DataFrame) -> pd.DataFrame:
             row[f"delta_{name}_mean"], row[f"delta_{name}_ci95"] = mean, ci
         out.append(row)
     return pd.DataFrame(out)
+
+
+def common_pair_keys(keys: pd.Series) -> pd.Series:
+    """The pair keys restricted to the config fields every run has: a field added to the schema after some runs were
+    made (absent from their ``config.yaml``, so at its default when they ran) cannot tell two runs apart."""
+    parsed = [json.loads(k) for k in keys]
+    common = set.intersection(*(set(p) for p in parsed)) if parsed else set()
+    return pd.Series([json.dumps({k: p[k] for k in sorted(common)}, sort_keys=True, default=str) for p in parsed],
+                     index=keys.index, dtype=object)
 
 
 def paired_markdown(pairs: pd.DataFrame) -> str:

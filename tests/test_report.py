@@ -158,3 +158,15 @@ def test_tiny_sweep_then_report(tmp_path):
     assert rep.returncode == 0, rep.stderr[-3000:]
     pd.testing.assert_frame_equal(pd.read_csv(again / "summary.csv"), pd.read_csv(out / "summary.csv"))
     pd.testing.assert_frame_equal(pd.read_csv(kept_out / "summary.csv"), pd.read_csv(out / "summary.csv"))
+
+
+def test_pairing_ignores_fields_that_older_runs_lack():
+    """Runs made before a schema field existed pair with newer ones that have it (at its default)."""
+    from opd_lab.report import common_pair_keys
+
+    old, new = setting_of(_cfg(seed=0), False)["_pair_key"], setting_of(_cfg("block", seed=0), False)["_pair_key"]
+    grown = json.dumps({**json.loads(new), "routing.rule": "single"}, sort_keys=True)
+    keys = common_pair_keys(pd.Series([old, grown]))
+    assert keys.iloc[0] == keys.iloc[1]
+    other = json.dumps({**json.loads(new), "trainer.lr": 1.0}, sort_keys=True)
+    assert common_pair_keys(pd.Series([old, other])).nunique() == 2  # a shared field that differs still counts
