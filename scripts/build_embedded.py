@@ -36,6 +36,8 @@ def digests(folder: Path) -> dict[str, str]:
 def main(argv: list[str]) -> int:
     check = "--check" in argv
     overrides = [a for a in argv if not a.startswith("--")]
+    if "--specialists" in argv and not any(o.lstrip("+").startswith("routing") for o in overrides):
+        overrides.append("routing=mixture")   # several teachers need a multi-teacher rule; the build ignores it
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
