@@ -117,7 +117,7 @@ def make_rollouts(run: Run, sampler: random.Random) -> Rollouts:
 
 def aligning(run: Run) -> bool:
     """Whether the teachers' weights come from gradient alignment (``routing.rule=alignment``, several teachers)."""
-    return run.cfg.routing.rule.value == "alignment" and len(run.teachers) > 1
+    return run.teachers.rule == "alignment"
 
 
 def refresh_teacher_weights(run: Run, rollouts: Rollouts, step: int) -> dict[str, float]:

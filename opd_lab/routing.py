@@ -29,6 +29,7 @@ positions, N teachers, K top-K ids, Q query ids, C candidate ids.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -167,11 +168,15 @@ def constant_weights(w_N: torch.Tensor, B: int, T: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def routing_metrics(w_B_T_N: torch.Tensor, mask_B_T: torch.Tensor, names: list[str]) -> dict[str, float]:
-    """Per-teacher token fraction f_i = Σ_t m_t w_{t,i} / Σ_t m_t and the routing entropy (:func:`fraction_metrics`)."""
+def routing_metrics(w_B_T_N: torch.Tensor, mask_B_T: torch.Tensor, names: list[str],
+                    total: Callable[..., list[float]] | None = None) -> dict[str, float]:
+    """Per-teacher token fraction f_i = Σ_t m_t w_{t,i} / Σ_t m_t and the routing entropy (:func:`fraction_metrics`).
+    ``total`` sums the counts over ranks (``Dist.sum``); by default they are this process's."""
     m = mask_B_T.bool()
-    n = max(float(m.sum()), 1.0)
-    return fraction_metrics([float(w_B_T_N[..., i][m].double().sum()) / n for i in range(len(names))], names)
+    sums = [m.sum(), *(w_B_T_N[..., i][m].double().sum() for i in range(len(names)))]
+    sums = total(*sums) if total is not None else sums
+    n = max(float(sums[0]), 1.0)
+    return fraction_metrics([float(x) / n for x in sums[1:]], names)
 
 
 def fraction_metrics(frac_N: list[float], names: list[str]) -> dict[str, float]:

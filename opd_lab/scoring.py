@@ -18,7 +18,7 @@ from opd_lab.distributed import SINGLE, Dist, full_params, unwrap
 from opd_lab.heads import as_policy, gather_float, head_logits, logsumexp_last, response_hidden
 from opd_lab.losses import LOSSES, PolicyOutputs, ScoreNeeds, at_least_f32, dedup_mask
 from opd_lab.rollout.base import BuildContext, RolloutBatch, TeacherScores
-from opd_lab.routing import fraction_metrics
+from opd_lab.routing import routing_metrics
 from opd_lab.teachers import Teachers
 from opd_lab.tokens import TokenIds, special_mask_B_T
 
@@ -267,7 +267,7 @@ def score_batch(cfg, policy: torch.nn.Module, teacher_scorer, batch: RolloutBatc
     scored.stats = {"time/score_old_s": t1 - t0, "time/score_teacher_s": t2 - t1,
                     "score/tokens_per_s": 2 * n_tok / dist.world / max(t2 - t0, 1e-9), "special_masked": n_special}
     if scored.route_B_T_N is not None:
-        scored.stats |= routing_stats(scored, dist)
+        scored.stats |= routing_metrics(scored.route_B_T_N, scored.loss_mask_B_T, list(scored.teacher_names), dist.sum)
     if deferred_rows is None:
         scored.stats |= old_stats(scored, dist)
     return scored
@@ -290,15 +290,6 @@ def old_stats(scored: ScoredBatch, dist: Dist = SINGLE) -> dict[str, float]:
         out |= {f"teacher/{name}/minus_old_logp": g / max(n_loss, 1.0)
                 for name, g in zip(scored.teacher_names, gaps, strict=True)}
     return out
-
-
-def routing_stats(scored: ScoredBatch, dist: Dist = SINGLE) -> dict[str, float]:
-    """Per-teacher token fractions f_i over the loss tokens of all ranks and the routing entropy H(f)."""
-    lm = scored.loss_mask_B_T.bool()
-    n = len(scored.teacher_names)
-    sums = dist.sum(lm.sum(), *(scored.route_B_T_N[..., i][lm].double().sum() for i in range(n)))
-    frac = [float(x) / max(float(sums[0]), 1.0) for x in sums[1:]]
-    return fraction_metrics(frac, list(scored.teacher_names))
 
 
 def _k3(log_ratio: torch.Tensor) -> torch.Tensor:
