@@ -9,8 +9,11 @@ pandas DataFrame with one row per run, then writes to ``results/<sweep>/`` (or `
 - ``summary.csv`` and ``summary.md``: per variant, over the completed seeds, the mean, standard deviation and
   95% confidence half-width ``t_{0.975, n−1} · s / √n`` of every final metric, plus counts of failed and
   unfinished runs (and, in the Markdown, a list of the runs that did not complete, with their errors);
+- a section of ``summary.md`` per tag of the evaluation problems (``final/<tag>/pass@k``: the embedded task's
+  operand counts), with the untrained models' (base student, teachers) pass@k on the same problems;
 - ``paired.csv`` (and a section of ``summary.md``): for every gated variant, the difference of each final pass@k
-  to the ungated run with the same setting and seed, mean and 95% CI over seeds (paired);
+  (overall and per tag) to the ungated run with the same setting and seed, mean and 95% CI over seeds (paired);
+  with ``--baseline VARIANT``, every other variant against that variant's run with the same seed instead;
 - ``pass_at_k.png``: pass@k per variant (mean with 95% CI error bars, one dot per seed);
 - ``pass_at_k_over_steps.png``: held-out pass@k at every evaluation step (``eval.every``);
 - ``curves.png``: training curves per variant (mean over seeds, shaded min–max): loss, teacher − old log-ratio,
@@ -18,9 +21,9 @@ pandas DataFrame with one row per run, then writes to ``results/<sweep>/`` (or `
 - ``drift_map.png`` when the runs vary U (updates per rollout batch) or the staleness k: final pass@k and mean
   |δ| against U and k, per loss and gate;
 - with ``--keep-runs``: ``runs/<part>/``, each sweep directory's ``multirun.yaml`` and, per job, the small files
-  the report reads (``.hydra/``, ``config.yaml``, ``status.json``, ``metrics.jsonl``, ``evals/``; no weights, no
-  wandb). A kept part is itself a sweep directory, so a sweep run over several sessions is reported from the kept
-  parts of the earlier ones and the new directories together.
+  the report reads (``.hydra/``, ``config.yaml``, ``status.json``, ``metrics.jsonl``, ``evals/``,
+  ``eval_per_problem.csv``; no weights, no wandb). A kept part is itself a sweep directory, so a sweep run over
+  several sessions is reported from the kept parts of the earlier ones and the new directories together.
 
 A variant is a run's overrides without its seed (``trainer.seed``, ``eval.seed``), named by ``cfg.variant``
 when the sweep sets one (``conf/variant``) and otherwise by the overrides that vary across the sweep.
@@ -118,7 +121,23 @@ def read_run(run_dir: Path) -> dict:
         row[f"mean/{key}"] = float(np.mean(every)) if every else math.nan
     for key, value in (status.get("final") or {}).items():
         row[f"final/{key}"] = value
+    if state == "completed":
+        row |= final_by_tag(run_dir)
     return row
+
+
+def final_by_tag(run_dir: Path) -> dict[str, float]:
+    """``final/<tag>/pass@k``: the final evaluation's pass@k over the problems of each tag (``Problem.tag``: the
+    embedded task's operand count ``ops<n>``, a math benchmark's ``tag_field``), from the last
+    ``evals/student_step_*.csv``; empty when the problems have fewer than two tags."""
+    files = sorted((run_dir / "evals").glob("student_step_*.csv"))
+    if not files:
+        return {}
+    df = pd.read_csv(files[-1], dtype={"question": str, "answer": str, "tag": str})
+    if "tag" not in df or df["tag"].nunique() < 2:
+        return {}
+    ks = [c for c in df.columns if c.startswith("pass@")]
+    return {f"final/{tag}/{k}": float(g[k].mean()) for tag, g in df.groupby("tag", sort=True) for k in ks}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -223,24 +242,35 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def paired(runs: pd.DataFrame) -> pd.DataFrame:
-    """For every gated variant: the difference of each final metric to the ungated run with the same setting
-    (``_pair_key``) and the same seed, mean and 95% CI over seeds (a paired t interval: seed-to-seed noise
-    shared by both runs cancels)."""
+def paired(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
+    """For every gated variant: the difference of each final pass@k (overall and per tag) to the ungated run with
+    the same setting (``_pair_key``) and the same seed, mean and 95% CI over seeds (a paired t interval: seed-to-seed
+    noise shared by both runs cancels). With ``baseline`` (a variant name): every other trained variant against
+    that variant's run with the same seed instead, whatever else differs (the multi-teacher sweep: each routing
+    against the generalist)."""
     done = runs[(runs["status"] == "completed") & runs["_pair_key"].notna()]
     done = done.assign(_pair_key=common_pair_keys(done["_pair_key"]))
-    metrics = [c for c in done.columns if c.startswith("final/pass@") and "/" not in c.removeprefix("final/")]
-    base = done[done["ungated"].astype(bool)]
+    metrics = [c for c in done.columns if c.startswith("final/") and c.split("/")[-1].startswith("pass@")]
+    if baseline is not None:
+        if baseline not in set(done["variant"]):
+            raise ValueError(f"--baseline {baseline!r}: no completed trained run has that variant; variants: "
+                             f"{', '.join(dict.fromkeys(done['variant']))}")
+        groups, on = done[done["variant"] != baseline].groupby("variant", sort=False), ["seed"]
+        refs = {v: done[done["variant"] == baseline] for v, _ in groups}
+    else:
+        base = done[done["ungated"].astype(bool)]
+        groups, on = done[~done["ungated"].astype(bool)].groupby("variant", sort=False), ["_pair_key", "seed"]
+        refs = {v: base[base["_pair_key"].isin(g["_pair_key"])] for v, g in groups}
     out = []
-    for variant, g in done[~done["ungated"].astype(bool)].groupby("variant", sort=False):
-        ref = base[base["_pair_key"].isin(g["_pair_key"])]
+    for variant, g in groups:
+        ref = refs[variant]
         if not len(ref):
             continue
         row = {"variant": variant, "baseline": ", ".join(dict.fromkeys(ref["variant"]))}
-        merged = g.merge(ref, on=["_pair_key", "seed"], suffixes=("", "_base"))
+        merged = g.merge(ref[[*on, *metrics, "variant"]], on=on, suffixes=("", "_base"))
         row["n_pairs"] = len(merged)
         for m in metrics:
-            mean, std, ci, n = mean_ci95((merged[m] - merged[f"{m}_base"]).tolist())
+            mean, std, ci, n = mean_ci95((merged[m] - merged[f"{m}_base"]).dropna().tolist())
             name = m.removeprefix("final/")
             row[f"delta_{name}_mean"], row[f"delta_{name}_ci95"] = mean, ci
         out.append(row)
@@ -256,18 +286,58 @@ def common_pair_keys(keys: pd.Series) -> pd.Series:
                      index=keys.index, dtype=object)
 
 
-def paired_markdown(pairs: pd.DataFrame) -> str:
+def paired_markdown(pairs: pd.DataFrame, baseline: str | None = None) -> str:
     if not len(pairs):
         return ""
     ks = [c.removeprefix("delta_").removesuffix("_mean") for c in pairs.columns if c.endswith("_mean")]
     head = ["variant", "vs", "pairs", *[f"Δ{k}" for k in ks]]
-    lines = ["", "### Paired differences to the ungated run with the same seed", "",
-             "Mean ± 95% confidence half-width of (gated − ungated) over seeds; an interval that holds 0 is a null "
+    title, what = (f"{baseline} with the same seed", f"(variant − {baseline})") if baseline else (
+        "the ungated run with the same seed", "(gated − ungated)")
+    lines = ["", f"### Paired differences to {title}", "",
+             f"Mean ± 95% confidence half-width of {what} over seeds; an interval that holds 0 is a null "
              "result.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in pairs.iterrows():
         cells = [_fmt(r[f"delta_{k}_mean"], r[f"delta_{k}_ci95"], signed=True) for k in ks]
         lines.append(f"| {r['variant']} | {r['baseline']} | {r['n_pairs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def by_tag_markdown(summary: pd.DataFrame, teachers: pd.DataFrame | None = None) -> str:
+    """Per tag (``final/<tag>/pass@k``): each variant's mean ± 95% CI and, when known, each baseline model's
+    pass@k on the same problems (``teachers``: one row per model and tag, from a run's ``eval_per_problem.csv``)."""
+    cols = [c.removesuffix("_mean") for c in summary.columns if c.endswith("_mean") and "/" in c
+            and c.split("/")[-1].startswith("pass@")]
+    if not cols:
+        return ""
+    lines = ["", "### Final pass@k per tag", "", "Mean ± 95% confidence half-width over seeds, on the evaluation "
+             "problems of each tag.", "", "| variant | n | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for _, r in summary.iterrows():
+        cells = [_fmt(r[f"{c}_mean"], r[f"{c}_ci95"]) for c in cols]
+        lines.append(f"| {r['variant']} | {r['n_completed']} | " + " | ".join(cells) + " |")
+    if teachers is not None and len(teachers):
+        for model, g in teachers.groupby("model", sort=False):
+            vals = {f"{t}/{k}": v for t, k, v in zip(g["tag"], g["k"], g["value"], strict=True)}
+            cells = [f"{vals[c]:.3f}" if c in vals else "–" for c in cols]
+            lines.append(f"| {model} (baseline, not trained) | – | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def baselines_by_tag(runs: pd.DataFrame) -> pd.DataFrame:
+    """The untrained models' (``base_student``, the teachers) pass@k per tag from the first completed run that
+    evaluated them (``eval_per_problem.csv``; cached across runs, so every run holds the same numbers)."""
+    for d in runs.loc[runs["status"] == "completed", "run_dir"]:
+        path = Path(d) / "eval_per_problem.csv" if d else None
+        if not path or not path.exists():
+            continue
+        df = pd.read_csv(path, dtype={"question": str, "answer": str, "tag": str})
+        if "tag" not in df or "model" not in df or df["tag"].nunique() < 2:
+            return pd.DataFrame()
+        df = df[df["model"] != "student"]
+        ks = [c for c in df.columns if c.startswith("pass@")]
+        rows = [{"model": m, "tag": t, "k": k, "value": float(g[k].mean())}
+                for (m, t), g in df.groupby(["model", "tag"], sort=False) for k in ks]
+        return pd.DataFrame(rows)
+    return pd.DataFrame()
 
 
 def _fmt(mean: float, ci: float, signed: bool = False) -> str:
@@ -317,21 +387,23 @@ def load_sweeps(sweep_dirs: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def report(sweep_dir: str | os.PathLike | list, out: str | os.PathLike | None = None) -> tuple[pd.DataFrame,
-                                                                                               pd.DataFrame]:
-    """Write ``runs.csv``, ``summary.csv``/``summary.md`` (with the paired differences), ``paired.csv`` and the
-    plots (pass@k, training and drift curves, pass@k over training steps, the drift map when U or k vary)."""
+def report(sweep_dir: str | os.PathLike | list, out: str | os.PathLike | None = None,
+           baseline: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Write ``runs.csv``, ``summary.csv``/``summary.md`` (with the per-tag table and the paired differences: to
+    the ungated run, or to the ``baseline`` variant), ``paired.csv`` and the plots (pass@k, training and drift
+    curves, pass@k over training steps, the drift map when U or k vary)."""
     dirs = [Path(d) for d in (sweep_dir if isinstance(sweep_dir, list) else [sweep_dir])]
     runs = load_sweeps(dirs)
     name = sweep_name(dirs[0], runs)
     out = Path(out) if out else Path("results") / name
     out.mkdir(parents=True, exist_ok=True)
-    summary, pairs = summarise(runs), paired(runs)
+    summary, pairs = summarise(runs), paired(runs, baseline)
     runs.drop(columns=["_pair_key"]).to_csv(out / "runs.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
     pairs.to_csv(out / "paired.csv", index=False)
     title = f"{name} ({', '.join(map(str, dirs))})"
-    (out / "summary.md").write_text(summary_markdown(summary, runs, title) + paired_markdown(pairs))
+    text = summary_markdown(summary, runs, title) + by_tag_markdown(summary, baselines_by_tag(runs))
+    (out / "summary.md").write_text(text + paired_markdown(pairs, baseline))
     ks = [c.removesuffix("_mean") for c in summary.columns if c.startswith("pass@") and c.endswith("_mean")
           and "/" not in c]
     if summary["n_completed"].sum():
@@ -345,7 +417,7 @@ def report(sweep_dir: str | os.PathLike | list, out: str | os.PathLike | None = 
 
 
 KEPT = (".hydra/overrides.yaml", ".hydra/hydra.yaml", ".hydra/config.yaml", "config.yaml", "status.json",
-        "metrics.jsonl")
+        "metrics.jsonl", "eval_per_problem.csv")
 
 
 def keep_runs(sweep_dirs: list[Path], out: Path) -> list[Path]:
@@ -388,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default: results/<sweep name>)")
     p.add_argument("--keep-runs", action="store_true", help="also copy each job's config, status, metrics and "
                    "evaluations into <out>/runs/<part>/ (a sweep directory the report can read again later)")
+    p.add_argument("--baseline", help="pair every other variant with this variant's run of the same seed (e.g. "
+                   "mt_generalist) instead of each gated variant with its ungated run")
     args = p.parse_args(argv)
     try:
         dirs = list(args.sweep_dir)
@@ -398,12 +472,13 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.out) if args.out else Path("results") / sweep_name(first, load_sweep(first))
             dirs = keep_runs([Path(d) for d in dirs], out)
             args.out = str(out)
-        runs, summary = report(dirs, args.out)
-    except FileNotFoundError as e:
+        runs, summary = report(dirs, args.out, args.baseline)
+    except (FileNotFoundError, ValueError) as e:
         print(f"opd-lab report: {e}", file=sys.stderr)
         return 2
     counts = runs["status"].value_counts().to_dict()
-    print(summary_markdown(summary, runs, " ".join(args.sweep_dir)) + paired_markdown(paired(runs)))
+    print(summary_markdown(summary, runs, " ".join(args.sweep_dir)) + by_tag_markdown(summary, baselines_by_tag(runs))
+          + paired_markdown(paired(runs, args.baseline), args.baseline))
     print(f"runs: {counts}; written to {args.out or Path('results') / sweep_name(Path(args.sweep_dir[0]), runs)}")
     return 0
 

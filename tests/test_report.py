@@ -170,3 +170,56 @@ def test_pairing_ignores_fields_that_older_runs_lack():
     assert keys.iloc[0] == keys.iloc[1]
     other = json.dumps({**json.loads(new), "trainer.lr": 1.0}, sort_keys=True)
     assert common_pair_keys(pd.Series([old, other])).nunique() == 2  # a shared field that differs still counts
+
+
+def test_paired_to_a_baseline_variant_by_hand():
+    """--baseline: every other variant against the baseline variant's run with the same seed, although their
+    settings differ (another teacher, another routing); per-tag pass@k is paired the same way."""
+    rows = []
+    values = {"gen": [0.50, 0.40, 0.60], "routed": [0.55, 0.50, 0.62], "other": [0.30, 0.30, 0.30]}
+    for i, (variant, vals) in enumerate(values.items()):
+        for seed, v in enumerate(vals):
+            rows.append({"variant": variant, "seed": seed, "status": "completed", "final/pass@1": v,
+                         "final/ops3/pass@1": v + 0.1, **setting_of(_cfg(lr=10.0 ** -(i + 2), seed=seed), False)})
+    runs = pd.DataFrame(rows)
+    assert paired(runs).empty  # no gate varies: nothing to pair with an ungated run of the same setting
+    pairs = paired(runs, baseline="gen").set_index("variant")
+    assert list(pairs.index) == ["routed", "other"] and set(pairs["baseline"]) == {"gen"}
+    d = [0.05, 0.10, 0.02]
+    mean, sd = sum(d) / 3, math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
+    assert pairs.loc["routed", "n_pairs"] == 3
+    assert pairs.loc["routed", "delta_pass@1_mean"] == pytest.approx(mean)
+    assert pairs.loc["routed", "delta_ops3/pass@1_mean"] == pytest.approx(mean)
+    assert pairs.loc["routed", "delta_pass@1_ci95"] == pytest.approx(4.3026527 * sd / math.sqrt(3), rel=1e-6)
+    assert pairs.loc["other", "delta_pass@1_mean"] == pytest.approx(-0.2)
+    md = paired_markdown(pairs.reset_index(), "gen")
+    assert "to gen with the same seed" in md and "(variant − gen)" in md and "+0.057 ± " in md
+    with pytest.raises(ValueError, match="--baseline 'nope'.*gen, routed, other"):
+        paired(runs, baseline="nope")
+
+
+def _evals(folder: Path, name: str, rows: list[tuple[str, float, float]], **extra) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([{"benchmark": "arith", "tag": t, "question": f"q{i}", "answer": "1", "pass@1": p1, "pass@8": p8,
+                   **extra} for i, (t, p1, p8) in enumerate(rows)]).to_csv(folder / name, index=False)
+
+
+def test_final_pass_at_k_per_tag_from_the_last_evaluation(tmp_path):
+    from opd_lab.report import baselines_by_tag, by_tag_markdown, final_by_tag
+
+    _evals(tmp_path / "evals", "student_step_000002.csv", [("ops3", 0.0, 0.0), ("ops4", 0.0, 0.0)])
+    _evals(tmp_path / "evals", "student_step_000010.csv",
+           [("ops3", 1.0, 1.0), ("ops3", 0.5, 1.0), ("ops4", 0.25, 0.5), ("ops4", 0.0, 0.0), ("ops4", 0.5, 1.0)])
+    f = final_by_tag(tmp_path)
+    assert f == pytest.approx({"final/ops3/pass@1": 0.75, "final/ops3/pass@8": 1.0,
+                               "final/ops4/pass@1": 0.25, "final/ops4/pass@8": 0.5})
+    _evals(tmp_path / "one", "student_step_000010.csv", [("ops3", 1.0, 1.0)])
+    assert final_by_tag(tmp_path / "one") == {} and final_by_tag(tmp_path / "none") == {}
+
+    runs = pd.DataFrame([{"variant": "a", "seed": s, "status": "completed", "run_dir": str(tmp_path), "error": "",
+                          "final/pass@1": 0.5, **{k: v + s / 10 for k, v in f.items()}} for s in range(2)])
+    _evals(tmp_path, "eval_per_problem.csv", [("ops3", 0.9, 1.0), ("ops4", 0.1, 0.4)], model="teacher_ops3")
+    teachers = baselines_by_tag(runs)
+    md = by_tag_markdown(summarise(runs), teachers)
+    assert "| a | 2 | 0.800 ± " in md and "ops4/pass@8" in md
+    assert "| teacher_ops3 (baseline, not trained) | – | 0.900 | 1.000 | 0.100 | 0.400 |" in md
