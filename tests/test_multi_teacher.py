@@ -138,6 +138,22 @@ def test_a_specialist_is_trained_on_its_slice_and_cached_apart(tmp_path):
     assert info["task"]["min_operands"] == 3 and info["task"]["max_operands"] == 3
 
 
+def test_build_script_builds_the_specialists_of_model_embedded_specialists(tmp_path):
+    """scripts/build_embedded.py model=embedded_specialists --specialists --check composes (several teachers need a
+    multi-teacher rule; the script supplies one) and trains each specialist; tiny models differ from the shipped
+    ones, so --check reports the difference and exits 1, writing nothing."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    tiny = [o for o in TINY if o.startswith("model.prepare")]
+    proc = subprocess.run([sys.executable, "scripts/build_embedded.py", "model=embedded_specialists", "--specialists",
+                           "--check", *tiny], cwd=root, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert "teacher_ops3: key" in out and "teacher_ops4: key" in out, out[-3000:]
+    assert proc.returncode == 1 and "teacher_ops4: DIFFERENT" in out, out[-3000:]
+
+
 @pytest.mark.slow
 def test_qwen3_multi_teacher_experiment_on_tiny_local_models(tmp_path):
     """experiment=qwen3_math_multi_teacher (math + general teacher, per-sample routing by the data source) trains
