@@ -1,6 +1,7 @@
 """The sweep report's plots (``python -m opd_lab.report``): pass@k per variant, pass@k over training steps, the
-training curves that show drift (gate std, gates below 0.5, mean |δ|, δ at the first update of each step), and
-the drift map (final pass@k and drift against U = updates per rollout batch and the async staleness k)."""
+training curves that show drift (gate std, gates below 0.5, mean |δ|, δ at the first update of each step), the
+drift map (final pass@k and drift against U = updates per rollout batch and the async staleness k) and, for
+multi-teacher runs, the teachers' token shares and the routing entropy over training."""
 
 from __future__ import annotations
 
@@ -98,6 +99,14 @@ def plot_curves(runs: pd.DataFrame, path: Path, title: str, smooth: int = 5) -> 
     construction)."""
     _panels(runs, path, f"{title}: mean over seeds (band: min–max), rolling mean over {smooth} steps", CURVES,
             train=True, smooth=smooth)
+
+
+def plot_routing(runs: pd.DataFrame, keys: list[str], path: Path, title: str, smooth: int = 5) -> None:
+    """Multi-teacher runs: each teacher's share of the loss tokens (``routing/frac/<name>``) and the routing
+    entropy over training steps."""
+    _panels(runs, path, f"{title}: routing (mean over seeds, band: min–max), rolling mean over {smooth} steps",
+            [(k, k.removeprefix("routing/").replace("frac/", "share of ")) for k in keys], train=True,
+            smooth=smooth)
 
 
 def plot_eval_curves(runs: pd.DataFrame, ks: list[str], path: Path, title: str) -> None:

@@ -18,6 +18,8 @@ pandas DataFrame with one row per run, then writes to ``results/<sweep>/`` (or `
 - ``pass_at_k_over_steps.png``: held-out pass@k at every evaluation step (``eval.every``);
 - ``curves.png``: training curves per variant (mean over seeds, shaded min–max): loss, teacher − old log-ratio,
   gate std, fraction of gates below 0.5, mean |δ|, |δ| at the first update of each step;
+- ``routing.png`` for multi-teacher runs: each teacher's share of the loss tokens and the routing entropy over
+  training (also ``last10pct/`` and ``mean/`` columns of ``runs.csv``);
 - ``drift_map.png`` when the runs vary U (updates per rollout batch) or the staleness k: final pass@k and mean
   |δ| against U and k, per loss and gate;
 - with ``--keep-runs``: ``runs/<part>/``, each sweep directory's ``multirun.yaml`` and, per job, the small files
@@ -50,6 +52,7 @@ SEED_KEYS = ("trainer.seed", "eval.seed")
 TRAIN_MEANS = ("loss", "teacher_minus_old_logp", "gate/mean", "gate/std", "gate/frac_below_0.5",
                "drift/mean_abs_delta", "drift/first_update_mean_abs_delta", "response/mean_len",
                "response/truncated_frac", "time/step_s")
+ROUTING = ("routing/frac/", "routing/entropy")  # multi-teacher runs: each teacher's token share, routing entropy
 # config fields that do not make two runs different experiments: their seed, the gate (whose effect the pairing
 # measures), where and how they log
 UNPAIRED = ("trainer.seed", "eval.seed", "gate.", "variant", "output_dir", "cache_dir", "logger.", "trainer.resume",
@@ -114,7 +117,8 @@ def read_run(run_dir: Path) -> dict:
     train = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
     row["steps_done"] = max((r["step"] for r in train), default=0)
     tail = train[-max(1, len(train) // 10):] if train else []
-    for key in TRAIN_MEANS:
+    routing = sorted({k for r in train[:1] for k in r if k.startswith(ROUTING)})
+    for key in (*TRAIN_MEANS, *routing):
         vals = [r[key] for r in tail if key in r]
         row[f"last10pct/{key}"] = float(np.mean(vals)) if vals else math.nan
         every = [r[key] for r in train if key in r]
@@ -413,6 +417,10 @@ def report(sweep_dir: str | os.PathLike | list, out: str | os.PathLike | None = 
         if done["U"].nunique() > 1 or done["staleness"].nunique() > 1:
             plots.plot_drift_map(runs, ks, out / "drift_map.png", name)
     plots.plot_curves(runs, out / "curves.png", name)
+    routing = sorted({c.removeprefix("mean/") for c in runs.columns if c.startswith("mean/routing/")},
+                     key=lambda k: (k == "routing/entropy", k))
+    if routing:
+        plots.plot_routing(runs, routing, out / "routing.png", name)
     return runs, summary
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from opd_lab.report import load_sweep, paired, paired_markdown, setting_of, summarise, summary_markdown
 
@@ -223,3 +224,28 @@ def test_final_pass_at_k_per_tag_from_the_last_evaluation(tmp_path):
     md = by_tag_markdown(summarise(runs), teachers)
     assert "| a | 2 | 0.800 ± " in md and "ops4/pass@8" in md
     assert "| teacher_ops3 (baseline, not trained) | – | 0.900 | 1.000 | 0.100 | 0.400 |" in md
+
+
+def test_multi_teacher_runs_get_routing_columns_a_routing_plot_and_per_tag_tables(tmp_path):
+    """A sweep of two multi-teacher jobs written by hand: the report keeps each teacher's token share and the
+    routing entropy (last 10% of steps), plots them, and tabulates the final pass@k per tag."""
+    from opd_lab.report import report
+
+    sweep = tmp_path / "sweep"
+    for job, seed in enumerate((0, 1)):
+        d = sweep / str(job)
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(f"- variant=mt_min_kl\n- trainer.seed={seed}\n")
+        (d / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {job}\n")
+        (d / "config.yaml").write_text(yaml.safe_dump({**_cfg(seed=seed), "variant": "mt_min_kl"}))
+        (d / "status.json").write_text(json.dumps({"status": "completed", "final": {"pass@1": 0.5, "pass@8": 0.9}}))
+        recs = [{"step": s, "loss": 1.0, "routing/frac/ops3": f, "routing/frac/ops4": 1 - f, "routing/entropy": 0.5}
+                for s, f in enumerate([0.2] * 9 + [0.6], start=1)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        _evals(d / "evals", "student_step_000010.csv", [("ops3", 1.0, 1.0), ("ops4", 0.0 + seed / 2, 1.0)])
+    runs, summary = report(sweep, tmp_path / "out")
+    assert runs["last10pct/routing/frac/ops3"].tolist() == pytest.approx([0.6, 0.6])
+    assert runs["mean/routing/frac/ops4"].tolist() == pytest.approx([0.76, 0.76])
+    assert summary.set_index("variant").loc["mt_min_kl", "ops4/pass@1_mean"] == pytest.approx(0.25)
+    assert (tmp_path / "out" / "routing.png").read_bytes()[:4] == b"\x89PNG"
+    assert "### Final pass@k per tag" in (tmp_path / "out" / "summary.md").read_text()
