@@ -52,7 +52,8 @@ SEED_KEYS = ("trainer.seed", "eval.seed")
 TRAIN_MEANS = ("loss", "teacher_minus_old_logp", "gate/mean", "gate/std", "gate/frac_below_0.5",
                "drift/mean_abs_delta", "drift/first_update_mean_abs_delta", "response/mean_len",
                "response/truncated_frac", "time/step_s")
-ROUTING = ("routing/frac/", "routing/entropy")  # multi-teacher runs: each teacher's token share, routing entropy
+# multi-teacher runs: each teacher's token share (overall and on each problem tag's rows), routing entropy
+ROUTING = ("routing/frac/", "routing/entropy", "routing/by_tag/")
 # config fields that do not make two runs different experiments: their seed, the gate (whose effect the pairing
 # measures), where and how they log
 UNPAIRED = ("trainer.seed", "eval.seed", "gate.", "variant", "output_dir", "cache_dir", "logger.", "trainer.resume",
@@ -417,9 +418,9 @@ def report(sweep_dir: str | os.PathLike | list, out: str | os.PathLike | None = 
         if done["U"].nunique() > 1 or done["staleness"].nunique() > 1:
             plots.plot_drift_map(runs, ks, out / "drift_map.png", name)
     plots.plot_curves(runs, out / "curves.png", name)
-    routing = sorted({c.removeprefix("mean/") for c in runs.columns if c.startswith("mean/routing/")},
-                     key=lambda k: (k == "routing/entropy", k))
-    if routing:
+    routing = sorted({c.removeprefix("mean/") for c in runs.columns if c.startswith("mean/routing/")
+                      and not c.endswith("/entropy")}, key=lambda k: ("by_tag" in k, k)) + ["routing/entropy"]
+    if len(routing) > 1:
         plots.plot_routing(runs, routing, out / "routing.png", name)
     return runs, summary
 

@@ -268,6 +268,7 @@ def score_batch(cfg, policy: torch.nn.Module, teacher_scorer, batch: RolloutBatc
                     "score/tokens_per_s": 2 * n_tok / dist.world / max(t2 - t0, 1e-9), "special_masked": n_special}
     if scored.route_B_T_N is not None:
         scored.stats |= routing_metrics(scored.route_B_T_N, scored.loss_mask_B_T, list(scored.teacher_names), dist.sum)
+        scored.stats |= routing_by_tag(scored, batch.tags_B, dist)
     if deferred_rows is None:
         scored.stats |= old_stats(scored, dist)
     return scored
@@ -289,6 +290,20 @@ def old_stats(scored: ScoredBatch, dist: Dist = SINGLE) -> dict[str, float]:
                           for i in range(len(scored.teacher_names))))
         out |= {f"teacher/{name}/minus_old_logp": g / max(n_loss, 1.0)
                 for name, g in zip(scored.teacher_names, gaps, strict=True)}
+    return out
+
+
+def routing_by_tag(scored: ScoredBatch, tags_B: list[str], dist: Dist = SINGLE) -> dict[str, float]:
+    """``routing/by_tag/<tag>/frac/<name>`` and ``…/entropy``: the teachers' token shares on the rows of each problem
+    tag present in the batch (does a per-token rule send the 4-operand problems' tokens to the 4-operand
+    specialist?). One process only: the ranks' tag sets differ, so their sums could not be matched up."""
+    if dist.world > 1 or not any(tags_B):
+        return {}
+    names, out = list(scored.teacher_names), {}
+    for tag in sorted(set(tags_B)):
+        rows = torch.tensor([t == tag for t in tags_B], device=scored.loss_mask_B_T.device)
+        shares = routing_metrics(scored.route_B_T_N[rows], scored.loss_mask_B_T[rows], names)
+        out |= {f"routing/by_tag/{tag}/{k.removeprefix('routing/')}": v for k, v in shares.items()}
     return out
 
 

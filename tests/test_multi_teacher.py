@@ -117,6 +117,13 @@ def test_every_rule_trains_and_logs_per_teacher_metrics(cache, tmp_path, rule, l
         assert any(f"teacher/{n}/loss" in r for n in ("a", "b")) != soft  # per-teacher loss: hard rules only
         if rule == "mixture":  # weights 1 : 2 at every token
             assert frac == pytest.approx([1 / 3, 2 / 3])
+        # the shares on the rows of each tag present in the step's batch (2 prompts: one tag or both)
+        tags = {k.split("/")[2] for k in r if k.startswith("routing/by_tag/")}
+        assert tags and tags <= {"ops2", "ops3"}
+        by_tag = {tag: [r[f"routing/by_tag/{tag}/frac/{n}"] for n in ("a", "b")] for tag in tags}
+        assert all(sum(f) == pytest.approx(1.0) for f in by_tag.values())
+        if rule == "per_sample":  # ops2 → a, ops3 → b
+            assert all(f == ([1.0, 0.0] if tag == "ops2" else [0.0, 1.0]) for tag, f in by_tag.items())
     if rule == "alignment":  # refreshed every step: the logged weights are the ones the step's mixture used
         for r in rows:
             w = [r[f"routing/weight/{n}"] for n in ("a", "b")]
