@@ -328,21 +328,22 @@ def by_tag_markdown(summary: pd.DataFrame, teachers: pd.DataFrame | None = None)
 
 
 def baselines_by_tag(runs: pd.DataFrame) -> pd.DataFrame:
-    """The untrained models' (``base_student``, the teachers) pass@k per tag from the first completed run that
-    evaluated them (``eval_per_problem.csv``; cached across runs, so every run holds the same numbers)."""
+    """The untrained models' (``base_student``, the teachers) pass@k per tag, each from the first completed run that
+    evaluated it (``eval_per_problem.csv``; cached across runs, so every run holds the same numbers for a model)."""
+    rows, seen = [], set()
     for d in runs.loc[runs["status"] == "completed", "run_dir"]:
         path = Path(d) / "eval_per_problem.csv" if d else None
         if not path or not path.exists():
             continue
         df = pd.read_csv(path, dtype={"question": str, "answer": str, "tag": str})
         if "tag" not in df or "model" not in df or df["tag"].nunique() < 2:
-            return pd.DataFrame()
-        df = df[df["model"] != "student"]
+            continue
+        df = df[(df["model"] != "student") & ~df["model"].isin(seen)]
         ks = [c for c in df.columns if c.startswith("pass@")]
-        rows = [{"model": m, "tag": t, "k": k, "value": float(g[k].mean())}
-                for (m, t), g in df.groupby(["model", "tag"], sort=False) for k in ks]
-        return pd.DataFrame(rows)
-    return pd.DataFrame()
+        rows += [{"model": m, "tag": t, "k": k, "value": float(g[k].mean())}
+                 for (m, t), g in df.groupby(["model", "tag"], sort=False) for k in ks]
+        seen |= set(df["model"])
+    return pd.DataFrame(rows)
 
 
 def _fmt(mean: float, ci: float, signed: bool = False) -> str:

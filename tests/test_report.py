@@ -220,10 +220,17 @@ def test_final_pass_at_k_per_tag_from_the_last_evaluation(tmp_path):
     runs = pd.DataFrame([{"variant": "a", "seed": s, "status": "completed", "run_dir": str(tmp_path), "error": "",
                           "final/pass@1": 0.5, **{k: v + s / 10 for k, v in f.items()}} for s in range(2)])
     _evals(tmp_path, "eval_per_problem.csv", [("ops3", 0.9, 1.0), ("ops4", 0.1, 0.4)], model="teacher_ops3")
+    # another variant's run evaluated another teacher (and the same one again: its first numbers are kept)
+    _evals(tmp_path / "b", "eval_per_problem.csv", [("ops3", 0.2, 0.3), ("ops4", 0.8, 1.0)], model="teacher_ops4")
+    pd.concat([pd.read_csv(tmp_path / "b" / "eval_per_problem.csv"),
+               pd.read_csv(tmp_path / "eval_per_problem.csv").assign(**{"pass@1": 0.0})]).to_csv(
+        tmp_path / "b" / "eval_per_problem.csv", index=False)
+    runs.loc[1, "run_dir"] = str(tmp_path / "b")
     teachers = baselines_by_tag(runs)
     md = by_tag_markdown(summarise(runs), teachers)
     assert "| a | 2 | 0.800 ± " in md and "ops4/pass@8" in md
     assert "| teacher_ops3 (baseline, not trained) | – | 0.900 | 1.000 | 0.100 | 0.400 |" in md
+    assert "| teacher_ops4 (baseline, not trained) | – | 0.200 | 0.300 | 0.800 | 1.000 |" in md
 
 
 def test_multi_teacher_runs_get_routing_columns_a_routing_plot_and_per_tag_tables(tmp_path):
