@@ -419,10 +419,10 @@ def report(sweep_dir: str | os.PathLike | list, out: str | os.PathLike | None = 
         if done["U"].nunique() > 1 or done["staleness"].nunique() > 1:
             plots.plot_drift_map(runs, ks, out / "drift_map.png", name)
     plots.plot_curves(runs, out / "curves.png", name)
-    routing = sorted({c.removeprefix("mean/") for c in runs.columns if c.startswith("mean/routing/")
-                      and not c.endswith("/entropy")}, key=lambda k: ("by_tag" in k, k)) + ["routing/entropy"]
-    if len(routing) > 1:
-        plots.plot_routing(runs, routing, out / "routing.png", name)
+    shares = sorted((c.removeprefix("mean/") for c in runs.columns if c.startswith("mean/routing/")
+                     and "/frac/" in c), key=lambda k: ("by_tag" in k, k))  # overall shares first, then per tag
+    if shares:
+        plots.plot_routing(runs, [*shares, "routing/entropy"], out / "routing.png", name)
     return runs, summary
 
 
@@ -487,9 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"opd-lab report: {e}", file=sys.stderr)
         return 2
     counts = runs["status"].value_counts().to_dict()
-    print(summary_markdown(summary, runs, " ".join(args.sweep_dir)) + by_tag_markdown(summary, baselines_by_tag(runs))
-          + paired_markdown(paired(runs, args.baseline), args.baseline))
-    print(f"runs: {counts}; written to {args.out or Path('results') / sweep_name(Path(args.sweep_dir[0]), runs)}")
+    out = Path(args.out) if args.out else Path("results") / sweep_name(Path(args.sweep_dir[0]), runs)
+    print((out / "summary.md").read_text())  # what report() wrote: nothing is read or paired a second time
+    print(f"runs: {counts}; written to {out}")
     return 0
 
 
