@@ -81,6 +81,14 @@ class Dist:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank (any picklable object)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def comm_device(self) -> str:
         return f"cuda:{self.local_rank}" if torch.distributed.get_backend() == "nccl" else "cpu"
 

@@ -295,14 +295,14 @@ def old_stats(scored: ScoredBatch, dist: Dist = SINGLE) -> dict[str, float]:
 
 def routing_by_tag(scored: ScoredBatch, tags_B: list[str], dist: Dist = SINGLE) -> dict[str, float]:
     """``routing/by_tag/<tag>/frac/<name>`` and ``…/entropy``: the teachers' token shares on the rows of each problem
-    tag present in the batch (does a per-token rule send the 4-operand problems' tokens to the 4-operand
-    specialist?). One process only: the ranks' tag sets differ, so their sums could not be matched up."""
-    if dist.world > 1 or not any(tags_B):
-        return {}
+    tag in the global batch (does a per-token rule send the 4-operand problems' tokens to the 4-operand
+    specialist?). Every rank takes the union of the ranks' tags (a tag without rows here adds zero counts) and the
+    counts are summed over ranks, so the shares are those of one process holding every rank's rows."""
+    tags = sorted({t for rank_tags in dist.gather(sorted(set(tags_B))) for t in rank_tags if t})
     names, out = list(scored.teacher_names), {}
-    for tag in sorted(set(tags_B)):
-        rows = torch.tensor([t == tag for t in tags_B], device=scored.loss_mask_B_T.device)
-        shares = routing_metrics(scored.route_B_T_N[rows], scored.loss_mask_B_T[rows], names)
+    for tag in tags:
+        rows = torch.tensor([t == tag for t in tags_B], dtype=torch.bool, device=scored.loss_mask_B_T.device)
+        shares = routing_metrics(scored.route_B_T_N[rows], scored.loss_mask_B_T[rows], names, dist.sum)
         out |= {f"routing/by_tag/{tag}/{k.removeprefix('routing/')}": v for k, v in shares.items()}
     return out
 

@@ -108,6 +108,26 @@ def test_fsdp2_two_ranks_equal_one_process_and_sharded_resume(tmp_path):
 
 
 @pytest.mark.slow
+def test_per_token_routing_shares_per_tag_over_two_ranks_equal_one_process(tmp_path):
+    """The shipped specialists with min_kl routing under DDP: the teachers' token shares, overall and on each
+    problem tag's rows (``routing/by_tag``: the ranks' tag sets joined, counts summed), are the single process's.
+    Greedy HF sampling (top_p → 0) keeps the rollouts rank-independent."""
+    args = [*BASE, "model=embedded_specialists", "routing=min_kl", "rollout.engine=hf", "rollout.top_p=0.000001",
+            "loss=sampled_token", "gate=sequence"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([*args, f"hydra.run.dir={one}"], world=1)
+    _run([*args, "trainer.parallel=ddp", f"hydra.run.dir={two}"], world=2)
+    tags = set()
+    for ra, rb in zip(_steps(two), _steps(one), strict=True):
+        shares = sorted(k for k in rb if k.startswith("routing/"))
+        assert sorted(k for k in ra if k.startswith("routing/")) == shares
+        tags |= {k.split("/")[2] for k in shares if k.startswith("routing/by_tag/")}
+        for k in shares:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-3, abs=1e-6), (k, ra["step"], ra[k], rb[k])
+    assert tags == {"ops3", "ops4"}  # some step's batch holds both tags
+
+
+@pytest.mark.slow
 def test_fsdp2_with_stale_rollouts_scores_pi_old_with_the_sampling_weights(tmp_path):
     """staleness k = 1 under FSDP2: π_old comes from the snapshot of the weights that sampled the batch (copied
     into FSDP2's own sharded storage), so the first update's δ measures the staleness, as in one process; the
@@ -127,6 +147,7 @@ def test_rank_shares_and_single_process_reductions():
     d = Dist(rank=1, world=2)
     assert d.shard(8) == slice(4, 8) and SINGLE.shard(8) == slice(0, 8)
     assert SINGLE.sum(1, 2.5) == [1.0, 2.5] and SINGLE.max(3) == [3.0] and SINGLE.broadcast("x") == "x"
+    assert SINGLE.gather("x") == ["x"]
 
 
 def test_a_rank_with_fewer_rows_pads_with_zero_weight_micro_batches():

@@ -1,8 +1,11 @@
+from types import SimpleNamespace
+
+import pytest
 import torch
 
 from opd_lab.heads import logsumexp_chunked, response_logits
 from opd_lab.rollout.base import assemble_batch
-from opd_lab.scoring import dedup_mask, score_teacher
+from opd_lab.scoring import dedup_mask, routing_by_tag, score_teacher
 from tests.conftest import tiny_model
 
 
@@ -98,3 +101,40 @@ def test_float64_teacher_keeps_float64_topk(tokenizer):
     with torch.no_grad():
         ref = torch.log_softmax(response_logits(model, batch), -1)
     assert torch.allclose(s.topk_logp_B_T_K, ref.topk(4, -1).values, atol=1e-12)
+
+
+class _OtherRank:
+    """Duck-typed ``Dist`` for two ranks in one process: the other rank's tags, and either its contributions to
+    each ``sum`` (added to this rank's) or, with ``record``, a list that collects this rank's contributions."""
+
+    def __init__(self, other_tags, other_sums=None, record=None):
+        self.other_tags, self.other_sums, self.record = other_tags, other_sums, record
+
+    def gather(self, obj):
+        return [obj, self.other_tags]
+
+    def sum(self, *values):
+        mine = [float(v) for v in values]
+        if self.record is not None:
+            self.record.append(mine)
+            return mine
+        return [a + b for a, b in zip(mine, self.other_sums.pop(0), strict=True)]
+
+
+def test_routing_by_tag_over_two_ranks_equals_one_process_holding_both_ranks_rows():
+    g = torch.Generator().manual_seed(0)
+    B, T = 5, 7
+    w = torch.softmax(torch.randn(B, T, 2, generator=g), -1)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    tags = ["ops2", "ops3", "ops2", "ops3", "ops4"]  # rank 0: rows 0–2 (no ops4); rank 1: rows 3–4 (no ops2)
+    batch = lambda rows: SimpleNamespace(teacher_names=("a", "b"), route_B_T_N=w[rows], loss_mask_B_T=mask[rows])  # noqa: E731
+    r0, r1 = slice(0, 3), slice(3, 5)
+    contributions = []
+    routing_by_tag(batch(r1), tags[r1], _OtherRank(sorted(set(tags[r0])), record=contributions))
+    two = routing_by_tag(batch(r0), tags[r0], _OtherRank(sorted(set(tags[r1])), other_sums=contributions))
+    one = routing_by_tag(batch(slice(0, B)), tags)
+    assert sorted(two) == sorted(one) and {k.split("/")[2] for k in one} == {"ops2", "ops3", "ops4"}
+    assert two == pytest.approx(one, abs=1e-12)
+    # the ops3 shares mix both ranks' rows: neither rank's own rows give them
+    alone = routing_by_tag(batch(r0), tags[r0])
+    assert abs(alone["routing/by_tag/ops3/frac/a"] - one["routing/by_tag/ops3/frac/a"]) > 1e-3
