@@ -247,6 +247,8 @@ def score_batch(cfg, policy: torch.nn.Module, teacher_scorer, batch: RolloutBatc
                                                                                      RoutingConfig())
 
     def old_at(query_ids_B_T_Q):  # π_old at y_t and at extra ids (routing.rule=min_kl), no grad
+        if query_ids_B_T_Q is None and deferred_rows is None:  # y_t only: the learner's π_old forward above
+            return scored.old_logp_B_T, None
         with full_params(policy):
             s = score_teacher(unwrap(policy).lm, batch, 0, T_s, query_ids_B_T_Q, score_batch_size,
                               cfg.trainer.chunk_size)
