@@ -99,7 +99,7 @@ def evaluate_only(cfg: Config, run_dir: Path, setup: runtime.Setup) -> dict[str,
 
         def build():
             model = None
-            if cfg.rollout.engine.value == "hf":
+            if cfg.rollout.engine.value in ("hf", "static"):  # engines over an in-memory model (vLLM loads path)
                 model = load_model(path, cfg.model.dtype, cfg.trainer.device, trainable=False)
             return runtime.make_engine(cfg, model, setup.tokenizer, path, stop)
 

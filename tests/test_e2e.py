@@ -55,6 +55,16 @@ def cache(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ["hf", "static"])
+def test_an_evaluation_only_run_on_an_in_memory_engine_loads_its_model(cache, tmp_path, engine):
+    """``variant=teacher`` (eval.only) with an engine that samples from a loaded model (hf, static), not a path."""
+    run_dir = tmp_path / "run"
+    run_cli([*TINY, f"cache_dir={cache}", "variant=teacher", f"rollout.engine={engine}", f"hydra.run.dir={run_dir}"])
+    assert list(pd.read_csv(run_dir / "eval.csv")["model"]) == ["teacher"]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
 def test_single_run_outputs(cache, tmp_path):
     """The default run (vLLM engine) writes every output."""
     run_dir = tmp_path / "run"
