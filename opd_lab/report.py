@@ -25,7 +25,10 @@ pandas DataFrame with one row per run, then writes to ``results/<sweep>/`` (or `
 - with ``--keep-runs``: ``runs/<part>/``, each sweep directory's ``multirun.yaml`` and, per job, the small files
   the report reads (``.hydra/``, ``config.yaml``, ``status.json``, ``metrics.jsonl``, ``evals/``,
   ``eval_per_problem.csv``; no weights, no wandb). A kept part is itself a sweep directory, so a sweep run over
-  several sessions is reported from the kept parts of the earlier ones and the new directories together.
+  several sessions is reported from the kept parts of the earlier ones and the new directories together;
+- a source may also be an earlier report's ``runs.csv`` (its run directories gone): its rows enter the tables,
+  the pairing, the pass@k and drift-map plots, but no curve over steps; with ``--keep-runs`` it is copied to
+  ``runs/<folder>_runs.csv`` and read from there, so the command can be run again.
 
 A variant is a run's overrides without its seed (``trainer.seed``, ``eval.seed``), named by ``cfg.variant``
 when the sweep sets one (``conf/variant``) and otherwise by the overrides that vary across the sweep.
@@ -56,8 +59,12 @@ TRAIN_MEANS = ("loss", "teacher_minus_old_logp", "gate/mean", "gate/std", "gate/
 ROUTING = ("routing/frac/", "routing/entropy", "routing/by_tag/")
 # config fields that do not make two runs different experiments: their seed, the gate (whose effect the pairing
 # measures), where and how they log
-UNPAIRED = ("trainer.seed", "eval.seed", "gate.", "variant", "output_dir", "cache_dir", "logger.", "trainer.resume",
-            "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.threads", "eval.every")
+BOOKKEEPING = ("output_dir", "cache_dir", "logger.", "trainer.resume", "trainer.checkpoint_every",
+               "trainer.keep_checkpoints", "trainer.threads", "eval.every")
+UNPAIRED = ("trainer.seed", "eval.seed", "gate.", "variant", *BOOKKEEPING)
+# what a runs.csv written before it kept the pair key still says of a run's setting (besides its gate)
+CSV_SETTING = {"loss": "loss.name", "U": "U", "reuse": "rollout.reuse", "staleness": "rollout.staleness",
+               "lr": "trainer.lr"}
 
 
 def expected_jobs(sweep_dir: Path) -> list[list[str]]:
@@ -161,10 +168,10 @@ def setting_of(cfg: dict, eval_only: bool) -> dict:
     g = cfg.get("gate") or {}
     kind = g.get("kind")
     batch = (r.get("n_prompts") or 0) * (r.get("n_samples") or 0)
-    pair = {k: v for k, v in flat.items() if not k.startswith(UNPAIRED)}
+    U = (r.get("reuse") or 0) * batch // max(r.get("mini_batch_size") or 1, 1)
+    pair = {k: v for k, v in flat.items() if not k.startswith(UNPAIRED)} | {"U": U}
     return {"loss": (cfg.get("loss") or {}).get("name"),
-            "gate": f"block{g.get('block_size')}" if kind == "block" else kind, "tau": g.get("tau"),
-            "U": (r.get("reuse") or 0) * batch // max(r.get("mini_batch_size") or 1, 1),
+            "gate": f"block{g.get('block_size')}" if kind == "block" else kind, "tau": g.get("tau"), "U": U,
             "reuse": r.get("reuse"), "staleness": r.get("staleness", 0), "lr": (cfg.get("trainer") or {}).get("lr"),
             "ungated": not eval_only and (kind == "none" or g.get("tau") == 0),
             "_pair_key": None if eval_only else json.dumps(pair, sort_keys=True, default=str)}
@@ -172,9 +179,52 @@ def setting_of(cfg: dict, eval_only: bool) -> dict:
 
 def load_sweep(sweep_dir: str | os.PathLike) -> pd.DataFrame:
     """Every job of the sweep as one row, including failed, unfinished and never-started jobs."""
-    rows = _sweep_rows(sweep_dir)
+    rows = _source_rows(sweep_dir)
     _name_by_axes(rows)
     return pd.DataFrame(rows)
+
+
+def _is_csv(source: str | os.PathLike) -> bool:
+    return Path(source).suffix == ".csv"
+
+
+def _source_rows(source: str | os.PathLike) -> list[dict]:
+    """The rows of one source: a sweep directory, or an earlier report's ``runs.csv``."""
+    return _csv_rows(Path(source)) if _is_csv(source) else _sweep_rows(source)
+
+
+def _present(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value)) and value != ""
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    """The rows of an earlier report's ``runs.csv``: final metrics and training means, without a run directory (no
+    curve over steps). The variant is named again from the overrides (as for a directory's runs: by what varies
+    over every source), the pair key read back (``pair_key``) or, in a ``runs.csv`` written before it was kept,
+    rebuilt from the setting columns (``CSV_SETTING``; pairing then keys every source's runs on those fields only:
+    ``common_pair_keys``)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no such runs.csv: {path}")
+    df = pd.read_csv(path, dtype={"overrides": str, "error": str, "variant": str, "run_dir": str, "pair_key": str,
+                                  "sweep": str, "loss": str, "gate": str})
+    rows = []
+    for rec in df.to_dict("records"):
+        ov = rec["overrides"].split() if _present(rec.get("overrides")) else []
+        values = dict(_split(o) for o in ov)
+        key = rec.pop("pair_key", None)
+        trained = _present(rec.get("loss")) and _present(rec.get("steps_planned")) and rec["steps_planned"] > 0
+        if not _present(key) and trained:
+            key = json.dumps({name: (int(rec[col]) if isinstance(rec[col], float) and rec[col].is_integer()
+                                     else rec[col]) for col, name in CSV_SETTING.items()}, sort_keys=True)
+        rec |= {"run_dir": "", "_overrides": ov, "variant": values.get("variant") or None,
+                "error": rec["error"] if _present(rec.get("error")) else "",
+                "seed": int(rec["seed"]) if _present(rec.get("seed")) else None,
+                "ungated": str(rec.get("ungated")) == "True", "_pair_key": key if _present(key) else None,
+                "sweep": f"{path}" + (f" ({rec['sweep']})" if _present(rec.get("sweep")) else "")}
+        rows.append(rec)
+    if not rows:
+        raise FileNotFoundError(f"{path} holds no runs")
+    return rows
 
 
 def _sweep_rows(sweep_dir: str | os.PathLike) -> list[dict]:
@@ -213,10 +263,12 @@ def _sweep_rows(sweep_dir: str | os.PathLike) -> list[dict]:
 
 def _name_by_axes(rows: list[dict]) -> None:
     """Name the variants without a ``cfg.variant`` label by the overrides that vary across the sweep (its axes),
-    not by overrides every job shares (``logger.progress=false`` …); seeds never name a variant."""
+    not by overrides every job shares; seeds and bookkeeping (``trainer.threads``, ``logger.*`` …: one part run
+    with ``logger.progress=false``, another without) never name a variant."""
     raw = [r.pop("_overrides") for r in rows]
     per_row = [dict(_split(o) for o in ov) for ov in raw]
-    order = list(dict.fromkeys(k for ov in per_row for k in ov if k not in SEED_KEYS and k != "variant"))
+    order = list(dict.fromkeys(k for ov in per_row for k in ov if k not in SEED_KEYS and k != "variant"
+                               and not k.startswith(BOOKKEEPING)))  # where and how a run logs names nothing
     axes = [k for k in order if len({ov.get(k) for ov in per_row}) > 1]
     for r, ov, rw in zip(rows, per_row, raw, strict=True):
         if r["variant"]:
@@ -382,15 +434,23 @@ def sweep_name(sweep_dir: Path, runs: pd.DataFrame) -> str:
             cfg = yaml.safe_load((Path(d) / "config.yaml").read_text())
             groups.add(((cfg.get("logger") or {}).get("wandb") or {}).get("group"))
     groups.discard(None)
-    return groups.pop() if len(groups) == 1 else sweep_dir.name
+    return groups.pop() if len(groups) == 1 else (sweep_dir.parent.name if _is_csv(sweep_dir) else sweep_dir.name)
 
 
 def load_sweeps(sweep_dirs: list[Path]) -> pd.DataFrame:
     """One table of the runs of several sweep directories (one sweep run in parts); job numbers stay per part.
     Variants are named by the overrides that vary across all the parts (a part may fix one, e.g. its loss)."""
-    rows = [{**row, "sweep": str(d)} for d in sweep_dirs for row in _sweep_rows(d)]
+    rows = [{"sweep": str(d), **row} if _is_csv(d) else {**row, "sweep": str(d)}
+            for d in sweep_dirs for row in _source_rows(d)]
     _name_by_axes(rows)
-    return pd.DataFrame(rows)
+    runs = pd.DataFrame(rows)
+    done = runs[runs["status"] == "completed"]
+    twice = done[done.duplicated(["variant", "seed"], keep=False)]
+    if len(twice):
+        raise ValueError("a completed run appears more than once (the same variant and seed in two sources?): "
+                         + "; ".join(f"{v} seed {s} in {', '.join(g['sweep'])}"
+                                     for (v, s), g in twice.groupby(["variant", "seed"], sort=False)))
+    return runs
 
 
 def report(sweep_dir: str | os.PathLike | list, out: str | os.PathLike | None = None,
@@ -402,9 +462,13 @@ def report(sweep_dir: str | os.PathLike | list, out: str | os.PathLike | None = 
     runs = load_sweeps(dirs)
     name = sweep_name(dirs[0], runs)
     out = Path(out) if out else Path("results") / name
+    for d in dirs:
+        if _is_csv(d) and d.resolve() == (out / "runs.csv").resolve():
+            raise ValueError(f"{d} is a source and would be overwritten by this report: pass --keep-runs (it is "
+                             "copied under runs/ first) or another --out")
     out.mkdir(parents=True, exist_ok=True)
     summary, pairs = summarise(runs), paired(runs, baseline)
-    runs.drop(columns=["_pair_key"]).to_csv(out / "runs.csv", index=False)
+    runs.rename(columns={"_pair_key": "pair_key"}).to_csv(out / "runs.csv", index=False)  # a later source
     summary.to_csv(out / "summary.csv", index=False)
     pairs.to_csv(out / "paired.csv", index=False)
     title = f"{name} ({', '.join(map(str, dirs))})"
@@ -432,7 +496,8 @@ KEPT = (".hydra/overrides.yaml", ".hydra/hydra.yaml", ".hydra/config.yaml", "con
 
 def keep_runs(sweep_dirs: list[Path], out: Path) -> list[Path]:
     """Copy what the report reads of each sweep directory into ``out/runs/<part>/`` (the part named by the sweep
-    directory's own name; a directory already under ``out/runs`` is left where it is). Returns the kept parts."""
+    directory's own name; a directory already under ``out/runs`` is left where it is), and each ``runs.csv`` source
+    to ``out/runs/<its folder>_runs.csv``. Returns the kept sources."""
     import shutil
 
     kept = []
@@ -440,6 +505,15 @@ def keep_runs(sweep_dirs: list[Path], out: Path) -> list[Path]:
         d = Path(d).resolve()
         if (out / "runs").resolve() in d.parents:
             kept.append(d)
+            continue
+        if _is_csv(d):  # an earlier report's runs.csv: kept whole, as runs/<its folder>_runs.csv
+            dest = out / "runs" / f"{d.parent.name}_{d.name}"
+            if not (d == (out / "runs.csv").resolve() and dest.exists()):  # else: the same command run again
+                if dest.exists() and dest.read_bytes() != d.read_bytes():  # (its source is the kept original)
+                    raise ValueError(f"{dest} already holds another runs.csv: pass it as the source instead")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(d, dest)
+            kept.append(dest)
             continue
         dest = out / "runs" / f"{d.parent.name}_{d.name}"
         if dest.exists():
@@ -466,7 +540,7 @@ def keep_runs(sweep_dirs: list[Path], out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m opd_lab.report", description=__doc__.split("\n\n")[0])
     p.add_argument("sweep_dir", nargs="+", help="a Hydra multirun directory (holds multirun.yaml and one folder "
-                   "per job); several: one sweep run in parts")
+                   "per job), or an earlier report's runs.csv; several: one sweep run in parts")
     p.add_argument("--out", help="output folder (default: results/<sweep name>)")
     p.add_argument("--keep-runs", action="store_true", help="also copy each job's config, status, metrics and "
                    "evaluations into <out>/runs/<part>/ (a sweep directory the report can read again later)")
@@ -477,8 +551,8 @@ def main(argv: list[str] | None = None) -> int:
         dirs = list(args.sweep_dir)
         if args.keep_runs:
             first = Path(dirs[0])
-            if not first.is_dir():
-                raise FileNotFoundError(f"no such sweep directory: {first}")
+            if not first.exists():
+                raise FileNotFoundError(f"no such sweep directory or runs.csv: {first}")
             out = Path(args.out) if args.out else Path("results") / sweep_name(first, load_sweep(first))
             dirs = keep_runs([Path(d) for d in dirs], out)
             args.out = str(out)

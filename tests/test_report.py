@@ -256,3 +256,61 @@ def test_multi_teacher_runs_get_routing_columns_a_routing_plot_and_per_tag_table
     assert summary.set_index("variant").loc["mt_min_kl", "ops4/pass@1_mean"] == pytest.approx(0.25)
     assert (tmp_path / "out" / "routing.png").read_bytes()[:4] == b"\x89PNG"
     assert "### Final pass@k per tag" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def _job(part: Path, num: int, overrides: list[str], cfg: dict, final: dict) -> None:
+    d = part / str(num)
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (d / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"num": num}}}))
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (d / "status.json").write_text(json.dumps({"status": "completed", "final": final}))
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2)))
+
+
+def test_an_earlier_reports_runs_csv_is_a_source_equal_to_its_run_directories(tmp_path):
+    """A sweep whose first seeds' run directories are gone (only their report's runs.csv is left) and whose last
+    seed is a new part: reporting runs.csv + the new part gives the same summary and paired differences as the
+    directories of both, also from a runs.csv written before it kept the pair key (the pairing then keys on the
+    setting columns, and still never pairs two drift points); bookkeeping overrides of one part name nothing."""
+    from opd_lab.report import main, report
+
+    points = {"u2": (1, 16), "u8": (2, 8)}  # drift point → (reuse, mini-batch): U = 2, 8
+    old, new = tmp_path / "old", tmp_path / "new"
+    for part, seeds, extra in ((old, (0, 1), []), (new, (2,), ["trainer.threads=1"])):
+        num = 0
+        for d, (reuse, mb) in points.items():
+            for g in ("none", "block"):
+                for s in seeds:
+                    p1 = 0.1 * s + (0.3 if d == "u8" else 0.0) + (0.05 * (s + 1) if g == "block" else 0.0)
+                    _job(part, num, [f"drift={d}", f"gate={'block64' if g == 'block' else g}", f"trainer.seed={s}",
+                                     *extra], _cfg(g, seed=s, reuse=reuse, mb=mb), {"pass@1": p1, "pass@8": p1 + 0.2})
+                    num += 1
+    cols = ["variant", "n_completed", "pass@1_mean", "pass@1_ci95", "pass@8_mean"]
+    ref_runs, ref = report([old, new], tmp_path / "ref")
+    ref_pairs = pd.read_csv(tmp_path / "ref" / "paired.csv")
+    assert ref_runs["variant"].nunique() == 4 and set(ref["n_completed"]) == {3}
+    assert ref_pairs.set_index("variant").loc["drift=u8 gate=block64", "delta_pass@1_mean"] == pytest.approx(0.1)
+
+    report(old, tmp_path / "old_report")
+    legacy = pd.read_csv(tmp_path / "old_report" / "runs.csv").drop(columns=["pair_key"])
+    legacy.to_csv(tmp_path / "legacy.csv", index=False)
+    for source in (tmp_path / "old_report" / "runs.csv", tmp_path / "legacy.csv"):
+        out = tmp_path / f"from_{source.stem}"
+        runs, summary = report([source, new], out)
+        pd.testing.assert_frame_equal(summary[cols], ref[cols])
+        pd.testing.assert_frame_equal(pd.read_csv(out / "paired.csv"), ref_pairs)
+        assert (runs["run_dir"] == "").sum() == 8 and (out / "drift_map.png").exists()
+
+    with pytest.raises(ValueError, match="appears more than once.*drift=u2 gate=none seed 0"):
+        report([tmp_path / "old_report" / "runs.csv", old], tmp_path / "dup")
+    with pytest.raises(ValueError, match="would be overwritten"):
+        report([tmp_path / "old_report" / "runs.csv", new], tmp_path / "old_report")
+    # --keep-runs into the runs.csv's own folder: the csv is kept under runs/ first, and the same command run
+    # again reads that kept original (not the combined runs.csv it wrote)
+    args = [str(tmp_path / "old_report" / "runs.csv"), str(new), "--out", str(tmp_path / "old_report"), "--keep-runs"]
+    for _ in range(2):
+        assert main(args) == 0
+        got = pd.read_csv(tmp_path / "old_report" / "summary.csv")
+        pd.testing.assert_frame_equal(got[cols], pd.read_csv(tmp_path / "ref" / "summary.csv")[cols])
+    assert (tmp_path / "old_report" / "runs" / "old_report_runs.csv").exists()
