@@ -193,6 +193,41 @@ def _source_rows(source: str | os.PathLike) -> list[dict]:
     return _csv_rows(Path(source)) if _is_csv(source) else _sweep_rows(source)
 
 
+def _split_overrides(text: str) -> list[str]:
+    """``runs.csv``'s space-joined overrides back into a list: a space inside brackets, braces or quotes (a list
+    value such as ``x=[a, b]``) does not split."""
+    out, cur, depth, quote = [], "", 0, ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == " " and depth == 0:
+            out, cur = (out + [cur] if cur else out), ""
+            continue
+        cur += ch
+    return out + [cur] if cur else out
+
+
+def _legacy_pair_key(row: dict) -> str:
+    """The pair key of a run when a source's ``runs.csv`` predates the kept key: its setting columns
+    (``CSV_SETTING``) and every override that is not a seed, a gate, its variant label or bookkeeping (the sweep's
+    other axes: a drift point, a temperature …); given to every run of such a report, directories' too."""
+    def plain(v):
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
+    key = {name: plain(row.get(col)) for col, name in CSV_SETTING.items()}
+    for o in row["_overrides"]:
+        k, v = _split(o)
+        if k not in (*SEED_KEYS, "variant") and not k.startswith(("gate", *BOOKKEEPING)):
+            key[f"override:{k}"] = v
+    return json.dumps(key, sort_keys=True, default=str)
+
+
 def _present(value) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value)) and value != ""
 
@@ -200,26 +235,29 @@ def _present(value) -> bool:
 def _csv_rows(path: Path) -> list[dict]:
     """The rows of an earlier report's ``runs.csv``: final metrics and training means, without a run directory (no
     curve over steps). The variant is named again from the overrides (as for a directory's runs: by what varies
-    over every source), the pair key read back (``pair_key``) or, in a ``runs.csv`` written before it was kept,
-    rebuilt from the setting columns (``CSV_SETTING``; pairing then keys every source's runs on those fields only:
-    ``common_pair_keys``)."""
+    over every source) and the pair key read back (``pair_key``); a ``runs.csv`` written before it kept the key
+    marks its trained rows ``_legacy_key``, and ``load_sweeps`` then pairs every source's runs by
+    ``_legacy_pair_key``."""
     if not path.is_file():
         raise FileNotFoundError(f"no such runs.csv: {path}")
     df = pd.read_csv(path, dtype={"overrides": str, "error": str, "variant": str, "run_dir": str, "pair_key": str,
                                   "sweep": str, "loss": str, "gate": str})
+    missing = [c for c in ("overrides", "status", "seed", "ungated", "steps_planned", *CSV_SETTING)
+               if c not in df.columns and not (c in CSV_SETTING and "pair_key" in df.columns)]
+    if missing:
+        raise ValueError(f"{path} lacks the columns {', '.join(missing)} (a runs.csv from an older report): report "
+                         "its run directories instead")
     rows = []
     for rec in df.to_dict("records"):
-        ov = rec["overrides"].split() if _present(rec.get("overrides")) else []
+        ov = _split_overrides(rec["overrides"]) if _present(rec.get("overrides")) else []
         values = dict(_split(o) for o in ov)
         key = rec.pop("pair_key", None)
         trained = _present(rec.get("loss")) and _present(rec.get("steps_planned")) and rec["steps_planned"] > 0
-        if not _present(key) and trained:
-            key = json.dumps({name: (int(rec[col]) if isinstance(rec[col], float) and rec[col].is_integer()
-                                     else rec[col]) for col, name in CSV_SETTING.items()}, sort_keys=True)
         rec |= {"run_dir": "", "_overrides": ov, "variant": values.get("variant") or None,
                 "error": rec["error"] if _present(rec.get("error")) else "",
                 "seed": int(rec["seed"]) if _present(rec.get("seed")) else None,
                 "ungated": str(rec.get("ungated")) == "True", "_pair_key": key if _present(key) else None,
+                "_legacy_key": trained and not _present(key),
                 "sweep": f"{path}" + (f" ({rec['sweep']})" if _present(rec.get("sweep")) else "")}
         rows.append(rec)
     if not rows:
@@ -276,7 +314,8 @@ def _name_by_axes(rows: list[dict]) -> None:
         if axes:
             r["variant"] = " ".join(f"{k}={ov[k]}" for k in axes if k in ov)
         else:  # one job, or jobs that differ only by seed: every override that is not a seed
-            r["variant"] = " ".join(o for o in rw if _split(o)[0] not in (*SEED_KEYS, "variant")) or "default"
+            r["variant"] = " ".join(o for o in rw if _split(o)[0] not in (*SEED_KEYS, "variant")
+                                    and not _split(o)[0].startswith(BOOKKEEPING)) or "default"
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -323,6 +362,10 @@ def paired(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
         ref = refs[variant]
         if not len(ref):
             continue
+        twice = ref.duplicated(on, keep=False)
+        if twice.any():  # a run would be paired with two references and counted twice
+            raise ValueError(f"{variant}: more than one reference run with the same seed and setting "
+                             f"({', '.join(dict.fromkeys(ref.loc[twice, 'variant']))}); pairing cannot choose")
         row = {"variant": variant, "baseline": ", ".join(dict.fromkeys(ref["variant"]))}
         merged = g.merge(ref[[*on, *metrics, "variant"]], on=on, suffixes=("", "_base"))
         row["n_pairs"] = len(merged)
@@ -339,8 +382,10 @@ def common_pair_keys(keys: pd.Series) -> pd.Series:
     made (absent from their ``config.yaml``, so at its default when they ran) cannot tell two runs apart."""
     parsed = [json.loads(k) for k in keys]
     common = set.intersection(*(set(p) for p in parsed)) if parsed else set()
-    return pd.Series([json.dumps({k: p[k] for k in sorted(common)}, sort_keys=True, default=str) for p in parsed],
-                     index=keys.index, dtype=object)
+    # an override (``_legacy_pair_key``) given to some runs only is not a schema field at its default: kept
+    common |= {k for p in parsed for k in p if k.startswith("override:")}
+    return pd.Series([json.dumps({k: p.get(k) for k in sorted(common)}, sort_keys=True, default=str)
+                      for p in parsed], index=keys.index, dtype=object)
 
 
 def paired_markdown(pairs: pd.DataFrame, baseline: str | None = None) -> str:
@@ -442,15 +487,23 @@ def load_sweeps(sweep_dirs: list[Path]) -> pd.DataFrame:
     Variants are named by the overrides that vary across all the parts (a part may fix one, e.g. its loss)."""
     rows = [{"sweep": str(d), **row} if _is_csv(d) else {**row, "sweep": str(d)}
             for d in sweep_dirs for row in _source_rows(d)]
+    legacy = [r.pop("_legacy_key", False) for r in rows]
+    if any(legacy):
+        for r, old in zip(rows, legacy, strict=True):
+            if old or r.get("_pair_key") is not None:  # every trained run, whatever its source
+                r["_pair_key"] = _legacy_pair_key(r)
+    for r in rows:  # every seed it was given (trainer.seed, eval.seed): two runs that share them are one run
+        r["_seeds"] = " ".join(o for o in r["_overrides"] if _split(o)[0] in SEED_KEYS)
     _name_by_axes(rows)
     runs = pd.DataFrame(rows)
     done = runs[runs["status"] == "completed"]
-    twice = done[done.duplicated(["variant", "seed"], keep=False)]
+    twice = done[done.duplicated(["variant", "_seeds"], keep=False)]
     if len(twice):
-        raise ValueError("a completed run appears more than once (the same variant and seed in two sources?): "
-                         + "; ".join(f"{v} seed {s} in {', '.join(g['sweep'])}"
-                                     for (v, s), g in twice.groupby(["variant", "seed"], sort=False)))
-    return runs
+        found = [f"{v} {s} in {', '.join(g['sweep'])}" for (v, s), g in twice.groupby(["variant", "_seeds"],
+                                                                                       sort=False)]
+        raise ValueError(f"{len(found)} completed runs appear more than once (the same variant and seeds in two "
+                         f"sources?): {'; '.join(found[:3])}{' …' if len(found) > 3 else ''}")
+    return runs.drop(columns=["_seeds"])
 
 
 def report(sweep_dir: str | os.PathLike | list, out: str | os.PathLike | None = None,
@@ -508,11 +561,13 @@ def keep_runs(sweep_dirs: list[Path], out: Path) -> list[Path]:
             continue
         if _is_csv(d):  # an earlier report's runs.csv: kept whole, as runs/<its folder>_runs.csv
             dest = out / "runs" / f"{d.parent.name}_{d.name}"
-            if not (d == (out / "runs.csv").resolve() and dest.exists()):  # else: the same command run again
-                if dest.exists() and dest.read_bytes() != d.read_bytes():  # (its source is the kept original)
-                    raise ValueError(f"{dest} already holds another runs.csv: pass it as the source instead")
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(d, dest)
+            if dest.exists() and dest.read_bytes() != d.read_bytes():
+                own = d == (out / "runs.csv").resolve()  # this report's output: it holds every source it was made of
+                raise ValueError(f"{d} is {'the output of an earlier report into ' + str(out) if own else 'not'} "
+                                 f"the runs.csv kept as {dest}; pass the kept sources ({out / 'runs'}/*) and the "
+                                 "new parts instead")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(d, dest)
             kept.append(dest)
             continue
         dest = out / "runs" / f"{d.parent.name}_{d.name}"

@@ -302,15 +302,69 @@ def test_an_earlier_reports_runs_csv_is_a_source_equal_to_its_run_directories(tm
         pd.testing.assert_frame_equal(pd.read_csv(out / "paired.csv"), ref_pairs)
         assert (runs["run_dir"] == "").sum() == 8 and (out / "drift_map.png").exists()
 
-    with pytest.raises(ValueError, match="appears more than once.*drift=u2 gate=none seed 0"):
+    with pytest.raises(ValueError, match="8 completed runs appear more than once.*u2 gate=none trainer.seed=0 in "):
         report([tmp_path / "old_report" / "runs.csv", old], tmp_path / "dup")
     with pytest.raises(ValueError, match="would be overwritten"):
         report([tmp_path / "old_report" / "runs.csv", new], tmp_path / "old_report")
-    # --keep-runs into the runs.csv's own folder: the csv is kept under runs/ first, and the same command run
-    # again reads that kept original (not the combined runs.csv it wrote)
-    args = [str(tmp_path / "old_report" / "runs.csv"), str(new), "--out", str(tmp_path / "old_report"), "--keep-runs"]
-    for _ in range(2):
-        assert main(args) == 0
-        got = pd.read_csv(tmp_path / "old_report" / "summary.csv")
-        pd.testing.assert_frame_equal(got[cols], pd.read_csv(tmp_path / "ref" / "summary.csv")[cols])
-    assert (tmp_path / "old_report" / "runs" / "old_report_runs.csv").exists()
+    # --keep-runs into the runs.csv's own folder: the csv is kept under runs/ first; the same command run again
+    # would read the combined runs.csv it wrote (every seed twice, or a part lost): an error naming the kept sources
+    rep = tmp_path / "old_report"
+    args = [str(rep / "runs.csv"), str(new), "--out", str(rep), "--keep-runs"]
+    assert main(args) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(rep / "summary.csv")[cols], ref[cols])
+    assert (rep / "runs" / "old_report_runs.csv").exists() and (rep / "runs" / f"{tmp_path.name}_new").is_dir()
+    assert main(args) == 2
+    assert main([*sorted(map(str, (rep / "runs").iterdir())), "--out", str(rep), "--keep-runs"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(rep / "summary.csv")[cols], ref[cols])
+
+
+def test_a_legacy_runs_csv_pairs_on_every_other_axis_of_its_sweep(tmp_path):
+    """A runs.csv without pair keys, over an axis outside its setting columns (the temperature, an override):
+    gated runs still pair only with the ungated run of their own temperature (never both: an error), including a
+    new part's runs; bookkeeping overrides of a part name nothing even when no axis varies."""
+    from opd_lab.report import load_sweeps, paired, report
+
+    def sweep(part, seeds, extra=()):
+        num = 0
+        for t in ("0.7", "1.0"):
+            for g in ("none", "block"):
+                for s in seeds:
+                    p1 = (0.2 if t == "0.7" else 0.6) + (0.05 if g == "block" else 0.0) + 0.01 * s
+                    cfg = _cfg(g, seed=s)
+                    cfg["rollout"]["temperature"] = float(t)
+                    _job(part, num, [f"rollout.temperature={t}", f"gate={'block64' if g == 'block' else g}",
+                                     f"trainer.seed={s}", *extra], cfg, {"pass@1": p1})
+                    num += 1
+    sweep(tmp_path / "a", (0, 1))
+    sweep(tmp_path / "b", (2,), ["logger.progress=false"])
+    report(tmp_path / "a", tmp_path / "ra")
+    pd.read_csv(tmp_path / "ra" / "runs.csv").drop(columns=["pair_key"]).to_csv(tmp_path / "legacy.csv", index=False)
+    pairs = paired(load_sweeps([tmp_path / "legacy.csv", tmp_path / "b"])).set_index("variant")
+    assert pairs["n_pairs"].tolist() == [3, 3]
+    assert pairs["delta_pass@1_mean"].tolist() == pytest.approx([0.05, 0.05])
+
+    # two ungated runs the setting cannot tell apart (a field the config does not record): an error, not 2 pairs
+    rows = [{"variant": v, "seed": 0, "status": "completed", "final/pass@1": p, **setting_of(_cfg(g), False)}
+            for v, g, p in (("t=0.7 none", "none", 0.2), ("t=1.0 none", "none", 0.6), ("t=0.7 block", "block", 0.3))]
+    with pytest.raises(ValueError, match="t=0.7 block: more than one reference run.*t=0.7 none, t=1.0 none"):
+        paired(pd.DataFrame(rows))
+
+    for part, seeds, extra in (("c", (0, 1), []), ("d", (2,), ["trainer.threads=1"])):
+        for s in seeds:
+            _job(tmp_path / part, s, [f"trainer.seed={s}", *extra], _cfg(seed=s), {"pass@1": 0.5})
+    assert set(load_sweeps([tmp_path / "c", tmp_path / "d"])["variant"]) == {"default"}
+
+
+def test_runs_csv_edge_cases(tmp_path):
+    """An eval.seed sweep is not a duplicate run; a runs.csv from a report too old to pair is a clear error; a
+    list value's spaces do not split an override."""
+    from opd_lab.report import _split_overrides, load_sweeps, main
+
+    for num, s in enumerate((0, 1, 2)):
+        _job(tmp_path / "ev", num, ["variant=base_student", "trainer.seed=0", f"eval.seed={s}"],
+             {**_cfg(seed=0), "variant": "base_student", "eval": {"seed": s, "only": "student"}}, {"pass@1": 0.1 * s})
+    assert len(load_sweeps([tmp_path / "ev"])) == 3
+    pd.DataFrame([{"job": 0, "overrides": "gate=none trainer.seed=0", "variant": "gate=none", "seed": 0,
+                   "status": "completed", "final/pass@1": 0.5}]).to_csv(tmp_path / "old.csv", index=False)
+    assert main([str(tmp_path / "old.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert _split_overrides("a=[x, y] b='p q' c=1") == ["a=[x, y]", "b='p q'", "c=1"]
