@@ -28,7 +28,7 @@ pandas DataFrame with one row per run, then writes to ``results/<sweep>/`` (or `
   several sessions is reported from the kept parts of the earlier ones and the new directories together;
 - a source may also be an earlier report's ``runs.csv`` (its run directories gone): its rows enter the tables,
   the pairing, the pass@k and drift-map plots, but no curve over steps; with ``--keep-runs`` it is copied to
-  ``runs/<folder>_runs.csv`` and read from there, so the command can be run again.
+  ``runs/<folder>_runs.csv`` and read from there (the next report of the sweep passes the kept sources).
 
 A variant is a run's overrides without its seed (``trainer.seed``, ``eval.seed``), named by ``cfg.variant``
 when the sweep sets one (``conf/variant``) and otherwise by the overrides that vary across the sweep.
@@ -193,6 +193,11 @@ def _source_rows(source: str | os.PathLike) -> list[dict]:
     return _csv_rows(Path(source)) if _is_csv(source) else _sweep_rows(source)
 
 
+def _names_nothing(key: str) -> bool:
+    """An override key that never names a variant: a seed, the variant label itself, or bookkeeping."""
+    return key in (*SEED_KEYS, "variant") or key.startswith(BOOKKEEPING)
+
+
 def _split_overrides(text: str) -> list[str]:
     """``runs.csv``'s space-joined overrides back into a list: a space inside brackets, braces or quotes (a list
     value such as ``x=[a, b]``) does not split."""
@@ -223,7 +228,7 @@ def _legacy_pair_key(row: dict) -> str:
     key = {name: plain(row.get(col)) for col, name in CSV_SETTING.items()}
     for o in row["_overrides"]:
         k, v = _split(o)
-        if k not in (*SEED_KEYS, "variant") and not k.startswith(("gate", *BOOKKEEPING)):
+        if not _names_nothing(k) and not k.startswith("gate"):
             key[f"override:{k}"] = v
     return json.dumps(key, sort_keys=True, default=str)
 
@@ -305,8 +310,7 @@ def _name_by_axes(rows: list[dict]) -> None:
     with ``logger.progress=false``, another without) never name a variant."""
     raw = [r.pop("_overrides") for r in rows]
     per_row = [dict(_split(o) for o in ov) for ov in raw]
-    order = list(dict.fromkeys(k for ov in per_row for k in ov if k not in SEED_KEYS and k != "variant"
-                               and not k.startswith(BOOKKEEPING)))  # where and how a run logs names nothing
+    order = list(dict.fromkeys(k for ov in per_row for k in ov if not _names_nothing(k)))
     axes = [k for k in order if len({ov.get(k) for ov in per_row}) > 1]
     for r, ov, rw in zip(rows, per_row, raw, strict=True):
         if r["variant"]:
@@ -314,8 +318,7 @@ def _name_by_axes(rows: list[dict]) -> None:
         if axes:
             r["variant"] = " ".join(f"{k}={ov[k]}" for k in axes if k in ov)
         else:  # one job, or jobs that differ only by seed: every override that is not a seed
-            r["variant"] = " ".join(o for o in rw if _split(o)[0] not in (*SEED_KEYS, "variant")
-                                    and not _split(o)[0].startswith(BOOKKEEPING)) or "default"
+            r["variant"] = " ".join(o for o in rw if not _names_nothing(_split(o)[0])) or "default"
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -559,8 +562,8 @@ def keep_runs(sweep_dirs: list[Path], out: Path) -> list[Path]:
         if (out / "runs").resolve() in d.parents:
             kept.append(d)
             continue
+        dest = out / "runs" / f"{d.parent.name}_{d.name}"
         if _is_csv(d):  # an earlier report's runs.csv: kept whole, as runs/<its folder>_runs.csv
-            dest = out / "runs" / f"{d.parent.name}_{d.name}"
             if dest.exists() and dest.read_bytes() != d.read_bytes():
                 own = d == (out / "runs.csv").resolve()  # this report's output: it holds every source it was made of
                 raise ValueError(f"{d} is {'the output of an earlier report into ' + str(out) if own else 'not'} "
@@ -570,7 +573,6 @@ def keep_runs(sweep_dirs: list[Path], out: Path) -> list[Path]:
             shutil.copy2(d, dest)
             kept.append(dest)
             continue
-        dest = out / "runs" / f"{d.parent.name}_{d.name}"
         if dest.exists():
             shutil.rmtree(dest)
         dest.mkdir(parents=True)
