@@ -5,7 +5,8 @@ expected jobs are re-expanded from ``multirun.yaml`` exactly as Hydra's basic sw
 pandas DataFrame with one row per run, then writes to ``results/<sweep>/`` (or ``--out``):
 
 - ``runs.csv``: job number, run directory, overrides, variant, seed, status (completed / failed / unfinished /
-  running / not_started), error, steps done and planned, final pass@k and truncation, last-steps training means;
+  running / not_started, or superseded: a job that did not complete and that a later part completed with the same
+  variant and seeds), error, steps done and planned, final pass@k and truncation, last-steps training means;
 - ``summary.csv`` and ``summary.md``: per variant, over the completed seeds, the mean, standard deviation and
   95% confidence half-width ``t_{0.975, n−1} · s / √n`` of every final metric, plus counts of failed and
   unfinished runs (and, in the Markdown, a list of the runs that did not complete, with their errors);
@@ -331,7 +332,7 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     for variant, g in runs.groupby("variant", sort=False):
         done = g[g["status"] == "completed"]
         row = {"variant": variant, "n_completed": len(done), "n_failed": int((g["status"] == "failed").sum()),
-               "n_unfinished": int((~g["status"].isin(["completed", "failed"])).sum()),
+               "n_unfinished": int((~g["status"].isin(["completed", "failed", "superseded"])).sum()),
                "seeds": ",".join(str(s) for s in done["seed"].dropna().astype(int))}
         for m in metrics:
             mean, std, ci, _ = mean_ci95(done[m].tolist() if m in done else [])
@@ -506,7 +507,26 @@ def load_sweeps(sweep_dirs: list[Path]) -> pd.DataFrame:
                                                                                        sort=False)]
         raise ValueError(f"{len(found)} completed runs appear more than once (the same variant and seeds in two "
                          f"sources?): {'; '.join(found[:3])}{' …' if len(found) > 3 else ''}")
+    _mark_superseded(runs, done)
     return runs.drop(columns=["_seeds"])
+
+
+def _mark_superseded(runs: pd.DataFrame, done: pd.DataFrame) -> None:
+    """A run that did not complete (failed, unfinished, not started) but whose variant and seeds a run of another
+    part completed (a job re-run in a later part) becomes ``superseded``: it is listed with the runs that did not
+    complete, its former status and error kept in ``error``, but counted neither as failed nor as unfinished. A
+    row read back from a runs.csv as superseded is marked again against the sources given now (its former status
+    restored where no source completes it)."""
+    where = {(v, s): sweep for v, s, sweep in zip(done["variant"], done["_seeds"], done["sweep"], strict=True)}
+    for i in runs.index[runs["status"] != "completed"]:
+        status, err = runs.at[i, "status"], runs.at[i, "error"] if _present(runs.at[i, "error"]) else ""
+        if status == "superseded":  # "<status> (<error>); completed in <source>"
+            status, _, err = str(err).rsplit("; completed in ", 1)[0].partition(" (")
+            err = err.removesuffix(")")
+        key = (runs.at[i, "variant"], runs.at[i, "_seeds"])
+        if key in where:
+            status, err = "superseded", f"{status}{f' ({err})' if err else ''}; completed in {where[key]}"
+        runs.at[i, "status"], runs.at[i, "error"] = status, err
 
 
 def report(sweep_dir: str | os.PathLike | list, out: str | os.PathLike | None = None,

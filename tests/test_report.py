@@ -368,3 +368,37 @@ def test_runs_csv_edge_cases(tmp_path):
                    "status": "completed", "final/pass@1": 0.5}]).to_csv(tmp_path / "old.csv", index=False)
     assert main([str(tmp_path / "old.csv"), "--out", str(tmp_path / "o")]) == 2
     assert _split_overrides("a=[x, y] b='p q' c=1") == ["a=[x, y]", "b='p q'", "c=1"]
+
+
+def test_a_job_that_a_later_part_completed_is_superseded_not_failed_or_unfinished(tmp_path):
+    """A part's failed and unfinished jobs, re-run to completion in a later part, are listed as superseded (their
+    former status and error kept) and counted neither as failed nor as unfinished; read back from a runs.csv alone
+    they are failed and unfinished again, and beside the later part superseded again."""
+    from opd_lab.report import load_sweeps, report
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for s in (0, 1, 2):
+        _job(a, s, ["gate=none", f"trainer.seed={s}"], _cfg(seed=s), {"pass@1": 0.5})
+    (a / "1" / "status.json").write_text(json.dumps({"status": "failed", "error": "KeyError: 'gate/mean'"}))
+    (a / "2" / "status.json").unlink()
+    _job(b, 0, ["gate=none", "trainer.seed=1", "trainer.threads=1"], _cfg(seed=1), {"pass@1": 0.7})
+    _job(b, 1, ["gate=none", "trainer.seed=2", "trainer.threads=1"], _cfg(seed=2), {"pass@1": 0.9})
+
+    alone = summarise(load_sweeps([a])).iloc[0]
+    assert [alone["n_completed"], alone["n_failed"], alone["n_unfinished"]] == [1, 1, 1]
+    runs, summary = report([a, b], tmp_path / "r")
+    row = summary.iloc[0]
+    assert [row["n_completed"], row["n_failed"], row["n_unfinished"]] == [3, 0, 0]
+    assert row["pass@1_mean"] == pytest.approx(0.7)
+    gone = runs[runs["status"] == "superseded"].set_index("seed")["error"]
+    assert gone[1] == f"failed (KeyError: 'gate/mean'); completed in {b}" and gone[2] == f"unfinished; completed in {b}"
+    assert "| superseded | failed (KeyError: 'gate/mean'); completed in" in (tmp_path / "r" / "summary.md").read_text()
+
+    report([a], tmp_path / "ra")
+    back = load_sweeps([tmp_path / "ra" / "runs.csv"]).set_index("seed")
+    assert back.loc[1, ["status", "error"]].tolist() == ["failed", "KeyError: 'gate/mean'"]
+    assert back.loc[2, "status"] == "unfinished"
+    r2 = report([tmp_path / "r" / "runs.csv"], tmp_path / "r2")[1].iloc[0]
+    assert [r2["n_completed"], r2["n_failed"], r2["n_unfinished"]] == [3, 0, 0]
+    again = summarise(load_sweeps([tmp_path / "ra" / "runs.csv", b])).iloc[0]
+    assert [again["n_completed"], again["n_failed"], again["n_unfinished"]] == [3, 0, 0]
