@@ -5,8 +5,9 @@ expected jobs are re-expanded from ``multirun.yaml`` exactly as Hydra's basic sw
 pandas DataFrame with one row per run, then writes to ``results/<sweep>/`` (or ``--out``):
 
 - ``runs.csv``: job number, run directory, overrides, variant, seed, status (completed / failed / unfinished /
-  running / not_started, or superseded: a job that did not complete and that a later part completed with the same
-  variant and seeds), error, steps done and planned, final pass@k and truncation, last-steps training means;
+  running / not_started, or superseded: a job that did not complete and that a later source (another sweep
+  directory) completed with the same variant and seeds), error, steps done and planned, final pass@k and
+  truncation, last-steps training means;
 - ``summary.csv`` and ``summary.md``: per variant, over the completed seeds, the mean, standard deviation and
   95% confidence half-width ``t_{0.975, n−1} · s / √n`` of every final metric, plus counts of failed and
   unfinished runs (and, in the Markdown, a list of the runs that did not complete, with their errors);
@@ -512,20 +513,24 @@ def load_sweeps(sweep_dirs: list[Path]) -> pd.DataFrame:
 
 
 def _mark_superseded(runs: pd.DataFrame, done: pd.DataFrame) -> None:
-    """A run that did not complete (failed, unfinished, not started) but whose variant and seeds a run of another
-    part completed (a job re-run in a later part) becomes ``superseded``: it is listed with the runs that did not
-    complete, its former status and error kept in ``error``, but counted neither as failed nor as unfinished. A
-    row read back from a runs.csv as superseded is marked again against the sources given now (its former status
-    restored where no source completes it)."""
-    where = {(v, s): sweep for v, s, sweep in zip(done["variant"], done["_seeds"], done["sweep"], strict=True)}
+    """A run that did not complete (failed, unfinished, not started) and whose variant and seeds a run of a later
+    part completed (a job re-run: given after it among the sources, or after it in one runs.csv, from another sweep
+    directory) becomes ``superseded``: it is listed with the runs that did not complete, its former status and error
+    kept in ``error``, but counted neither as failed nor as unfinished. A failure after a completed run of the same
+    job, or beside one in its own part, stays a failure. A row read back from a runs.csv as superseded is marked
+    again against the sources given now (its former status restored where no later part completes it)."""
+    later: dict[tuple, list[tuple[int, str]]] = {}
+    for i, v, s, sweep in zip(done.index, done["variant"], done["_seeds"], done["sweep"], strict=True):
+        later.setdefault((v, s), []).append((i, sweep))
     for i in runs.index[runs["status"] != "completed"]:
         status, err = runs.at[i, "status"], runs.at[i, "error"] if _present(runs.at[i, "error"]) else ""
         if status == "superseded":  # "<status> (<error>); completed in <source>"
             status, _, err = str(err).rsplit("; completed in ", 1)[0].partition(" (")
-            err = err.removesuffix(")")
-        key = (runs.at[i, "variant"], runs.at[i, "_seeds"])
-        if key in where:
-            status, err = "superseded", f"{status}{f' ({err})' if err else ''}; completed in {where[key]}"
+            status, err = status or "unfinished", err.removesuffix(")")
+        by = [sweep for j, sweep in later.get((runs.at[i, "variant"], runs.at[i, "_seeds"]), [])
+              if j > i and sweep != runs.at[i, "sweep"]]
+        if by:
+            status, err = "superseded", f"{status}{f' ({err})' if err else ''}; completed in {by[0]}"
         runs.at[i, "status"], runs.at[i, "error"] = status, err
 
 

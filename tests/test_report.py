@@ -373,7 +373,8 @@ def test_runs_csv_edge_cases(tmp_path):
 def test_a_job_that_a_later_part_completed_is_superseded_not_failed_or_unfinished(tmp_path):
     """A part's failed and unfinished jobs, re-run to completion in a later part, are listed as superseded (their
     former status and error kept) and counted neither as failed nor as unfinished; read back from a runs.csv alone
-    they are failed and unfinished again, and beside the later part superseded again."""
+    they are failed and unfinished again, and beside the later part superseded again; a failure in a later part,
+    or beside a completed run in its own part, is not superseded."""
     from opd_lab.report import load_sweeps, report
 
     a, b = tmp_path / "a", tmp_path / "b"
@@ -402,3 +403,15 @@ def test_a_job_that_a_later_part_completed_is_superseded_not_failed_or_unfinishe
     assert [r2["n_completed"], r2["n_failed"], r2["n_unfinished"]] == [3, 0, 0]
     again = summarise(load_sweeps([tmp_path / "ra" / "runs.csv", b])).iloc[0]
     assert [again["n_completed"], again["n_failed"], again["n_unfinished"]] == [3, 0, 0]
+
+    # only a later part supersedes: a failure after a completed run of the same job (a re-run that broke) stays a
+    # failure, and so does a failure beside a completed run of the same variant label in its own part
+    late = summarise(load_sweeps([b, a])).iloc[0]
+    assert [late["n_completed"], late["n_failed"], late["n_unfinished"]] == [3, 1, 1]
+    c = tmp_path / "c"
+    for num, lr in enumerate((3e-4, 1e-3)):
+        _job(c, num, ["variant=mt_alignment", f"trainer.lr={lr}", "trainer.seed=0"],
+             {**_cfg(seed=0, lr=lr), "variant": "mt_alignment"}, {"pass@1": 0.5})
+    (c / "1" / "status.json").write_text(json.dumps({"status": "failed", "error": "RuntimeError: nan"}))
+    own = load_sweeps([c])
+    assert own["status"].tolist() == ["completed", "failed"]
