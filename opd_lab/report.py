@@ -260,8 +260,9 @@ def _csv_rows(path: Path) -> list[dict]:
         values = dict(_split(o) for o in ov)
         key = rec.pop("pair_key", None)
         trained = _present(rec.get("loss")) and _present(rec.get("steps_planned")) and rec["steps_planned"] > 0
-        rec |= {"run_dir": "", "_overrides": ov, "variant": values.get("variant") or None,
-                "error": rec["error"] if _present(rec.get("error")) else "",
+        status, error = _unsupersede(rec["status"], rec["error"] if _present(rec.get("error")) else "")
+        rec |= {"run_dir": "", "_overrides": ov, "variant": values.get("variant") or None, "status": status,
+                "error": error,
                 "seed": int(rec["seed"]) if _present(rec.get("seed")) else None,
                 "ungated": str(rec.get("ungated")) == "True", "_pair_key": key if _present(key) else None,
                 "_legacy_key": trained and not _present(key),
@@ -512,26 +513,31 @@ def load_sweeps(sweep_dirs: list[Path]) -> pd.DataFrame:
     return runs.drop(columns=["_seeds"])
 
 
+def _unsupersede(status: str, error: str) -> tuple[str, str]:
+    """A runs.csv row's status and error as they were before ``_mark_superseded`` (which wrote a superseded row's
+    error as ``<status> (<error>); completed in <source>``): the row is marked again against the sources given now."""
+    if status != "superseded":
+        return status, error
+    status, _, error = error.rsplit("; completed in ", 1)[0].partition(" (")
+    return status or "unfinished", error.removesuffix(")")
+
+
 def _mark_superseded(runs: pd.DataFrame, done: pd.DataFrame) -> None:
     """A run that did not complete (failed, unfinished, not started) and whose variant and seeds a run of a later
     part completed (a job re-run: given after it among the sources, or after it in one runs.csv, from another sweep
     directory) becomes ``superseded``: it is listed with the runs that did not complete, its former status and error
     kept in ``error``, but counted neither as failed nor as unfinished. A failure after a completed run of the same
-    job, or beside one in its own part, stays a failure. A row read back from a runs.csv as superseded is marked
-    again against the sources given now (its former status restored where no later part completes it)."""
+    job, or beside one in its own part, stays a failure."""
     later: dict[tuple, list[tuple[int, str]]] = {}
     for i, v, s, sweep in zip(done.index, done["variant"], done["_seeds"], done["sweep"], strict=True):
         later.setdefault((v, s), []).append((i, sweep))
     for i in runs.index[runs["status"] != "completed"]:
-        status, err = runs.at[i, "status"], runs.at[i, "error"] if _present(runs.at[i, "error"]) else ""
-        if status == "superseded":  # "<status> (<error>); completed in <source>"
-            status, _, err = str(err).rsplit("; completed in ", 1)[0].partition(" (")
-            status, err = status or "unfinished", err.removesuffix(")")
-        by = [sweep for j, sweep in later.get((runs.at[i, "variant"], runs.at[i, "_seeds"]), [])
-              if j > i and sweep != runs.at[i, "sweep"]]
-        if by:
-            status, err = "superseded", f"{status}{f' ({err})' if err else ''}; completed in {by[0]}"
-        runs.at[i, "status"], runs.at[i, "error"] = status, err
+        by = next((sweep for j, sweep in later.get((runs.at[i, "variant"], runs.at[i, "_seeds"]), [])
+                   if j > i and sweep != runs.at[i, "sweep"]), None)
+        if by is not None:
+            err = runs.at[i, "error"] if _present(runs.at[i, "error"]) else ""
+            runs.at[i, "error"] = f"{runs.at[i, 'status']}{f' ({err})' if err else ''}; completed in {by}"
+            runs.at[i, "status"] = "superseded"
 
 
 def report(sweep_dir: str | os.PathLike | list, out: str | os.PathLike | None = None,
