@@ -25,10 +25,10 @@ from opd_lab.monitors import UpdateGuard, collapse_signals, cuda_memory, rollout
 from opd_lab.optim import adamw_with_schedule
 from opd_lab.pipeline import Rollouts
 from opd_lab.rollout.base import RolloutBatch, RolloutEngine, SamplingSpec
-from opd_lab.scoring import old_stats, score_batch
+from opd_lab.scoring import old_stats, proximal_stats, score_batch, score_proximal
 from opd_lab.tasks import Task, prompt_encoder
 from opd_lab.tokens import TokenIds
-from opd_lab.update import old_scoring_plan, train_step
+from opd_lab.update import old_scoring_plan, proximal_plan, train_step
 
 
 @dataclass
@@ -72,14 +72,19 @@ def train(run: Run, state: checkpoint.TrainState | None = None) -> dict[str, flo
             batch, rollout_stats = rollouts.get(step)
             align = refresh_teacher_weights(run, rollouts, step)  # routing.rule=alignment, every N steps
             old_rows, deferred = old_scoring_plan(cfg, step, batch.size, rollouts.current(step), dist)
-            with rollouts.behaviour(step):  # π_old: the policy that sampled the batch
+            with rollouts.behaviour(step):  # π_old = π_b: the policy that sampled the batch
                 scored = score_batch(cfg, run.policy, run.teachers, batch, run.tokens, old_rows, dist,
                                      deferred_rows=deferred)
+            prox = proximal_plan(cfg, step, batch.size, rollouts.current(step), dist)
+            if prox is not None:  # a stale batch whose loss or gate reads π_prox: the weights at the step's start
+                score_proximal(cfg, run.policy, scored, *prox)
             t1 = time.perf_counter()
             metrics = train_step(cfg, run.policy, optimizer, scheduler, scored, step, dist)
             t2 = time.perf_counter()
             if deferred is not None:  # the first update supplied the deferred rows' π_old
                 scored.stats |= old_stats(scored, dist)
+            if prox is not None:  # … or their π_prox
+                scored.stats |= proximal_stats(scored, dist)
             sync_s = rollouts.after_step(step)
             metrics |= rollout_stats | align | step_metrics(run, batch, scored.stats, (t0, t1, t2), sync_s, scheduler)
             log_step(run, step + 1, metrics, guard)

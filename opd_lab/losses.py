@@ -57,6 +57,36 @@ def discounted_returns(r_B_T: torch.Tensor, mask_B_T: torch.Tensor, gamma: float
     return out
 
 
+def behaviour_weight(
+    prox_logp_B_T: torch.Tensor,
+    behaviour_logp_B_T: torch.Tensor,
+    off_policy: str,
+    is_cap: float = 2.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The detached behaviour weight w_t of a stale batch (docs/methods.md, "Staleness corrections").
+
+    With the ratio π_prox(y_t|h_t)/π_b(y_t|h_t) = exp(log π_prox − log π_b) and C = ``is_cap``:
+    ``decoupled``: w_t = min(ratio, C) (truncated importance sampling);
+    ``masked``: w_t = ratio where 1/C ≤ ratio ≤ C, else 0 (the token is dropped).
+    At k = 0 (π_prox = π_b) every w_t is exactly 1. Returns ``(w_B_T, metrics)`` with the per-token metrics
+    ``staleness/w_mean``, ``staleness/w_truncated_frac`` and ``staleness/w_dropped_frac``.
+    """
+    ratio = torch.exp(prox_logp_B_T.detach() - behaviour_logp_B_T.detach())
+    if off_policy == "decoupled":
+        cut = ratio > is_cap
+        w = ratio.clamp(max=is_cap)
+        dropped = torch.zeros_like(ratio)
+    elif off_policy == "masked":
+        cut = torch.zeros_like(ratio, dtype=torch.bool)
+        keep = (ratio >= 1.0 / is_cap) & (ratio <= is_cap)
+        w = torch.where(keep, ratio, torch.zeros_like(ratio))
+        dropped = (~keep).to(ratio.dtype)
+    else:
+        raise ValueError(f"off_policy={off_policy!r} has no behaviour weight: allowed decoupled, masked")
+    return w, {"staleness/w_mean": w, "staleness/w_truncated_frac": cut.to(ratio.dtype),
+               "staleness/w_dropped_frac": dropped}
+
+
 def sampled_token_loss(
     logp_B_T: torch.Tensor,
     old_logp_B_T: torch.Tensor,
@@ -66,22 +96,33 @@ def sampled_token_loss(
     dual_clip: float = 3.0,
     gamma: float = 0.0,
     clip_log_ratio: float | None = 5.0,
+    prox_logp_B_T: torch.Tensor | None = None,
+    reward_reference: str = "behaviour",
+    off_policy: str = "none",
+    is_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-clipped sampled-token OPD.
+    """PPO-clipped sampled-token OPD, with the staleness corrections of docs/methods.md.
 
-    r_t = log q(y_t|h_t) − log π_old(y_t|h_t) (detached, optionally clamped to ±clip_log_ratio),
-    A_t = Σ_{t'≥t} γ^{t'−t} r_{t'}, ρ_t = exp(log π_θ − log π_old),
-    ℓ_t = −min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t), and for A_t < 0: ℓ_t = min(ℓ_t, −c·A_t).
+    r_t = log q(y_t|h_t) − log π_ref(y_t|h_t) (detached, optionally clamped to ±clip_log_ratio), where π_ref is
+    π_b = π_old (``reward_reference='behaviour'``, as published), π_prox (``'proximal'``) or sg(π_θ) (``'current'``,
+    recomputed at every update); A_t = Σ_{t'≥t} γ^{t'−t} r_{t'};
+    ``off_policy='none'``: ρ_t = exp(log π_θ − log π_b), ℓ_t = −min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t), and for
+    A_t < 0: ℓ_t = min(ℓ_t, −c·A_t);
+    ``'decoupled'``/``'masked'``: the same with u_t = exp(log π_θ − log π_prox) in ρ_t's place, times the detached
+    behaviour weight w_t (:func:`behaviour_weight`).
 
-    Args: ``logp_B_T`` log π_θ(y_t|h_t) (with grad); ``old_logp_B_T``, ``teacher_logp_B_T`` constants;
-    ``mask_B_T`` m_t.
+    Args: ``logp_B_T`` log π_θ(y_t|h_t) (with grad); ``old_logp_B_T`` log π_b (the policy that sampled the batch),
+    ``teacher_logp_B_T`` log q, ``prox_logp_B_T`` log π_prox (``None``: π_prox = π_b, a batch sampled by the
+    weights at the start of the step), all constants; ``mask_B_T`` m_t.
     """
     old = old_logp_B_T.detach()
-    r = teacher_logp_B_T.detach() - old
+    prox = old if prox_logp_B_T is None else prox_logp_B_T.detach()
+    reference = {"behaviour": old, "proximal": prox, "current": logp_B_T.detach()}[reward_reference]
+    r = teacher_logp_B_T.detach() - reference
     if clip_log_ratio is not None:
         r = r.clamp(-clip_log_ratio, clip_log_ratio)
     adv = discounted_returns(r, mask_B_T, gamma)
-    ratio = torch.exp(logp_B_T - old)
+    ratio = torch.exp(logp_B_T - (old if off_policy == "none" else prox))
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
     loss = torch.maximum(pg1, pg2)
@@ -94,6 +135,9 @@ def sampled_token_loss(
         "advantage": adv.detach(),
         "log_ratio_teacher_old": r.detach(),
     }
+    if off_policy != "none":
+        w, w_metrics = behaviour_weight(prox, old, off_policy, is_cap)
+        loss, metrics = loss * w, metrics | w_metrics
     return loss, metrics
 
 
@@ -203,12 +247,20 @@ def get_loss(name: str) -> LossSpec:
 
 def _sampled_token(out: PolicyOutputs, scored, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return sampled_token_loss(out.logp_B_T, scored.old_logp_B_T, scored.teacher_logp_B_T, scored.loss_mask_B_T,
-                              cfg.clip_eps, cfg.dual_clip, cfg.gamma, cfg.clip_log_ratio)
+                              cfg.clip_eps, cfg.dual_clip, cfg.gamma, cfg.clip_log_ratio, scored.prox_logp_B_T,
+                              cfg.reward_reference.value, cfg.off_policy.value, cfg.is_cap)
 
 
 def _lsm(out: PolicyOutputs, scored, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    return lsm_loss(out.support_logits_B_T_S, scored.teacher_support_logp_B_T_S, scored.support_mask_B_T_S,
-                    out.lse_B_T, cfg.renormalise, cfg.tail)
+    """LSM's ℓ_t, times the behaviour weight w_t with ``loss.off_policy=decoupled|masked`` (a token-level
+    correction: LSM has no ratio, and the prefix h_t stays the behaviour's)."""
+    loss, metrics = lsm_loss(out.support_logits_B_T_S, scored.teacher_support_logp_B_T_S, scored.support_mask_B_T_S,
+                             out.lse_B_T, cfg.renormalise, cfg.tail)
+    if cfg.off_policy.value != "none":
+        prox = scored.old_logp_B_T if scored.prox_logp_B_T is None else scored.prox_logp_B_T
+        w, w_metrics = behaviour_weight(prox, scored.old_logp_B_T, cfg.off_policy.value, cfg.is_cap)
+        loss, metrics = loss * w.to(loss.dtype), metrics | w_metrics
+    return loss, metrics
 
 
 def _lsm_needs(cfg) -> ScoreNeeds:

@@ -152,7 +152,13 @@ class ScoredBatch:
     teacher_support_logp_B_T_S: torch.Tensor | None = None
     support_mask_B_T_S: torch.Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
-    old_pending_B: torch.Tensor | None = None  # bool [B]: rows whose log π_old the first update's forward supplies
+    # bool [B]: rows whose log-probs under the step's starting weights the first update's forward supplies: their
+    # log π_old (a batch sampled by those weights) or, for a stale batch, their log π_prox (``pending_field``)
+    pending_B: torch.Tensor | None = None
+    pending_field: str = "old_logp_B_T"
+    # log π_prox, the learner's weights at the start of the step, where they differ from π_old = π_b (a stale batch
+    # whose loss or gate needs them); None: π_prox = π_b
+    prox_logp_B_T: torch.Tensor | None = None
     # several teachers (teachers.py): the routing weights w_{t,i}, every teacher's log q_i(y_t), their names
     route_B_T_N: torch.Tensor | None = None
     teacher_logp_each_B_T_N: torch.Tensor | None = None
@@ -170,21 +176,33 @@ class ScoredBatch:
         return ScoredBatch(self.batch.select(idx), pick(self.loss_mask_B_T), pick(self.newline_B_T),
                            pick(self.old_logp_B_T), pick(self.teacher_logp_B_T), pick(self.support_ids_B_T_S),
                            pick(self.teacher_support_logp_B_T_S), pick(self.support_mask_B_T_S),
-                           old_pending_B=None if self.old_pending_B is None else self.old_pending_B[idx],
+                           pending_B=None if self.pending_B is None else self.pending_B[idx],
+                           pending_field=self.pending_field, prox_logp_B_T=pick(self.prox_logp_B_T),
                            route_B_T_N=pick(self.route_B_T_N), teacher_names=self.teacher_names)
 
-    def take_old(self, idx: torch.Tensor | None, rows: ScoredBatch, logp_B_T: torch.Tensor) -> None:
-        """Rows ``idx`` (``rows`` = their selection) were just forwarded by the policy that sampled them, before
-        any update: where their log π_old is pending, it is this forward's ``logp_B_T`` (the same computation the
-        scoring pass would have made, so no second forward is needed). ``idx=None``: a zero-weight micro-batch."""
-        if rows.old_pending_B is None or not bool(rows.old_pending_B.any()):
+    def defer(self, rows: torch.Tensor, field_name: str) -> None:
+        """Rows ``rows`` of ``field_name`` (``old_logp_B_T`` or ``prox_logp_B_T``) wait for the first update's
+        forward (NaN until then)."""
+        self.pending_B = torch.zeros(self.batch.size, dtype=torch.bool)
+        self.pending_B[rows] = True
+        self.pending_field = field_name
+        getattr(self, field_name)[rows] = float("nan")
+
+    def take_pending(self, idx: torch.Tensor | None, rows: ScoredBatch, logp_B_T: torch.Tensor) -> None:
+        """Rows ``idx`` (``rows`` = their selection) were just forwarded by the step's starting weights, before any
+        update: where their log π_old (or log π_prox) is pending, it is this forward's ``logp_B_T`` (the same
+        computation the scoring pass would have made, so no second forward is needed). ``idx=None``: a zero-weight
+        micro-batch."""
+        if rows.pending_B is None or not bool(rows.pending_B.any()):
             return
-        pending = rows.old_pending_B.to(logp_B_T.device)[:, None]
-        rows.old_logp_B_T = torch.where(pending, logp_B_T.detach().float(), rows.old_logp_B_T)
-        rows.old_pending_B = torch.zeros_like(rows.old_pending_B)
+        name = rows.pending_field
+        pending = rows.pending_B.to(logp_B_T.device)[:, None]
+        mine = getattr(rows, name)
+        setattr(rows, name, torch.where(pending, logp_B_T.detach().to(mine.dtype), mine))
+        rows.pending_B = torch.zeros_like(rows.pending_B)
         if idx is not None:
-            self.old_logp_B_T[idx] = rows.old_logp_B_T.cpu()
-            self.old_pending_B[idx] = False
+            getattr(self, name)[idx] = getattr(rows, name).cpu()
+            self.pending_B[idx] = False
 
     def without_loss(self) -> ScoredBatch:
         """The same rows with no valid token (a zero-weight micro-batch: every masked sum is 0)."""
@@ -214,7 +232,7 @@ def score_batch(cfg, policy: torch.nn.Module, teacher_scorer, batch: RolloutBatc
     first pass of its updates: same precision, autocast, rows and shapes, so that on the first update
     π_θ = π_old exactly (δ ≡ 0, every gate 1). ``deferred_rows`` (the first update's rows, when the policy that
     sampled the batch is the current one) are not scored here: the first update's own forward supplies their
-    π_old (:meth:`ScoredBatch.take_old`), and the statistics that need π_old wait for :func:`old_stats`. Under
+    π_old (:meth:`ScoredBatch.take_pending`), and the statistics that need π_old wait for :func:`old_stats`. Under
     torchrun ``batch`` is this rank's share and the token-mean statistics are over all ranks.
     """
     t0 = time.perf_counter()
@@ -225,18 +243,11 @@ def score_batch(cfg, policy: torch.nn.Module, teacher_scorer, batch: RolloutBatc
     special = special_mask_B_T(resp_ids, resp_mask, list(tokens.special), cfg.loss.mask_special.value)
     scored = ScoredBatch(batch=batch, loss_mask_B_T=resp_mask * (1 - special),
                          newline_B_T=tokens.newline_V[resp_ids].long() * resp_mask,
-                         old_logp_B_T=torch.zeros(resp_mask.shape), teacher_logp_B_T=torch.zeros(resp_mask.shape))
-    device = next(policy.parameters()).device
+                         old_logp_B_T=torch.zeros(resp_mask.shape, dtype=logp_dtype(policy)),
+                         teacher_logp_B_T=torch.zeros(resp_mask.shape))
     if deferred_rows is not None:
-        scored.old_pending_B = torch.zeros(batch.size, dtype=torch.bool)
-        scored.old_pending_B[deferred_rows] = True
-        scored.old_logp_B_T[deferred_rows] = float("nan")
-    with torch.no_grad():
-        for m in old_micro_batches if old_micro_batches is not None else [torch.arange(batch.size)]:
-            rows = scored.select(m if m is not None else torch.zeros(1, dtype=torch.long), device)
-            logp = policy_forward(cfg, policy, rows).logp_B_T
-            if m is not None:
-                scored.old_logp_B_T[m] = logp.float().cpu()
+        scored.defer(deferred_rows, "old_logp_B_T")
+    forward_logp(cfg, policy, scored, old_micro_batches, "old_logp_B_T")
     old_topk = None
     if needs.student_top_k:  # π_old's own top-K ids at rollout time (the student/union support)
         with full_params(policy):
@@ -274,6 +285,45 @@ def score_batch(cfg, policy: torch.nn.Module, teacher_scorer, batch: RolloutBatc
     if deferred_rows is None:
         scored.stats |= old_stats(scored, dist)
     return scored
+
+
+def logp_dtype(policy: torch.nn.Module) -> torch.dtype:
+    """The precision log π_old and log π_prox are kept in: the model's, at least float32 (a float64 student keeps
+    δ = 0 exactly at its first update)."""
+    return at_least_f32(torch.empty(0, dtype=next(policy.parameters()).dtype)).dtype
+
+
+@torch.no_grad()
+def forward_logp(cfg, policy: torch.nn.Module, scored: ScoredBatch, micro_batches: list[torch.Tensor | None] | None,
+                 field_name: str) -> None:
+    """``scored.<field_name>`` = log p(y_t|h_t) of the policy's current weights, from its training forward on
+    ``micro_batches`` (this rank's rows; ``None`` entries are zero-weight micro-batches that keep FSDP2's collectives
+    in step; ``micro_batches=None``: every row at once)."""
+    device = next(policy.parameters()).device
+    out = getattr(scored, field_name)
+    for m in micro_batches if micro_batches is not None else [torch.arange(scored.batch.size)]:
+        rows = scored.select(m if m is not None else torch.zeros(1, dtype=torch.long), device)
+        logp = policy_forward(cfg, policy, rows).logp_B_T
+        if m is not None:
+            out[m] = logp.to(out.dtype).cpu()
+
+
+def score_proximal(cfg, policy: torch.nn.Module, scored: ScoredBatch, micro_batches: list[torch.Tensor | None],
+                   deferred_rows: torch.Tensor) -> None:
+    """log π_prox of a stale batch: the learner's weights at the start of the step (``policy`` as it is now), on the
+    micro-batches of the first pass after the first update (``micro_batches``); the first update's rows
+    (``deferred_rows``) take it from that update's own forward (:meth:`ScoredBatch.take_pending`). One no-grad
+    forward of the batch at most; its statistics wait for :func:`proximal_stats`."""
+    scored.prox_logp_B_T = torch.zeros_like(scored.old_logp_B_T)
+    scored.defer(deferred_rows, "prox_logp_B_T")
+    forward_logp(cfg, as_policy(policy), scored, micro_batches, "prox_logp_B_T")
+
+
+def proximal_stats(scored: ScoredBatch, dist: Dist = SINGLE) -> dict[str, float]:
+    """``staleness/prox_behaviour_abs``: mean |log π_prox − log π_b| over the response tokens of all ranks."""
+    m = scored.response_mask_B_T.bool()
+    n, total = dist.sum(m.sum(), (scored.prox_logp_B_T - scored.old_logp_B_T)[m].abs().sum())
+    return {"staleness/prox_behaviour_abs": total / max(n, 1.0)}
 
 
 def old_stats(scored: ScoredBatch, dist: Dist = SINGLE) -> dict[str, float]:

@@ -62,11 +62,28 @@ def old_scoring_plan(cfg: Config, step: int, local_rows: int, current: bool, dis
     """``(micro_batches, deferred_rows)`` for :func:`~opd_lab.scoring.score_batch`: when the batch was sampled by the
     current policy (``current``), the first update's rows are deferred (its own forward gives their π_old, bit for
     bit what the scoring pass would) and only the later mini-batches of the first pass are scored; a stale batch
-    (rollout.staleness) is scored whole by the policy that sampled it."""
+    (rollout.staleness) is scored whole by the policy that sampled it. The same deferred plan scores π_prox of a
+    stale batch (:func:`~opd_lab.scoring.score_proximal`, :func:`proximal_plan`)."""
     first = update_plan(cfg, step, local_rows, dist)[0]
     if not current:
         return _micro_of(cfg, first, dist), None
     return _micro_of(cfg, first[1:], dist), first[0]
+
+
+def needs_proximal(cfg: Config) -> bool:
+    """Whether the loss or the gate reads π_prox (docs/methods.md, "Staleness corrections"): an off-policy correction,
+    ``loss.reward_reference=proximal`` or ``gate.reference=proximal``."""
+    reward = getattr(cfg.loss, "reward_reference", None)
+    return (cfg.loss.off_policy.value != "none" or cfg.gate.reference.value == "proximal"
+            or (reward is not None and reward.value == "proximal"))
+
+
+def proximal_plan(cfg: Config, step: int, local_rows: int, current: bool, dist: Dist = SINGLE):
+    """``(micro_batches, deferred_rows)`` of π_prox for a stale batch whose loss or gate needs it, else ``None``
+    (a batch sampled by the current weights has π_prox = π_b)."""
+    if current or not needs_proximal(cfg):
+        return None
+    return old_scoring_plan(cfg, step, local_rows, True, dist)
 
 
 def _rows(scored: ScoredBatch, m: torch.Tensor | None, device) -> ScoredBatch:
@@ -80,18 +97,23 @@ def micro_batch_loss(cfg: Config, policy, mb: ScoredBatch, scored: ScoredBatch |
                      idx: torch.Tensor | None = None):
     """Forward one micro-batch: per-token loss ℓ_t, loss metrics, the policy outputs and the drift
     ``(δ_B_T, m_G_B_T, cancel_B_T)`` (detached). Rows whose π_old is pending take it from this forward
-    (``scored``/``idx``: the batch and rows ``mb`` was selected from; :meth:`ScoredBatch.take_old`)."""
+    (``scored``/``idx``: the batch and rows ``mb`` was selected from; :meth:`ScoredBatch.take_pending`)."""
     out = policy_forward(cfg, policy, mb)
     if scored is not None:
-        scored.take_old(idx, mb, out.logp_B_T)
+        scored.take_pending(idx, mb, out.logp_B_T)
     loss_B_T, metrics = LOSSES.get(cfg.loss.name).fn(out, mb, cfg.loss)
     return loss_B_T, metrics, out, _drift(cfg, out.logp_B_T, mb)
 
 
 def _drift(cfg: Config, logp_B_T: torch.Tensor, mb: ScoredBatch):
+    """δ_t = log π_θ − log π_b (logged as the drift) and the group drifts m_G of the δ the gate sees
+    (``gate.reference``: π_b, or π_prox for drift within the step only; the same at k = 0)."""
     delta = (logp_B_T - mb.old_logp_B_T).detach()
-    m_G, cancel = group_drift(delta, mb.loss_mask_B_T, mb.response_mask_B_T.to(delta.device), cfg.gate.kind.value,
-                              cfg.gate.block_size, mb.newline_B_T)
+    gate_delta = delta
+    if cfg.gate.reference.value == "proximal" and mb.prox_logp_B_T is not None:
+        gate_delta = (logp_B_T - mb.prox_logp_B_T).detach()
+    m_G, cancel = group_drift(gate_delta, mb.loss_mask_B_T, mb.response_mask_B_T.to(delta.device),
+                              cfg.gate.kind.value, cfg.gate.block_size, mb.newline_B_T)
     return delta, m_G, cancel
 
 
@@ -111,7 +133,7 @@ def _prepass_normaliser(cfg: Config, policy, scored: ScoredBatch, idx: list[torc
     with torch.no_grad():
         for m, mb in zip(idx, micro, strict=True):
             logp = policy_forward(cfg, policy, mb).logp_B_T
-            scored.take_old(m, mb, logp)
+            scored.take_pending(m, mb, logp)
             parts.append((_drift(cfg, logp, mb)[1], mb.loss_mask_B_T))
     return gate_normaliser(cfg, parts, dist)
 

@@ -34,8 +34,11 @@ from opd_lab.config.diagnose import (  # noqa: F401
 from opd_lab.config.loss import (  # noqa: F401
     GateConfig,
     GateKind,
+    GateReference,
     LossConfig,
     LSMLossConfig,
+    OffPolicy,
+    RewardReference,
     SampledTokenLossConfig,
     SpecialMask,
     Support,
@@ -153,6 +156,12 @@ def to_run_config(cfg: DictConfig) -> Config:
             _check(run.routing.rule != RoutingRule.alignment, field_name, used.value,
                    "hf with routing.rule=alignment (the alignment probe needs each teacher's logits at its nodes)")
     run.routing.check_teachers(teacher_names(run))
+    mixed = run.routing.rule in (RoutingRule.mixture, RoutingRule.alignment) and len(teacher_names(run)) > 1
+    _check(not (mixed and run.routing.mixture_space == MixtureSpace.log and getattr(run.loss, "tail", False)),
+           "loss.tail", getattr(run.loss, "tail", None),
+           "false with a log-space mixture of teachers (routing.rule=mixture|alignment, routing.mixture_space=log): "
+           "the geometric mixture Π_i q_i^{w_i} is not normalised, so its tail bucket 1 − Σ_S q is not a "
+           "probability; use routing.mixture_space=prob or loss.tail=false")
     for name, spec in run.model.teachers.items():
         if spec.train_slice is not None and isinstance(run.task, ArithTaskConfig):
             narrowed = {k: v for k, v in asdict(spec.train_slice).items() if v is not None}

@@ -23,6 +23,22 @@ class Support(str, Enum):
     union = "union"
 
 
+class RewardReference(str, Enum):
+    """The log-prob the sampled-token reward subtracts (docs/methods.md, "Staleness corrections")."""
+
+    behaviour = "behaviour"  # r_t = log q − log π_b (as published)
+    proximal = "proximal"  # r_t = log q − log π_prox (the learner's weights at the start of the step)
+    current = "current"  # r_t = log q − sg(log π_θ), recomputed at every update
+
+
+class OffPolicy(str, Enum):
+    """How an update treats π_b ≠ π_prox (a stale batch, ``rollout.staleness`` ≥ 1)."""
+
+    none = "none"  # ρ_t = π_θ/π_b in the clipped objective (as published)
+    decoupled = "decoupled"  # u_t = π_θ/π_prox in the clip, times w_t = min(π_prox/π_b, C) (decoupled PPO)
+    masked = "masked"  # as decoupled, but w_t = π_prox/π_b inside [1/C, C] and 0 outside (token dropped)
+
+
 @dataclass
 class LossConfig:
     """Fields shared by every loss: which sampled tokens are masked (m_t = 0) as special tokens (the strings are
@@ -31,12 +47,16 @@ class LossConfig:
     name: str = MISSING
     mask_special: SpecialMask = SpecialMask.first
     rollout_top_p: float = 1.0
+    off_policy: OffPolicy = OffPolicy.none  # staleness correction: none | decoupled | masked
+    is_cap: float = 2.0  # C of the behaviour weight w_t (off_policy=decoupled|masked)
 
     def _validate(self) -> None:
         pass
 
     def __post_init__(self) -> None:
         _check(0 < self.rollout_top_p <= 1, "loss.rollout_top_p", self.rollout_top_p, "0 < rollout_top_p <= 1")
+        _check(self.is_cap > 1.0, "loss.is_cap", self.is_cap, "is_cap > 1 (C caps the weight π_prox/π_b; C <= 1 "
+               "would cut every token of an unchanged policy)")
         self._validate()
 
 
@@ -50,6 +70,7 @@ class SampledTokenLossConfig(LossConfig):
     dual_clip: float = 3.0
     gamma: float = 0.0
     clip_log_ratio: float | None = 5.0
+    reward_reference: RewardReference = RewardReference.behaviour  # behaviour | proximal | current
 
     def _validate(self) -> None:
         _check(self.name == "sampled_token", "loss.name", self.name, "'sampled_token' for this schema")
@@ -88,6 +109,13 @@ class LSMLossConfig(LossConfig):
 
 
 # --------------------------------------------------------------------------------------------------- gate
+class GateReference(str, Enum):
+    """The δ_t the gates see (docs/methods.md, "Staleness corrections")."""
+
+    behaviour = "behaviour"  # δ_t = log π_θ − log π_b: drift within the step and staleness
+    proximal = "proximal"  # δ_t = log π_θ − log π_prox: drift within the step only
+
+
 class GateKind(str, Enum):
     none = "none"
     token = "token"
@@ -106,6 +134,7 @@ class GateConfig:
     tau: float = 1.0
     clip_min: float | None = None
     clip_max: float | None = None
+    reference: GateReference = GateReference.behaviour  # behaviour | proximal
 
     def __post_init__(self) -> None:
         block = self.kind == GateKind.block
