@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from opd_lab import checkpoint, distributed, jobs, runtime
-from opd_lab.config import Config
+from opd_lab.config import Config, staleness_notes
 from opd_lab.evaluation import EvalResult, cached_eval
 from opd_lab.heads import Policy
 from opd_lab.learner import Run, train
@@ -32,6 +32,8 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
     dist, run_dir, setup = started.dist, started.run_dir, started.setup
     if cfg.eval.only is not None:
         return jobs.evaluate_only(cfg, run_dir, setup)
+    for note in staleness_notes(cfg) if dist.is_main else []:
+        print(f"opd-lab: {note}", flush=True)
     device = distributed.rank_device(cfg.trainer.device, dist)
     student, teacher = runtime.load_models(cfg, setup.paths, device)
     loaded = runtime.load_teachers(cfg, setup.paths, teacher, device)

@@ -57,11 +57,13 @@ def test_defaults_are_lsm_block64_reuse2():
         ("loss.tail=true", "loss.tail"),
         ("task.min_operands=5", "task.min_operands"),
         ("model.dtype=int8", "model.dtype"),
+        ("loss.is_cap=1.0", "loss.is_cap=1.0"),
+        ("loss=sampled_token loss.is_cap=0.5", "loss.is_cap=0.5"),
     ],
 )
 def test_range_errors_name_the_field(override, needle):
     with pytest.raises(ConfigError, match="allowed") as e:
-        compose([override])
+        compose(override.split())
     assert needle in str(e.value)
 
 
@@ -74,6 +76,11 @@ def test_range_errors_name_the_field(override, needle):
         ("rollout.engine=tgi", "hf, vllm"),  # closed choice lists its values
         ("loss.support=bad", "teacher, student, union"),
         ("loss=sampled_token loss.top_k=4", "loss.top_k"),  # key of another loss's schema
+        ("loss.off_policy=clipped", "none, decoupled, masked"),
+        ("loss=sampled_token loss.reward_reference=old", "behaviour, proximal, current"),
+        ("gate.reference=sampler", "behaviour, proximal"),
+        ("loss=lsm loss.reward_reference=current", "loss.reward_reference"),  # a sampled-token field
+        ("correction=bogus", "current_decoupled"),
     ],
 )
 def test_hydra_errors_name_the_field(override, needle):
@@ -94,3 +101,26 @@ def test_cli_bad_override_fails_before_loading_models(tmp_path):
     assert "rollout.reuse=0 is invalid: allowed an integer >= 1" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def test_lsm_tail_with_a_log_space_mixture_of_teachers_is_refused():
+    """The geometric mixture Π_i q_i^{w_i} is not normalised, so its tail bucket is not a probability: refused at
+    start-up; a probability-space mixture, or one teacher, is fine."""
+    tail = ["loss=lsm", "loss.renormalise=false", "loss.tail=true"]
+    for rule in ("mixture", "alignment"):
+        with pytest.raises(ConfigError, match="routing.mixture_space=prob") as e:
+            compose([*tail, "model=embedded_specialists", f"routing={rule}"])
+        assert str(e.value).startswith("loss.tail=True is invalid")
+    assert compose([*tail, "model=embedded_specialists", "routing=mixture", "routing.mixture_space=prob"]).loss.tail
+    assert compose(tail).loss.tail
+
+
+def test_a_correction_on_a_synchronous_run_says_it_is_a_no_op():
+    from opd_lab.config import staleness_notes
+
+    assert staleness_notes(compose()) == []
+    notes = staleness_notes(compose(["loss=sampled_token", "correction=masked", "gate.reference=proximal"]))
+    assert notes == ["loss.off_policy=masked, gate.reference=proximal: a no-op with rollout.staleness=0 "
+                     "(π_prox = π_b); the run equals the uncorrected one"]
+    assert "reuse drift" in staleness_notes(compose(["loss=sampled_token", "correction=current_decoupled"]))[-1]
+    assert staleness_notes(compose(["correction=decoupled", "rollout.staleness=1"])) == []

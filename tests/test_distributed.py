@@ -176,3 +176,24 @@ def test_a_multirun_under_torchrun_runs_every_job(tmp_path):
                            f"hydra.sweep.dir={tmp_path / 'vllm'}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0 and "hydra/launcher=slurm_multigpu" in proc.stderr
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp2_with_a_staleness_correction_equal_one_process(tmp_path):
+    """k = 1 with masked importance sampling, the current-policy reward and the proximal gate reference: π_prox (the
+    weights at the start of the step, one no-grad forward under the ranks' shared micro-batch plan; the first
+    update's rows from that update) and the behaviour weights give the one-process run's metrics and weights."""
+    args = [*BASE, "rollout.engine=hf", "rollout.top_p=0.000001", "rollout.staleness=1", "loss=sampled_token",
+            "gate=block32", "gate.reference=proximal", "loss.off_policy=masked", "loss.reward_reference=current"]
+    one = tmp_path / "one"
+    _run([*args, f"hydra.run.dir={one}"], world=1)
+    for parallel in ("ddp", "fsdp2"):
+        two = tmp_path / parallel
+        _run([*args, f"trainer.parallel={parallel}", f"hydra.run.dir={two}"], world=2)
+        _assert_same_run(two, one)
+        for ra, rb in zip(_steps(two), _steps(one), strict=True):
+            for k in ("staleness/w_mean", "staleness/w_dropped_frac", "staleness/prox_behaviour_abs"):
+                assert (k in ra) == (k in rb), k
+                if k in rb:
+                    assert ra[k] == pytest.approx(rb[k], rel=1e-3, abs=1e-6), (k, ra["step"])
+    assert _steps(one)[-1]["staleness/prox_behaviour_abs"] > 1e-4  # a stale batch: π_prox ≠ π_b

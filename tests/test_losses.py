@@ -122,3 +122,131 @@ def test_registry_lists_names_on_miss():
     assert get_loss("lsm") and get_loss("sampled_token")
     with pytest.raises(KeyError, match="available"):
         get_loss("nope")
+
+
+# ----------------------------------------------------------------------------------- staleness corrections
+def _reference_sampled_token(logp, old, prox, q, reward, off_policy, cap, eps=0.2, c=3.0, clip=5.0):
+    """Per-token ℓ_t and ∂ℓ_t/∂log π_θ from docs/methods.md, one token at a time in Python floats (float64)."""
+    losses, grads = [], []
+    for lp, b, p, lq in zip(logp, old, prox, q, strict=True):
+        ref = {"behaviour": b, "proximal": p, "current": lp}[reward]
+        A = max(-clip, min(clip, lq - ref))
+        anchor = b if off_policy == "none" else p
+        rho = math.exp(lp - anchor)
+        unclipped, clipped = -rho * A, -min(max(rho, 1 - eps), 1 + eps) * A
+        loss, grad = (unclipped, -rho * A) if unclipped >= clipped else (clipped, 0.0)
+        if A < 0 and loss > -c * A:
+            loss, grad = -c * A, 0.0
+        ratio = math.exp(p - b)
+        w = {"none": 1.0, "decoupled": min(ratio, cap), "masked": ratio if 1 / cap <= ratio <= cap else 0.0}[off_policy]
+        losses.append(loss * w)
+        grads.append(grad * w)
+    return losses, grads
+
+
+# π_θ/π_b, π_prox/π_b per token: in the clip and out of it on both sides, A of both signs, the dual clip,
+# π_prox/π_b above C = 2 (truncated or dropped), below 1/C (dropped) and inside [1/C, C]
+_OLD = [math.log(v) for v in (0.5, 0.5, 0.5, 0.5, 0.4, 0.3, 0.6)]
+_PROX = [b + math.log(r) for b, r in zip(_OLD, (1.0, 1.3, 0.7, 2.5, 0.4, 1.1, 3.0), strict=True)]
+_LOGP = [b + math.log(r) for b, r in zip(_OLD, (1.5, 1.1, 0.5, 3.0, 0.45, 1.0, 5.0), strict=True)]
+_Q = [math.log(v) for v in (0.8, 0.2, 0.5, 0.05, 0.9, 0.3, 0.01)]
+
+
+@pytest.mark.parametrize("reward", ["behaviour", "proximal", "current"])
+@pytest.mark.parametrize("off_policy", ["none", "decoupled", "masked"])
+def test_staleness_corrections_against_a_float64_hand_computation(reward, off_policy):
+    """ℓ_t and its gradient for every reward reference × correction: ρ_t = π_θ/π_b (none) or u_t = π_θ/π_prox
+    (decoupled, masked) in the clip, the truncated or masked behaviour weight w_t, the reward's reference."""
+    logp = torch.tensor([_LOGP], dtype=torch.float64, requires_grad=True)
+    old, prox, q = (torch.tensor([v], dtype=torch.float64) for v in (_OLD, _PROX, _Q))
+    loss, m = sampled_token_loss(logp, old, q, torch.ones_like(old), prox_logp_B_T=prox, reward_reference=reward,
+                                 off_policy=off_policy, is_cap=2.0)
+    loss.sum().backward()
+    want_loss, want_grad = _reference_sampled_token(_LOGP, _OLD, _PROX, _Q, reward, off_policy, 2.0)
+    assert loss[0].tolist() == pytest.approx(want_loss, rel=1e-12, abs=1e-12)
+    assert logp.grad[0].tolist() == pytest.approx(want_grad, rel=1e-12, abs=1e-12)
+    assert sum(abs(g) for g in want_grad) > 0.1  # the case has gradient to get wrong
+    if off_policy == "decoupled":
+        assert m["staleness/w_truncated_frac"][0].tolist() == [0, 0, 0, 1, 0, 0, 1]
+        assert m["staleness/w_mean"][0].tolist() == pytest.approx([1.0, 1.3, 0.7, 2.0, 0.4, 1.1, 2.0])
+    if off_policy == "masked":
+        assert m["staleness/w_dropped_frac"][0].tolist() == [0, 0, 0, 1, 1, 0, 1]
+        assert m["staleness/w_mean"][0].tolist() == pytest.approx([1.0, 1.3, 0.7, 0.0, 0.0, 1.1, 0.0])
+
+
+def test_every_correction_differs_from_the_published_loss_on_a_stale_token():
+    """The cases above can fail: on these tokens each option changes ℓ_t (so the hand computation tells them apart)."""
+    base, _ = _reference_sampled_token(_LOGP, _OLD, _PROX, _Q, "behaviour", "none", 2.0)
+    for reward, off_policy in [("proximal", "none"), ("current", "none"), ("behaviour", "decoupled"),
+                               ("behaviour", "masked")]:
+        other, _ = _reference_sampled_token(_LOGP, _OLD, _PROX, _Q, reward, off_policy, 2.0)
+        assert max(abs(a - b) for a, b in zip(base, other, strict=True)) > 1e-3, (reward, off_policy)
+
+
+@pytest.mark.parametrize("reward", ["behaviour", "proximal"])
+@pytest.mark.parametrize("off_policy", ["none", "decoupled", "masked"])
+def test_with_prox_equal_to_behaviour_every_correction_is_bit_identical(reward, off_policy):
+    """k = 0: π_prox = π_b, so w_t = 1 and u_t = ρ_t exactly; the loss and its gradient are the published ones bit
+    for bit (float32, as the learner runs them). ``current`` is no such no-op: it follows π_θ (next test)."""
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(3, 9, generator=g) - 2
+    logp0 = (old + 0.3 * torch.randn(3, 9, generator=g))
+    q, mask = torch.randn(3, 9, generator=g) - 2, (torch.rand(3, 9, generator=g) > 0.2).float()
+    outs = []
+    for kwargs in ({}, {"prox_logp_B_T": old.clone(), "reward_reference": reward, "off_policy": off_policy}):
+        logp = logp0.clone().requires_grad_(True)
+        loss, _ = sampled_token_loss(logp, old, q, mask, **kwargs)
+        (loss * mask).sum().backward()
+        outs.append((loss.detach(), logp.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_current_reward_follows_the_current_policy():
+    """``reward_reference=current``: r_t = log q − sg(log π_θ) at whatever π_θ the update sees (not π_b), and no
+    gradient flows through the reward."""
+    old = torch.log(torch.tensor([[0.5, 0.5]], dtype=torch.float64))
+    q = torch.log(torch.tensor([[0.6, 0.2]], dtype=torch.float64))
+    logp = torch.log(torch.tensor([[0.55, 0.45]], dtype=torch.float64)).requires_grad_(True)
+    _, m = sampled_token_loss(logp, old, q, torch.ones_like(old), reward_reference="current", clip_log_ratio=None)
+    assert m["log_ratio_teacher_old"][0].tolist() == pytest.approx((q - logp.detach())[0].tolist(), rel=1e-12)
+    loss, _ = sampled_token_loss(logp, old, q, torch.ones_like(old), reward_reference="current")
+    loss.sum().backward()  # in the clip: ∂ℓ/∂log π_θ = −ρ A with A = log q − log π_θ held constant
+    rho = (logp.detach() - old).exp()
+    assert logp.grad[0].tolist() == pytest.approx((-rho * (q - logp.detach()))[0].tolist(), rel=1e-12)
+
+
+@pytest.mark.parametrize("off_policy", ["decoupled", "masked"])
+def test_lsm_correction_multiplies_each_token_by_its_behaviour_weight(off_policy):
+    """LSM has no ratio: ``decoupled``/``masked`` give ℓ_t · w_t (and the gradient w_t ∂ℓ_t), from the registry's
+    loss, as the learner calls it."""
+    from types import SimpleNamespace
+
+    from opd_lab.config import LSMLossConfig, OffPolicy
+    from opd_lab.losses import LOSSES, PolicyOutputs
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(1, 4, 5, generator=g, dtype=torch.float64)
+    tq = torch.log_softmax(torch.randn(1, 4, 5, generator=g, dtype=torch.float64), -1)
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.5, 0.5]], dtype=torch.float64))
+    prox = old + torch.log(torch.tensor([[1.0, 2.5, 0.3, 1.4]], dtype=torch.float64))
+    scored = SimpleNamespace(teacher_support_logp_B_T_S=tq, support_mask_B_T_S=torch.ones(1, 4, 5),
+                             old_logp_B_T=old, prox_logp_B_T=prox)
+    plain, _ = lsm_loss(z, tq, torch.ones(1, 4, 5))
+    zg = z.clone().requires_grad_(True)
+    out = PolicyOutputs(torch.zeros(1, 4), torch.zeros(1, 4), zg)
+    loss, m = LOSSES.get("lsm").fn(out, scored, LSMLossConfig(off_policy=OffPolicy(off_policy), is_cap=2.0))
+    w = [1.0, 2.0, 0.3, 1.4] if off_policy == "decoupled" else [1.0, 0.0, 0.0, 1.4]
+    assert loss[0].tolist() == pytest.approx([a * b for a, b in zip(plain[0].tolist(), w, strict=True)], rel=1e-12)
+    assert m["staleness/w_mean"][0].tolist() == pytest.approx(w, rel=1e-12)
+    loss.sum().backward()
+    zr = z.clone().requires_grad_(True)
+    lr_, _ = lsm_loss(zr, tq, torch.ones(1, 4, 5))
+    (lr_ * torch.tensor([w], dtype=torch.float64)).sum().backward()
+    assert torch.allclose(zg.grad, zr.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_behaviour_weight_refuses_none():
+    from opd_lab.losses import behaviour_weight
+
+    with pytest.raises(ValueError, match="allowed decoupled, masked"):
+        behaviour_weight(torch.zeros(1), torch.zeros(1), "none")

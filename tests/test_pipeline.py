@@ -116,11 +116,14 @@ def test_rollouts_sample_each_batch_from_version_s_minus_k(k):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_with_staleness_equals_uninterrupted(cache, tmp_path):
+@pytest.mark.parametrize("correction", [[], ["loss.off_policy=masked", "loss.reward_reference=current",
+                                             "gate.reference=proximal"]], ids=["none", "corrected"])
+def test_sigkill_then_resume_with_staleness_equals_uninterrupted(cache, tmp_path, correction):
     """A checkpoint holds the sampler before the first pending batch and the snapshots those batches were sampled
-    from: the resumed run regenerates its in-flight batches and logs the uninterrupted run's metrics."""
+    from: the resumed run regenerates its in-flight batches and logs the uninterrupted run's metrics (with a
+    staleness correction too: π_prox is the restored weights)."""
     args = [*FAST, "trainer.steps=8", "rollout.staleness=2", "trainer.checkpoint_every=2", "eval.every=4",
-            f"cache_dir={cache}"]
+            f"cache_dir={cache}", *correction]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     run_cli([*args, f"hydra.run.dir={ref}"])
     proc = subprocess.Popen([sys.executable, "-m", "opd_lab", *args, f"hydra.run.dir={cut}"], cwd=ROOT,
@@ -136,3 +139,45 @@ def test_sigkill_then_resume_with_staleness_equals_uninterrupted(cache, tmp_path
     a, b = _learner(_train_records(ref)), _learner(_train_records(cut))
     assert [r["step"] for r in b] == list(range(1, 9)) and a == b
     assert (ref / "eval.csv").read_text() == (cut / "eval.csv").read_text()
+
+
+def _without_staleness_metrics(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("staleness/")} for r in _learner(records)]
+
+
+@pytest.mark.slow
+def test_at_k0_every_correction_is_the_uncorrected_run_bit_for_bit(cache, tmp_path):
+    """rollout.staleness=0: π_prox = π_b, so every correction (and the proximal references) leaves a multi-step
+    sampled-token run's every logged learner metric and its evaluation identical; reward_reference=current does not
+    (it follows π_θ through the step's 4 updates), which shows the comparison can fail."""
+    args = [*FAST, "trainer.steps=4", "gate=block32", f"cache_dir={cache}"]
+    options = {"none": [], "decoupled": ["loss.off_policy=decoupled", "gate.reference=proximal"],
+               "masked": ["loss.off_policy=masked", "loss.reward_reference=proximal", "loss.is_cap=1.01"],
+               "current": ["loss.reward_reference=current"]}
+    runs = {}
+    for name, extra in options.items():
+        proc = run_cli([*args, *extra, f"hydra.run.dir={tmp_path / name}"])
+        runs[name] = _train_records(tmp_path / name)
+        assert ("a no-op with rollout.staleness=0" in proc.stdout) == (name in ("decoupled", "masked"))
+    base = _without_staleness_metrics(runs["none"])
+    for name in ("decoupled", "masked"):
+        assert _without_staleness_metrics(runs[name]) == base, name
+        assert all(r["staleness/w_mean"] == 1.0 and r["staleness/w_dropped_frac"] == 0.0 for r in runs[name])
+        assert (tmp_path / name / "eval.csv").read_text() == (tmp_path / "none" / "eval.csv").read_text()
+    assert not any(k.startswith("staleness/") for r in runs["none"] for k in r)
+    current = _without_staleness_metrics(runs["current"])
+    assert current[0]["drift/first_update_mean_abs_delta"] == 0.0 and current != base
+
+
+@pytest.mark.slow
+def test_a_stale_run_with_a_correction_logs_the_behaviour_gap(cache, tmp_path):
+    """k = 1 with decoupled PPO: from step 2 on (a stale batch) π_prox is scored and mean |log π_prox − log π_b| is
+    logged; the weights w_t are logged every step (exactly 1 on step 1, whose batch the current weights sampled)."""
+    run_cli([*FAST, "trainer.steps=4", "rollout.staleness=1", "loss.off_policy=decoupled", f"cache_dir={cache}",
+             f"hydra.run.dir={tmp_path}"])
+    recs = _train_records(tmp_path)
+    assert "staleness/prox_behaviour_abs" not in recs[0] and recs[0]["staleness/w_mean"] == 1.0
+    for r in recs[1:]:
+        assert r["staleness/prox_behaviour_abs"] > 1e-4
+        assert r["staleness/prox_behaviour_abs"] == pytest.approx(r["drift/first_update_mean_abs_delta"], rel=0.5)
+        assert r["staleness/w_mean"] != 1.0

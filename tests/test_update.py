@@ -287,3 +287,83 @@ def test_metrics_average_over_the_updates_that_report_them():
                   {"loss": 2.0, "gate/mean": 1.0, "gate/std": 0.4, "tokens": 7.0, "guard/skipped": 0.0}]
     out = mean_over_updates(per_update)
     assert out == pytest.approx({"loss": 2.0, "gate/mean": 1.0, "gate/std": 0.3})
+
+
+# ----------------------------------------------------------------------------------- staleness corrections
+def test_proximal_log_probs_come_from_the_weights_at_the_start_of_the_step(setup):
+    """A stale batch: π_old = π_b is scored by the weights that sampled it, π_prox by the learner's current weights
+    (before the step's first update): the later rows by the no-grad π_prox forward, the first update's rows by that
+    update's own forward. The test fails if π_prox is π_b's (the two differ by the staleness drift)."""
+    from opd_lab.heads import as_policy
+    from opd_lab.scoring import policy_forward, proximal_stats, score_proximal
+    from opd_lab.update import old_scoring_plan, proximal_plan, update_plan
+
+    student, teacher, batch, tokens = setup
+    behaviour, current = copy.deepcopy(student), _drifted(student, scale=0.05)
+    cfg = compose(["loss=sampled_token", "gate=block32", "gate.reference=proximal", "loss.off_policy=decoupled",
+                   "rollout.n_prompts=4", "rollout.n_samples=2", "rollout.mini_batch_size=4", "rollout.staleness=1"])
+    old_rows, deferred = old_scoring_plan(cfg, 3, batch.size, False)
+    assert deferred is None  # a stale batch is scored whole by π_b
+    data = score_batch(cfg, behaviour, teacher, batch, tokens, old_rows)
+    assert proximal_plan(cfg, 3, batch.size, True) is None  # sampled by the current weights: π_prox = π_b
+    score_proximal(cfg, current, data, *proximal_plan(cfg, 3, batch.size, False))
+    first = update_plan(cfg, 3, batch.size)[0][0]
+    later = torch.tensor(sorted(set(range(batch.size)) - set(first.tolist())))
+    mask = data.response_mask_B_T.bool()
+    want = policy_forward(cfg, as_policy(current), data.select(torch.arange(batch.size))).logp_B_T.detach()
+    assert torch.isnan(data.prox_logp_B_T[first]).all()  # pending until the first update's forward
+    assert torch.allclose(data.prox_logp_B_T[later][mask[later]], want[later][mask[later]], atol=1e-5)
+    assert float((data.prox_logp_B_T[later] - data.old_logp_B_T[later])[mask[later]].abs().mean()) > 1e-3
+    out = optimizer_update(cfg, current, RecordingOptimizer(current), data, first)
+    assert not torch.isnan(data.prox_logp_B_T[mask]).any()
+    assert torch.allclose(data.prox_logp_B_T[first][mask[first]], want[first][mask[first]], atol=1e-5)
+    # the first update sees u_t = π_θ/π_prox = 1 and, for the gate, δ_prox = 0: every gate exactly 1
+    assert out["gate/min"] == 1.0 and out["gate/max"] == 1.0 and out["ratio_clip_frac"] == 0.0
+    assert out["drift/mean_abs_delta"] > 1e-3  # the logged drift stays against π_b
+    w = torch.exp(data.prox_logp_B_T[first] - data.old_logp_B_T[first]).clamp(max=2.0)
+    lm = data.loss_mask_B_T[first].bool()
+    assert out["staleness/w_mean"] == pytest.approx(float(w[lm].mean()), rel=1e-5)
+    assert proximal_stats(data)["staleness/prox_behaviour_abs"] == pytest.approx(
+        float((data.prox_logp_B_T - data.old_logp_B_T)[mask].abs().mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("reward", ["behaviour", "current"])
+def test_current_reward_is_recomputed_at_every_update(setup, reward):
+    """``loss.reward_reference=current``: the second update on a batch takes r_t = log q − log π_θ at the weights
+    after the first update; ``behaviour`` keeps r_t = log q − log π_old for every update."""
+    from opd_lab.heads import as_policy
+    from opd_lab.scoring import policy_forward
+
+    student, teacher, batch, tokens = setup
+    model = copy.deepcopy(student)
+    cfg = compose(["loss=sampled_token", "gate=none", f"loss.reward_reference={reward}", "loss.clip_log_ratio=null",
+                   "rollout.n_prompts=4", "rollout.n_samples=2", "rollout.mini_batch_size=8", "trainer.lr=1e-2",
+                   "trainer.warmup_steps=0"])
+    data = score_batch(cfg, model, teacher, batch, tokens)
+    rows = torch.arange(batch.size)
+    optimizer, _ = make_optimizer(cfg, model)
+    first = optimizer_update(cfg, model, optimizer, data, rows)
+    after = policy_forward(cfg, as_policy(model), data.select(rows)).logp_B_T.detach()
+    second = optimizer_update(cfg, model, optimizer, data, rows)
+    lm = data.loss_mask_B_T.bool()
+    old_gap = float((data.teacher_logp_B_T - data.old_logp_B_T)[lm].mean())
+    assert first["log_ratio_teacher_old"] == pytest.approx(old_gap, rel=1e-5)  # first update: π_θ = π_old
+    want = old_gap if reward == "behaviour" else float((data.teacher_logp_B_T - after)[lm].mean())
+    assert second["log_ratio_teacher_old"] == pytest.approx(want, rel=1e-5)
+    assert abs(float((data.teacher_logp_B_T - after)[lm].mean()) - old_gap) > 1e-4  # the two can be told apart
+
+
+def test_old_log_probs_keep_a_float64_students_precision(setup):
+    """π_old is kept in the model's precision (at least float32): a float64 student has δ exactly 0 at its first
+    update (float32 storage left |δ| ~ 4e-7)."""
+    from opd_lab.update import old_scoring_plan, update_plan
+
+    student, teacher, batch, tokens = setup
+    model = copy.deepcopy(student).double()
+    cfg = compose(["loss=sampled_token", "gate=token", "rollout.n_prompts=4", "rollout.n_samples=2",
+                   "rollout.mini_batch_size=4"])
+    old_rows, _ = old_scoring_plan(cfg, 3, batch.size, False)  # every row scored by the π_old forward
+    data = score_batch(cfg, model, teacher, batch, tokens, old_rows)
+    assert data.old_logp_B_T.dtype == torch.float64
+    out = optimizer_update(cfg, model, RecordingOptimizer(model), data, update_plan(cfg, 3, batch.size)[0][0])
+    assert out["drift/mean_abs_delta"] == 0.0

@@ -186,6 +186,23 @@ def to_run_config(cfg: DictConfig) -> Config:
     return run
 
 
+def staleness_notes(run: Config) -> list[str]:
+    """One line for each staleness correction that a synchronous run (``rollout.staleness=0``) names: π_prox = π_b
+    there, so it is a no-op (``loss.reward_reference=current`` is none: it follows π_θ through a step's updates)."""
+    if run.rollout.staleness:
+        return []
+    named = [f"loss.off_policy={run.loss.off_policy.value}"] if run.loss.off_policy != OffPolicy.none else []
+    reward = getattr(run.loss, "reward_reference", RewardReference.behaviour)
+    named += ["loss.reward_reference=proximal"] if reward == RewardReference.proximal else []
+    named += ["gate.reference=proximal"] if run.gate.reference == GateReference.proximal else []
+    notes = [f"{', '.join(named)}: a no-op with rollout.staleness=0 (π_prox = π_b); the run equals the uncorrected "
+             "one"] if named else []
+    if reward == RewardReference.current:
+        notes.append("loss.reward_reference=current with rollout.staleness=0: the first update of each step equals "
+                     "the published reward's; the later ones take r_t against the current weights (reuse drift)")
+    return notes
+
+
 def teacher_names(run: Config) -> list[str]:
     """The training teachers' names: ``model.teachers``, or ``teacher`` (``model.teacher``) when it is empty."""
     return list(run.model.teachers) or ["teacher"]
