@@ -12,7 +12,7 @@ from opd_lab.config import register_configs, to_run_config
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
 EXPECTED_JOBS = {"six_variant": 18, "six_variant_qwen3": 18, "block_ablation": 42, "tau_grid": 36, "reuse_grid": 36,
-                 "drift_map": 96, "multi_teacher": 18}
+                 "drift_map": 96, "multi_teacher": 18, "staleness_map": 36}
 
 
 def sweep_jobs(name):
@@ -56,6 +56,8 @@ def test_every_job_composes_and_validates(name):
             ("lsm", "lsm", "none", None), ("lsm_block64", "lsm", "block", 64)}
     if name == "block_ablation":
         assert len({(s[1], s[2], s[3]) for s in seen}) == 14
+    if name == "staleness_map":  # the default grid: sampled-token, ungated, U = 4, k ≥ 1 × every correction
+        assert {(s[1], s[2], s[5]) for s in seen} == {("sampled_token", "none", 2)}
     if name == "multi_teacher":
         assert {s[0] for s in seen} == {"mt_generalist", "mt_per_sample", "mt_mixture", "mt_min_kl",
                                         "mt_max_confidence", "mt_alignment"}
@@ -102,3 +104,22 @@ def test_benchmark_sweeps_take_the_drift_regime(name):
             assert run.mini_batch_size == regime.mini_batch_size and run.staleness == regime.staleness
             if name != "reuse_grid":
                 assert run.reuse == regime.reuse
+
+
+def test_staleness_map_parts_compose():
+    """The staleness map's other parts (its header's commands): LSM with its corrections, the k = 0 references and the
+    on-batch drift points, whose drift=... group sets U (the sweep file leaves reuse and mini-batch alone)."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "sweeps"), version_base="1.3"):
+        def run(*job):
+            return to_run_config(compose("staleness_map", overrides=[f"hydra.searchpath=[file://{ROOT / 'conf'}]",
+                                                                      "output_dir=/tmp/x", *job]))
+
+        lsm = run("loss=lsm", "correction=masked", "rollout.staleness=2")
+        assert lsm.loss.name == "lsm" and lsm.loss.off_policy.value == "masked" and lsm.rollout.staleness == 2
+        cur = run("correction=current_decoupled", "rollout.staleness=0")
+        assert (cur.loss.reward_reference.value, cur.loss.off_policy.value) == ("current", "decoupled")
+        u16 = run("drift=u16", "rollout.staleness=0", "correction=none")
+        assert (u16.rollout.reuse, u16.rollout.mini_batch_size, u16.rollout.staleness) == (4, 8, 0)
+        assert (run().rollout.reuse, run().rollout.mini_batch_size, run().rollout.engine.value) == (2, 16, "static")
