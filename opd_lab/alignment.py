@@ -1,4 +1,4 @@
-"""The maths of the gradient-alignment diagnostic (METHODS.md, "Diagnostic: gradient alignment"), as functions on
+"""The maths of the gradient-alignment diagnostic (docs/methods.md, "Diagnostic: gradient alignment"), as functions on
 tensors: the ideal logit-space gradient g*_t from Q estimates, each loss's distillation gradient d_t by autograd
 through the learner's own loss functions, their cosine a_t, node selection and the model reads they need, and the
 matched-position comparison of a_t on correct vs incorrect rollouts with its bootstrap over questions.

@@ -1,4 +1,4 @@
-"""``python -m opd_lab.diagnose``: training-free gradient alignment of distillation signals (METHODS.md,
+"""``python -m opd_lab.diagnose``: training-free gradient alignment of distillation signals (docs/methods.md,
 "Diagnostic: gradient alignment").
 
 For a question x, a student rollout y and a node h_t (a response position chosen every k tokens or by entropy):

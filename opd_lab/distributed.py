@@ -4,7 +4,7 @@
 seed), rolls out and scores its contiguous 1/W share of them, and the learner runs each update on the global
 mini-batch: the same rows a single process would take, each rank forwarding the ones it holds.
 
-What must be global for the update to equal the single-process one (METHODS.md's token mean and gate
+What must be global for the update to equal the single-process one (docs/methods.md's token mean and gate
 normalisation are ratios of sums over the whole mini-batch)::
 
     loss = Σ_ranks Σ m ĝ ℓ / Σ_ranks Σ m            (ĝ: unit mean over all ranks' valid tokens; token mean)

@@ -3,7 +3,7 @@
 Shape suffixes (the project's convention): ``_B_T`` is [batch, response positions]; ``_B_T_K`` adds K support
 ids; ``_B`` is per sequence. Masks are 0/1 tensors of the same shape as the values they mask.
 
-Inputs, per METHODS.md:
+Inputs, per docs/methods.md:
 - ``delta_B_T``: δ_t = log π_θ(y_t|h_t) − log π_old(y_t|h_t) (signed; detached here).
 - ``loss_mask_B_T``: m_t, 1 on positions whose loss counts (response tokens that are not masked specials).
 - ``response_mask_B_T``: 1 on every response token. Positions are counted from each row's first response
@@ -168,7 +168,7 @@ def normalise_gates(
     """g_t ← g_t / (Σ m g / Σ m), then the optional clip [g_min, g_max].
 
     The mean is over the given positions, or ``mean`` when the optimizer update spans several micro-batches or
-    ranks (the learner sums Σ m g and Σ m over all of them first): the step-level normalisation of METHODS.md.
+    ranks (the learner sums Σ m g and Σ m over all of them first): the step-level normalisation of docs/methods.md.
     """
     if mean is None:
         mask = loss_mask_B_T.to(gate_B_T.dtype)

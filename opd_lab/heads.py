@@ -17,7 +17,7 @@ log-prob, top-K ids and log-probs, log-probs at requested ids), never logits.
 The chunked path assumes the usual causal-LM head ``logits = hidden @ W_head^T`` (no soft-capping/scaling).
 
 Temperature: when the rollout temperature T_s ≠ 1, logits are divided by T_s before any log-softmax, for the
-student and the teacher alike (METHODS.md).
+student and the teacher alike (docs/methods.md).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ gated or averaged) and ``metrics`` maps names to per-token tensors ``_B_T`` that
 loss mask. The reduction is the learner's job: a gated token-mean Σ m g ℓ / Σ m over the whole optimizer step
 (:func:`masked_sum`). Nothing here imports rollout, Hydra or wandb.
 
-Symbols follow METHODS.md: π_θ (current student), π_old (student at rollout time), q (teacher), S_t (support),
+Symbols follow docs/methods.md: π_θ (current student), π_old (student at rollout time), q (teacher), S_t (support),
 r_t, A_t, ρ_t, ε, c, γ.
 """
 

@@ -1,5 +1,5 @@
 """Where the loop's rollout batches come from: synchronous, or ``rollout.staleness`` = k steps ahead, generated in
-a background thread while the learner trains (METHODS.md, "Asynchronous rollouts").
+a background thread while the learner trains (docs/methods.md, "Asynchronous rollouts").
 
 Versions: v_s are the weights after s steps. The batch of step s is sampled from v_{max(0, s−k)}: with k = 0 from
 the current weights, exactly the synchronous loop; with k ≥ 1 the engine generates batch s + k from v_s while

@@ -1,4 +1,4 @@
-"""The diagnostic's phases on loaded models (METHODS.md, "Diagnostic: gradient alignment"), shared by the
+"""The diagnostic's phases on loaded models (docs/methods.md, "Diagnostic: gradient alignment"), shared by the
 diagnostic app (``python -m opd_lab.diagnose``, which builds the models and writes the tables) and by the
 ``alignment`` routing rule (which re-weights teachers during training): sample rollouts of held-out questions →
 phase 1: nodes and candidates → phase 2: Q by targeted continuations (adaptive) → phase 3: g*, d_t and a_t per

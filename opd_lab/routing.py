@@ -1,7 +1,7 @@
 """Multi-teacher routing as pure functions on tensors: from N teachers' scores of one rollout batch to the single
 target the loss sees, and the routing weights w_{t,i} that say how much of token t came from teacher i.
 
-Symbols as in METHODS.md: q_i (teacher i), π_old, y_t, S_t (the loss's support). Shapes: B rows, T response
+Symbols as in docs/methods.md: q_i (teacher i), π_old, y_t, S_t (the loss's support). Shapes: B rows, T response
 positions, N teachers, K top-K ids, Q query ids, C candidate ids.
 
 - Hard rules choose one teacher per token, i*_t (``choice_B_T``), and the target is that teacher's scores unchanged:

@@ -1,4 +1,4 @@
-"""Teacher weights from gradient alignment (``routing.rule=alignment``): the diagnostic of METHODS.md run during
+"""Teacher weights from gradient alignment (``routing.rule=alignment``): the diagnostic of docs/methods.md run during
 training on a fixed probe set, with the current student.
 
 Every ``routing.alignment.every`` steps (and before the first), on ``n_questions`` probe problems drawn once from the

@@ -3,7 +3,7 @@
 One place decides these ids, for every engine, the learner, the evaluator and the diagnostic:
 
 - :func:`special_token_ids`: each configured string (``model.special_tokens``) must be exactly one token of the
-  tokenizer, or start-up stops with an error naming it (METHODS.md, "Special-token masking").
+  tokenizer, or start-up stops with an error naming it (docs/methods.md, "Special-token masking").
 - :func:`stop_token_ids`: a response ends at the first of these ids: the tokenizer's EOS and every id of the
   model's ``generation_config.eos_token_id`` (Qwen3: ``<|im_end|>`` and ``<|endoftext|>``). Both engines stop at
   exactly this set, and a response that does not end with one of them is truncated.

@@ -1,4 +1,4 @@
-"""One step's optimisation: R passes of AdamW updates over a scored rollout batch (METHODS.md, "Rollout reuse").
+"""One step's optimisation: R passes of AdamW updates over a scored rollout batch (docs/methods.md, "Rollout reuse").
 
 One optimizer update (:func:`optimizer_update`) minimises the gated token-mean over its whole mini-batch
 

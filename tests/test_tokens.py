@@ -5,7 +5,7 @@ import torch
 
 
 def test_special_token_masking(tokenizer):
-    """Mode ``first`` masks the first occurrence of EACH special id (METHODS.md), ``all`` every occurrence."""
+    """Mode ``first`` masks the first occurrence of EACH special id (docs/methods.md), ``all`` every occurrence."""
     from opd_lab.tokens import special_mask_B_T, special_token_ids
 
     ids = tokenizer.convert_tokens_to_ids

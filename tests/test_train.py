@@ -77,7 +77,7 @@ def test_stop_set_from_tokenizer_and_generation_config(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("loss,top_p", [("sampled_token", 1.0), ("lsm", 0.9)])
 def test_rollout_top_p_follows_the_loss(loss, top_p):
-    """METHODS.md: the sampled-token baseline samples at top-p 1.0 as published, LSM at 0.9."""
+    """docs/methods.md: the sampled-token baseline samples at top-p 1.0 as published, LSM at 0.9."""
     cfg = compose([f"loss={loss}"])
     assert cfg.rollout.top_p == top_p and cfg.loss.rollout_top_p == top_p
     assert compose([f"loss={loss}", "rollout.top_p=0.5"]).rollout.top_p == 0.5  # an explicit value wins

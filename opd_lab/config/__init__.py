@@ -8,7 +8,7 @@ composition; closed choices are Enums (OmegaConf lists the allowed values); rang
 ``__post_init__``, which runs when :func:`to_run_config` turns the composed config into these dataclasses,
 before any model is loaded. Every error names the field (dotted path) and what is allowed.
 
-Symbols follow ``METHODS.md``: ``tau`` (gate temperature), ``top_k`` (K), ``reuse`` (R), ``gamma`` (γ),
+Symbols follow ``docs/methods.md``: ``tau`` (gate temperature), ``top_k`` (K), ``reuse`` (R), ``gamma`` (γ),
 ``clip_eps`` (ε), ``dual_clip`` (c).
 """
 

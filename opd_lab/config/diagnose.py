@@ -34,7 +34,7 @@ class DiagnoseTeacher:
 
 @dataclass
 class DiagnoseConfig:
-    """Gradient-alignment diagnostic (``python -m opd_lab.diagnose``; METHODS.md)."""
+    """Gradient-alignment diagnostic (``python -m opd_lab.diagnose``; docs/methods.md)."""
 
     n_questions: int = 16
     rollouts_per_question: int = 2

@@ -1,4 +1,4 @@
-"""The ``loss`` and ``gate`` groups: what the learner minimises (METHODS.md, Losses and Gates)."""
+"""The ``loss`` and ``gate`` groups: what the learner minimises (docs/methods.md, Losses and Gates)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class SampledTokenLossConfig(LossConfig):
     """PPO-style sampled-token OPD: A_t from r_t = log q − log π_old, clip ε, dual clip c, discount γ."""
 
     name: str = "sampled_token"
-    rollout_top_p: float = 1.0  # as published: top-p was applied to the LSM runs only (METHODS.md)
+    rollout_top_p: float = 1.0  # as published: top-p was applied to the LSM runs only (docs/methods.md)
     clip_eps: float = 0.2
     dual_clip: float = 3.0
     gamma: float = 0.0
