@@ -123,4 +123,7 @@ def test_a_correction_on_a_synchronous_run_says_it_is_a_no_op():
     assert notes == ["loss.off_policy=masked, gate.reference=proximal: a no-op with rollout.staleness=0 "
                      "(π_prox = π_b); the run equals the uncorrected one"]
     assert "reuse drift" in staleness_notes(compose(["loss=sampled_token", "correction=current_decoupled"]))[-1]
-    assert staleness_notes(compose(["correction=decoupled", "rollout.staleness=1"])) == []
+    assert staleness_notes(compose(["correction=decoupled", "rollout.staleness=1"])) == []  # LSM: safe as it is
+    warn = staleness_notes(compose(["loss=sampled_token", "rollout.staleness=2"]))
+    assert len(warn) == 1 and "correction=current_decoupled" in warn[0]
+    assert staleness_notes(compose(["loss=sampled_token", "rollout.staleness=2", "correction=current_decoupled"])) == []

@@ -187,12 +187,17 @@ def to_run_config(cfg: DictConfig) -> Config:
 
 
 def staleness_notes(run: Config) -> list[str]:
-    """One line for each staleness correction that a synchronous run (``rollout.staleness=0``) names: π_prox = π_b
-    there, so it is a no-op (``loss.reward_reference=current`` is none: it follows π_θ through a step's updates)."""
-    if run.rollout.staleness:
-        return []
+    """Start-up lines about staleness: for a synchronous run (``rollout.staleness=0``), one for each correction it
+    names (π_prox = π_b there, so it is a no-op; ``loss.reward_reference=current`` is none: it follows π_θ through a
+    step's updates); for an asynchronous sampled-token run with the published reward, one warning pointing at the
+    correction that the staleness map found safe."""
+    reward = getattr(run.loss, "reward_reference", None)
+    if run.rollout.staleness:  # results/staleness_map: the published sampled-token reward collapses when stale
+        return [] if reward != RewardReference.behaviour else [
+            f"rollout.staleness={run.rollout.staleness} with the published sampled-token reward collapsed in every "
+            "seed of results/staleness_map; correction=current_decoupled (loss.reward_reference=current "
+            "loss.off_policy=decoupled) matched k = 0 at k = 1, 2"]
     named = [f"loss.off_policy={run.loss.off_policy.value}"] if run.loss.off_policy != OffPolicy.none else []
-    reward = getattr(run.loss, "reward_reference", RewardReference.behaviour)
     named += ["loss.reward_reference=proximal"] if reward == RewardReference.proximal else []
     named += ["gate.reference=proximal"] if run.gate.reference == GateReference.proximal else []
     notes = [f"{', '.join(named)}: a no-op with rollout.staleness=0 (π_prox = π_b); the run equals the uncorrected "
