@@ -213,6 +213,9 @@ def app(cfg: DictConfig) -> None:
     try:
         run_cfg = to_run_config(cfg)
         console.configure(run_cfg.logger.verbose)  # engine and library records to the log file only
+        chosen = runtime.resolve_engine(run_cfg)
+        if chosen:
+            print(f"opd-lab: {chosen}", flush=True)
         if run_cfg.diagnose is None:
             raise ConfigError("diagnose=null is invalid: allowed a diagnose config (diagnose=default)")
         df = run(run_cfg, Path(run_cfg.output_dir))

@@ -7,6 +7,7 @@ The apps (``opd_lab.train`` behind ``python -m opd_lab``, ``opd_lab.evaluate``, 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,9 @@ def run_job(cfg: DictConfig, main: Callable[[Config, Path], dict[str, float]],
     try:
         run = to_run_config(cfg)
         console.configure(run.logger.verbose)
+        chosen = runtime.resolve_engine(run)
+        if chosen and int(os.environ.get("RANK", "0")) == 0:
+            print(f"opd-lab: {chosen}", flush=True)
         if check is not None:
             check(run)
         final = main(run, Path(run.output_dir))

@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from opd_lab import checkpoint, console
-from opd_lab.config import Config, ConfigError, TeacherScorer, TeacherSpec, teacher_scorers
+from opd_lab.config import Backend, Config, ConfigError, TeacherScorer, TeacherSpec, check_vllm_lengths, teacher_scorers
 from opd_lab.distributed import Dist
 from opd_lab.losses import LOSSES
 from opd_lab.models import ModelPaths, check_same_vocab, load_model, load_tokenizer, loading, resolve_paths
@@ -164,9 +164,40 @@ def load_models(cfg: Config, paths: ModelPaths, device: str) -> tuple[torch.nn.M
     return student, teacher
 
 
+def resolve_engine(cfg: Config) -> str | None:
+    """``rollout.engine=auto`` → the fastest engine that fits the device and the student, set in place before
+    anything is written or loaded (the run directory's config, checkpoints and the evaluation cache name the
+    engine that ran): vLLM on CUDA when it is installed; else the static engine for a plain Qwen3 student (the
+    embedded pair always is; another is read from its ``config.json``); else HF ``generate``. Returns the line
+    that says what was chosen and why (``None`` when the engine was named)."""
+    if cfg.rollout.engine != Backend.auto:
+        return None
+    import importlib.util
+
+    from opd_lab.rollout.static import check_supported
+
+    device = "CUDA" if cfg.trainer.device.startswith("cuda") else "CPU"
+    if device == "CUDA" and importlib.util.find_spec("vllm") is not None:
+        chosen, why = Backend.vllm, "CUDA with vLLM installed"
+    else:
+        try:
+            if cfg.model.student != "embedded":
+                from transformers import AutoConfig
+
+                check_supported(AutoConfig.from_pretrained(cfg.model.student))
+            chosen, why = Backend.static, f"{device}, a plain Qwen3 student"
+        except Exception as e:  # not a plain Qwen3, or a config that cannot be read here
+            chosen, why = Backend.hf, f"{device}; the static engine does not serve this student ({e})"
+    cfg.rollout.engine = chosen
+    check_vllm_lengths(cfg)
+    return f"rollout.engine=auto → {chosen.value} ({why}; name another with rollout.engine=vllm|static|hf)"
+
+
 def make_engine(cfg: Config, model, tokenizer, path: str, stop_ids: tuple[int, ...], sharded_root=None):
-    """The configured rollout engine (``rollout.engine``) over ``model`` (HF; ``sharded_root``: its FSDP2 root) or
-    the weights at ``path`` (vLLM), stopping at ``stop_ids`` (tokens.stop_token_ids)."""
+    """The configured rollout engine (``rollout.engine``; ``auto`` resolved by :func:`resolve_engine`) over
+    ``model`` (HF; ``sharded_root``: its FSDP2 root) or the weights at ``path`` (vLLM), stopping at ``stop_ids``
+    (tokens.stop_token_ids)."""
+    resolve_engine(cfg)
     ctx = BuildContext(cfg, tokenizer, path, stop_ids, model=model, sharded_root=sharded_root)
     with console.native_stderr_to_log():
         return ENGINES.get(cfg.rollout.engine.value)(ctx)

