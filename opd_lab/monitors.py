@@ -74,11 +74,14 @@ def cuda_memory(model: torch.nn.Module) -> dict[str, float]:
 
 
 def rollout_metrics(batch: RolloutBatch, dist: Dist = SINGLE) -> tuple[dict[str, float], float]:
-    """Mean response length and the fractions of truncated and repetitive responses, over all ranks; and the
-    number of response tokens."""
+    """Mean response and prompt lengths, the fractions of truncated and repetitive responses and the fraction of the
+    batch's response slots that are right padding (work a padded forward spends on nothing), over all ranks; and
+    the number of response tokens."""
     lengths = batch.response_mask_B_T.sum(-1).float()
-    n_tok, n_trunc, n_rep = dist.sum(lengths.sum(), batch.truncated_B.sum(),
-                                     repetition_B(batch.response_ids_B_T, batch.response_mask_B_T).sum())
+    n_tok, n_trunc, n_rep, n_prompt, n_slots = dist.sum(
+        lengths.sum(), batch.truncated_B.sum(), repetition_B(batch.response_ids_B_T, batch.response_mask_B_T).sum(),
+        batch.attention_mask_B_L[:, : batch.prompt_len].sum(), batch.response_mask_B_T.numel())
     n_seq = batch.size * dist.world
     return {"response/mean_len": n_tok / n_seq, "response/truncated_frac": n_trunc / n_seq,
-            "response/repetition_frac": n_rep / n_seq}, n_tok
+            "response/repetition_frac": n_rep / n_seq, "prompt/mean_len": n_prompt / n_seq,
+            "response/padding_frac": 1.0 - n_tok / max(n_slots, 1.0)}, n_tok

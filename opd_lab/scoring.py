@@ -33,19 +33,25 @@ def score_teacher(
     batch_size: int = 64,
     chunk_size: int = 256,
     entropy: bool = False,
+    autocast_bf16: bool = False,
 ) -> TeacherScores:
     """Teacher log-probs of the sampled tokens, its top-K (``top_k`` > 0), log-probs at extra ids and (``entropy``)
     the entropy H(q(·|h_t)) of its distribution at each position.
 
     Runs ``batch_size`` sequences at a time and the LM head ``chunk_size`` positions at a time: the largest
-    tensor is ``[batch_size, chunk_size, V]`` logits, never ``[B, T, V]``.
+    tensor is ``[batch_size, chunk_size, V]`` logits, never ``[B, T, V]``. ``autocast_bf16``: the transformer body
+    under bf16 autocast (``rollout.teacher_autocast_bf16``); the LM head and the log-softmax stay in the teacher's
+    precision (at least float32).
     """
     logp, tk_ids, tk_logp, q_logp, ent = [], [], [], [], []
     w = teacher.get_output_embeddings().weight
+    device_type = w.device.type
     for s in range(0, batch.size, batch_size):
         idx = torch.arange(s, min(s + batch_size, batch.size))
         sub = batch.select(idx)
-        h = response_hidden(teacher, sub)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast_bf16):
+            h = response_hidden(teacher, sub)
+        h = h.to(w.dtype)  # the LM head in the teacher's own precision
         y = sub.response_ids_B_T.to(h.device)
         q = query_ids_B_T_Q[idx].to(h.device) if query_ids_B_T_Q is not None else None
         parts: dict[str, list[torch.Tensor]] = {"lp": [], "ti": [], "tl": [], "ql": [], "h": []}
@@ -83,13 +89,15 @@ class HFTeacherScorer:
     """Teacher scoring with a transformers forward of the frozen teacher (any support, any temperature); the
     ``hf`` entry of :data:`~opd_lab.rollout.base.SCORERS`."""
 
-    def __init__(self, teacher: torch.nn.Module, batch_size: int = 64, chunk_size: int = 256) -> None:
+    def __init__(self, teacher: torch.nn.Module, batch_size: int = 64, chunk_size: int = 256,
+                 autocast_bf16: bool = False) -> None:
         self.teacher, self.batch_size, self.chunk_size = teacher, batch_size, chunk_size
+        self.autocast_bf16 = autocast_bf16
 
     def __call__(self, batch: RolloutBatch, top_k: int, temperature: float,
                  query_ids_B_T_Q: torch.Tensor | None = None, entropy: bool = False) -> TeacherScores:
         return score_teacher(self.teacher, batch, top_k, temperature, query_ids_B_T_Q, self.batch_size,
-                             self.chunk_size, entropy)
+                             self.chunk_size, entropy, self.autocast_bf16)
 
     def close(self) -> None:
         pass
@@ -97,8 +105,9 @@ class HFTeacherScorer:
 
 def build_teacher_scorer(ctx: BuildContext) -> HFTeacherScorer:
     """The ``hf`` teacher scorer: the loaded teacher (``ctx.model``), LM head ``trainer.chunk_size`` positions at a
-    time."""
-    return HFTeacherScorer(ctx.model, chunk_size=ctx.cfg.trainer.chunk_size)
+    time, bf16 autocast when ``rollout.teacher_autocast_bf16``."""
+    return HFTeacherScorer(ctx.model, chunk_size=ctx.cfg.trainer.chunk_size,
+                           autocast_bf16=ctx.cfg.rollout.teacher_autocast_bf16)
 
 
 @torch.no_grad()

@@ -112,8 +112,8 @@ assert Path(CONF_DIR).is_dir()
     (["gate=block64", "gate.clip_min=1.2"], "gate.clip_min/clip_max"),  # a clip range that excludes 1
     (["gate=block64", "gate.clip_max=0.9"], "gate.clip_min/clip_max"),
     (["gate=none", "gate.clip_max=2.0"], "gate.clip_min/clip_max"),  # a clip with no gate
-    (["rollout.max_tokens=1024"], "rollout.max_tokens"),  # response cap >= vLLM's max_model_len
-    (["eval.max_tokens=2000"], "eval.max_tokens"),
+    (["rollout.engine=vllm", "rollout.max_tokens=1024"], "rollout.max_tokens"),  # response cap >= vLLM's max_model_len
+    (["rollout.engine=vllm", "eval.max_tokens=2000"], "eval.max_tokens"),
     (["trainer.warmup_steps=40"], "trainer.warmup_steps"),  # warm-up over every update of the run
     (["eval.ks=[1,1,8]"], "eval.ks"),  # duplicate k
     (["gate=token", "gate.block_size=32"], "gate.block_size"),  # a block size with a non-block gate
@@ -130,10 +130,11 @@ def test_prompt_plus_response_must_fit_max_model_len(tokenizer):
     from opd_lab.runtime import check_prompt_lengths
     from opd_lab.tasks import build_task
 
-    cfg = compose(["rollout.vllm.max_model_len=200", "rollout.max_tokens=150", "eval.max_tokens=150"])
+    vllm = ["rollout.engine=vllm", "rollout.vllm.max_model_len=200"]
+    cfg = compose([*vllm, "rollout.max_tokens=150", "eval.max_tokens=150"])
     task = build_task(cfg.task)
     check_prompt_lengths(cfg, tokenizer, task)  # arith prompts are ~40 tokens: 150 fits
-    cfg = compose(["rollout.vllm.max_model_len=200", "rollout.max_tokens=190", "eval.max_tokens=150"])
+    cfg = compose([*vllm, "rollout.max_tokens=190", "eval.max_tokens=150"])
     with pytest.raises(ConfigError, match=r"rollout.max_tokens=190 is invalid: the longest prompt has \d+ tokens"):
         check_prompt_lengths(cfg, tokenizer, task)
     check_prompt_lengths(compose(["rollout.engine=hf", "rollout.max_tokens=190", "rollout.vllm.max_model_len=200"]),

@@ -65,10 +65,13 @@ def test_an_evaluation_only_run_on_an_in_memory_engine_loads_its_model(cache, tm
 
 
 @pytest.mark.slow
-def test_single_run_outputs(cache, tmp_path):
-    """The default run (vLLM engine) writes every output."""
+@pytest.mark.parametrize("engine", ["auto", "vllm"])
+def test_single_run_outputs(cache, tmp_path, engine):
+    """The default run (``rollout.engine=auto``: the static engine on a CPU) and a vLLM run write every output."""
     run_dir = tmp_path / "run"
-    proc = run_cli([*TINY, f"cache_dir={cache}", f"hydra.run.dir={run_dir}"])
+    proc = run_cli([*TINY, f"cache_dir={cache}", f"hydra.run.dir={run_dir}", f"rollout.engine={engine}"])
+    if engine == "auto":
+        assert "rollout.engine=auto → static" in proc.stdout  # what was chosen, and why, in one line
     assert "pass@1" in proc.stdout and "trained_student" in proc.stdout
     for name in ("config.yaml", "metrics.jsonl", "eval.csv", "eval_per_problem.csv", "status.json"):
         assert (run_dir / name).is_file(), name
@@ -95,14 +98,14 @@ def test_single_run_outputs(cache, tmp_path):
         assert noise not in console, noise
     assert "wandb sync" in proc.stdout  # where the offline run is, in one line
     log = (run_dir / "__main__.log").read_text()
-    for kept in ("Triton", "FutureWarning", "NUMA binding", "Loading safetensors"):
+    for kept in ("Triton", "FutureWarning", "NUMA binding", "Loading safetensors") if engine == "vllm" else ():
         assert kept in log, kept
 
 
 @pytest.mark.slow
 def test_verbose_console_shows_library_lines(cache, tmp_path):
     proc = run_cli([*TINY, f"cache_dir={cache}", f"hydra.run.dir={tmp_path / 'run'}", "logger.verbose=true",
-                    "trainer.steps=1", "trainer.warmup_steps=0", "eval.baselines=false"])
+                    "rollout.engine=vllm", "trainer.steps=1", "trainer.warmup_steps=0", "eval.baselines=false"])
     assert "Triton" in proc.stdout + proc.stderr and "NUMA binding" in proc.stderr
     assert "Triton" in (tmp_path / "run" / "__main__.log").read_text()
 

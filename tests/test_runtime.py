@@ -27,7 +27,8 @@ def test_auto_reads_a_local_students_config(tmp_path):
     assert cfg.rollout.engine == Backend.static
     other = tmp_path / "llama"  # a student the static engine does not serve → HF generate, with the reason
     other.mkdir()
-    conf = json.loads((STUDENT / "config.json").read_text()) | {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    conf = json.loads((STUDENT / "config.json").read_text())
+    conf |= {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
     (other / "config.json").write_text(json.dumps(conf))
     cfg = compose([f"model.student={other}"])
     line = runtime.resolve_engine(cfg)

@@ -71,6 +71,7 @@ class RolloutConfig:
     engine: Backend = Backend.auto
     teacher_scorer: TeacherScorer = TeacherScorer.hf
     teacher_device: str | None = None  # hf scorer: where the teacher lives (null: the learner's device; e.g. cuda:1)
+    teacher_autocast_bf16: bool = False  # hf scorer: bf16 autocast of the teacher forward (log-prob maths float32)
     teacher_server: TeacherServerConfig = field(default_factory=TeacherServerConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     n_prompts: int = 8

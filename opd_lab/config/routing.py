@@ -40,8 +40,8 @@ class Residency(str, Enum):
 
 @dataclass
 class AlignmentRouting:
-    """``routing.rule=alignment``: every ``every`` steps (and before the first), the diagnostic (docs/methods.md) runs on
-    ``n_questions`` probe problems of the training distribution, held out from training and evaluation, with the
+    """``routing.rule=alignment``: every ``every`` steps (and before the first), the diagnostic (docs/methods.md) runs
+    on ``n_questions`` probe problems of the training distribution, held out from training and evaluation, with the
     current student; teacher i's weight is softmax_i(ā_i / temperature) of its mean alignment ā_i over the defined
     nodes, for the run's loss (sampled-token, or LSM on the teacher's top-K)."""
 
