@@ -1,7 +1,7 @@
 """End-to-end OPD step time of opd-lab's real loop against TRL's DistillationTrainer, on the same models and settings.
 
     bash scripts/setup_trl_env.sh                      # once: TRL in its own environment (.venv-trl)
-    .venv/bin/python scripts/bench_step.py [--reps 3] [--steps 8] [--configs hf,static,static_k1,vllm] [--no-trl]
+    .venv/bin/python scripts/bench_step.py [--reps 3] [--steps 8] [--configs auto,auto_k1,vllm] [--no-trl]
 
 Settings (the issue's): the embedded teacher and student, 32 sequences per step (opd-lab: 8 prompts × 4 samples;
 TRL: 32 prompts), up to 256 new tokens, T = 1, top-p 1, one AdamW update per step (``rollout.reuse=1
@@ -174,7 +174,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--configs", default="hf,static,static_k1,vllm")
+    ap.add_argument("--configs", default="auto,auto_k1,vllm")
     ap.add_argument("--main", action="store_true", help="also the main job's settings (reuse 2, mini-batch 16)")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--json", help="also write the raw per-step records here")
