@@ -18,7 +18,7 @@ pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 TORCH_SPEC="${TORCH_SPEC-torch==2.13.0}"
 if [ -n "$TORCH_SPEC" ]; then "${pip[@]}" "$TORCH_SPEC"; fi
 cons=()
-if .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.__version__.endswith('+cpu') else 1)"; then
+if .venv/bin/python -W ignore -c "import torch,sys; sys.exit(0 if torch.__version__.endswith('+cpu') else 1)" 2>/dev/null; then
   cons=(-c constraints-cpu.txt)
 fi
 "${pip[@]}" "${cons[@]}" -e ".[$EXTRAS]"
