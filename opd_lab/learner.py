@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from opd_lab import checkpoint
+from opd_lab import checkpoint, preemption
 from opd_lab.config import Config
 from opd_lab.distributed import SINGLE, Dist, unwrap
 from opd_lab.evaluation import run_eval
@@ -92,14 +92,35 @@ def train(run: Run, state: checkpoint.TrainState | None = None) -> dict[str, flo
             if step + 1 == cfg.trainer.steps or (cfg.eval.every and (step + 1) % cfg.eval.every == 0):
                 with rollouts.paused():
                     final = evaluate_student(run, step + 1)
-            if cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0 \
-                    and step + 1 < cfg.trainer.steps:
-                pending = rollouts.state()
-                checkpoint.save(run.run_dir, cfg, step + 1, run.policy, run.tokenizer, optimizer, scheduler,
-                                pending["sampler"], {"run": guard.run, "total": guard.total}, run.tracker.run_id,
-                                dist, rollout_snapshots=pending["snapshots"],
-                                routing_weights=run.teachers.weights.tolist() if aligning(run) else None)
+            last = step + 1 == cfg.trainer.steps
+            periodic = cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0 and not last
+            preempted = not last and preemption_noticed(run)  # SLURM's SIGTERM: save, stop; the requeue resumes
+            if periodic or preempted:
+                save_checkpoint(run, step + 1, rollouts, optimizer, scheduler, guard)
+            if preempted:
+                if dist.is_main:
+                    print(f"opd-lab: pre-empted; checkpoint at step {step + 1}, the re-queued job resumes from it",
+                          flush=True)
+                raise preemption.Preempted(step + 1)
     return final if cfg.trainer.steps else evaluate_student(run, 0)
+
+
+def save_checkpoint(run: Run, step: int, rollouts: Rollouts, optimizer, scheduler, guard: UpdateGuard) -> None:
+    """Everything a resumed run needs after ``step`` steps (checkpoint.py), including the in-flight batches."""
+    pending = rollouts.state()
+    checkpoint.save(run.run_dir, run.cfg, step, run.policy, run.tokenizer, optimizer, scheduler,
+                    pending["sampler"], {"run": guard.run, "total": guard.total}, run.tracker.run_id,
+                    run.dist, rollout_snapshots=pending["snapshots"],
+                    routing_weights=run.teachers.weights.tolist() if aligning(run) else None)
+
+
+def preemption_noticed(run: Run) -> bool:
+    """Whether the scheduler sent its pre-emption notice (preemption.py); under torchrun or SLURM tasks, on any
+    rank, so that all ranks stop at the same step."""
+    noticed = preemption.noticed()
+    if run.dist.enabled and preemption.in_slurm_job():
+        noticed = run.dist.max(float(noticed))[0] > 0
+    return noticed
 
 
 def make_rollouts(run: Run, sampler: random.Random) -> Rollouts:

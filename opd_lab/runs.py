@@ -12,11 +12,12 @@ import pandas as pd
 from opd_lab import atomic
 from opd_lab.config import Config
 from opd_lab.evaluation import benchmark_csv
+from opd_lab.preemption import Preempted, in_slurm_job
 from opd_lab.tracking import Tracker, gate_name, read_metrics
 
 
 def write_status(run_dir: Path, status: str, **extra) -> None:
-    """``status.json`` (running / completed / failed), written atomically so a reader never sees half a file."""
+    """``status.json`` (running / completed / failed / preempted), written atomically: a reader never sees half."""
     atomic.write_text(run_dir / "status.json", json.dumps({"status": status, **extra}, default=str))
 
 
@@ -35,10 +36,18 @@ def keep_until_step(run_dir: Path, step: int) -> None:
 @contextmanager
 def recorded_failure(run_dir: Path, tracker: Tracker, writes: bool = True):
     """On any exception (Ctrl-C included): ``status.json`` says failed with the error (unless ``writes`` is off:
-    torchrun ranks other than 0), the wandb run is marked failed, and the exception goes on."""
+    torchrun ranks other than 0), the wandb run is marked failed, and the exception goes on. A SLURM pre-emption
+    (:class:`~opd_lab.preemption.Preempted`) says ``preempted`` and leaves the wandb run to its resumed job."""
     try:
         yield
     except BaseException as e:
+        if isinstance(e, Preempted) or (isinstance(e, SystemExit) and in_slurm_job()):
+            # the scheduler's signal (a SystemExit: submitit's own exit after it re-queued a timed-out job):
+            # resumable, and the wandb service got the signal too
+            if writes:
+                write_status(run_dir, "preempted", error=str(e) if isinstance(e, Preempted) else
+                             "stopped by the scheduler's signal after submitit re-queued the job")
+            raise
         if writes:
             write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         tracker.finish(1)

@@ -7,11 +7,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from opd_lab import preemption
 from opd_lab.config import Config, as_flat_dict
 
 
 class Tracker:
-    """Appends one JSON line per step and mirrors it to wandb; ``summary`` sets final values."""
+    """Appends one JSON line per step and mirrors it to wandb; ``summary`` sets final values. After a SLURM
+    pre-emption notice (preemption.py) only ``metrics.jsonl`` is written: the wandb service has been sent SIGTERM
+    too, and the resumed job continues the same wandb run."""
 
     def __init__(self, cfg: Config, run_dir: str | os.PathLike, name: str | None = None,
                  resume_id: str | None = None) -> None:
@@ -39,8 +42,12 @@ class Tracker:
         rec = {"step": step, **metrics}
         with self.path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
-        if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+        if self._wandb is not None and not preemption.noticed():
+            try:
+                self._wandb.log(metrics, step=step)
+            except OSError:  # ConnectionResetError, BrokenPipeError: the service died with the SIGTERM
+                if not preemption.noticed():
+                    raise
 
     def summary(self, values: dict[str, Any]) -> None:
         if self._wandb is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from opd_lab import checkpoint, distributed, jobs, runtime
+from opd_lab import checkpoint, distributed, jobs, preemption, runtime
 from opd_lab.config import Config, staleness_notes
 from opd_lab.evaluation import EvalResult, cached_eval
 from opd_lab.heads import Policy
@@ -26,6 +26,7 @@ from opd_lab.tracking import NullTracker, Tracker
 
 def main(cfg: Config, run_dir: Path) -> dict[str, float]:
     """Run one OPD experiment into ``run_dir``; returns the final evaluation metrics of the student."""
+    preemption.install()  # in a SLURM job, SIGTERM is a pre-emption notice: stop at a checkpoint
     started = jobs.start(cfg, run_dir)
     if not isinstance(started, jobs.Started):
         return started.get("final", {})
