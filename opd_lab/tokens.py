@@ -28,12 +28,34 @@ class TokenIds:
 
     special: tuple[int, ...]  # masked out of the loss (loss.mask_special)
     stop: tuple[int, ...]  # a response ends at the first of these
-    newline_V: torch.Tensor  # bool [V]: tokens containing a newline (span gate)
+    newline_V: torch.Tensor  # bool [V]: tokens containing a newline (span gate), over the model's V rows
 
     @classmethod
     def build(cls, tokenizer, special_tokens: list[str], model_path: str | None = None) -> TokenIds:
+        newline = newline_table(tokenizer)
         return cls(tuple(special_token_ids(tokenizer, special_tokens)), stop_token_ids(tokenizer, model_path),
-                   newline_table(tokenizer))
+                   padded_to(newline, model_vocab_size(model_path) if model_path is not None else None))
+
+
+def model_vocab_size(model_path: str) -> int | None:
+    """The model's ``vocab_size`` (its embedding rows) from its ``config.json``; None when it cannot be read."""
+    local = Path(model_path).expanduser() / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text()).get("vocab_size")
+    try:
+        from transformers import AutoConfig
+
+        return getattr(AutoConfig.from_pretrained(model_path), "vocab_size", None)
+    except (OSError, ValueError):
+        return None
+
+
+def padded_to(table_V: torch.Tensor, V: int | None) -> torch.Tensor:
+    """A per-token table over the model's ``V`` rows: a model may have more rows than its tokenizer has tokens
+    (Qwen3: 151,936 against 151,669); the extra ids have no text, so False."""
+    if V is None or V <= table_V.shape[0]:
+        return table_V
+    return torch.cat([table_V, torch.zeros(V - table_V.shape[0], dtype=table_V.dtype)])
 
 
 def special_token_ids(tokenizer, strings: list[str], field: str = "model.special_tokens") -> list[int]:

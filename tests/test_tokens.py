@@ -31,3 +31,20 @@ def test_special_strings_must_be_tokens(tokenizer):
     with pytest.raises(ConfigError, match=r"model.special_tokens: 'think' is not a token"):
         special_token_ids(tokenizer, ["<|im_end|>", "think"])
     assert special_token_ids(tokenizer, ["<"]) == [tokenizer.convert_tokens_to_ids("<")]  # a real (char) token
+
+
+def test_token_tables_cover_every_row_of_a_model_larger_than_its_tokenizer(tokenizer, tmp_path):
+    """Qwen3 has 151,936 embedding rows for 151,669 tokens: an id past the tokenizer has no text (no newline),
+    and indexing the table with it must not fail."""
+    import json
+
+    from opd_lab.tokens import TokenIds, newline_table
+
+    base = newline_table(tokenizer)
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": len(tokenizer) + 27}))
+    ids = TokenIds.build(tokenizer, ["<|im_end|>"], str(tmp_path))
+    assert ids.newline_V.shape == (len(tokenizer) + 27,)
+    assert torch.equal(ids.newline_V[: len(tokenizer)], base) and not ids.newline_V[len(tokenizer):].any()
+    assert base.any()  # the tokenizer has newline tokens: the prefix comparison means something
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": len(tokenizer)}))
+    assert torch.equal(TokenIds.build(tokenizer, ["<|im_end|>"], str(tmp_path)).newline_V, base)
