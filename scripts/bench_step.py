@@ -94,34 +94,38 @@ def run_trl(steps: int, out: Path, prompts: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- the ceiling
-def machine_peak(threads: int, shapes: list[tuple[int, int, int]]) -> dict[str, float]:
+def machine_peak(threads: int, shapes: list[tuple[int, int, int]], device: str = "cpu") -> dict[str, float]:
     """Best-of-5 matmul GFLOP/s (float32 and bf16 at 2048², float32 at each ``(M, K, N)`` shape) and copy GB/s of a
-    256 MiB buffer (read + write), at ``threads`` intra-op threads."""
+    256 MiB buffer (read + write), at ``threads`` intra-op threads, on ``device`` (a GPU: synchronised)."""
     import time
 
     import torch
 
     torch.set_num_threads(threads)
 
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
     def best(fn, work: float, n: int = 5) -> float:
         fn()
+        sync()
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
             fn()
+            sync()
             times.append(time.perf_counter() - t0)
         return work / min(times)
 
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        a, b = (torch.randn(2048, 2048, dtype=dtype, device=device) for _ in range(2))
         out[f"matmul_{name}_2048"] = best(lambda a=a, b=b: a @ b, 2 * 2048**3) / 1e9
     model_rates = []
     for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
         model_rates.append(best(lambda a=a, b=b: a @ b, 2 * m * k * n) / 1e9)
     out["matmul_fp32_model_shapes"] = sum(model_rates) / len(model_rates)
-    x = torch.empty(64 * 2**20)
+    x = torch.empty(64 * 2**20, device=device)
     y = torch.empty_like(x)
     out["copy_gb_s"] = best(lambda: y.copy_(x), 2 * x.numel() * 4) / 1e9
     return out
@@ -178,12 +182,15 @@ def main() -> None:
     ap.add_argument("--main", action="store_true", help="also the main job's settings (reuse 2, mini-batch 16)")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--json", help="also write the raw per-step records here")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a Hydra override for every opd-lab system (repeatable), e.g. --set trainer.device=cuda")
+    ap.add_argument("--peak-device", default="cpu", help="where the machine's peaks are measured (cpu, cuda)")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of the ceiling measurement")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_step_"))
     student_shape, teacher_shape = model_shape(STUDENT), model_shape(TEACHER)
     shapes = [(8192, s["H"], n) for s in (student_shape, teacher_shape) for n in (s["H"], s["I"])]
-    peaks = [machine_peak(args.threads, shapes)]
+    peaks = [machine_peak(args.threads, shapes, args.peak_device)]
     sys.path.insert(0, str(ROOT))
     from opd_lab.tasks.arith import ArithmeticTask
 
@@ -192,9 +199,9 @@ def main() -> None:
     prompts.write_text(json.dumps([p.question for p in problems]))
     systems = {} if args.no_trl else {"TRL DistillationTrainer": None}
     for name in args.configs.split(","):
-        systems[f"opd-lab {name}"] = TRL_LIKE + config_overrides(name)
+        systems[f"opd-lab {name}"] = TRL_LIKE + config_overrides(name) + args.set
         if args.main:
-            systems[f"opd-lab {name} (main job settings)"] = MAIN + config_overrides(name)
+            systems[f"opd-lab {name} (main job settings)"] = MAIN + config_overrides(name) + args.set
     raw: dict[str, list] = {name: [] for name in systems}
     for rep in range(args.reps):
         for name, overrides in systems.items():
@@ -203,7 +210,7 @@ def main() -> None:
                              else run_opd(overrides, args.steps, out))
             print(f"rep {rep + 1}/{args.reps} {name}: {statistics.mean(s['seconds'] for s in raw[name][-1]):.3f} "
                   "s/step", file=sys.stderr, flush=True)
-    peaks.append(machine_peak(args.threads, shapes))
+    peaks.append(machine_peak(args.threads, shapes, args.peak_device))
     peak = {k: max(p[k] for p in peaks) for k in peaks[0]}
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": raw, "peaks": peaks}, indent=1))
@@ -218,7 +225,8 @@ def main() -> None:
         ratio = f"{r['tok_s'] / ref['tok_s']:.2f}" if ref else "–"
         print(f"| {name} | {r['s_step']:.3f} ({r['s_min']:.3f}–{r['s_max']:.3f}) | " + " | ".join(parts) +
               f" | {r['tok_s']:,.0f} ({r['tok_min']:,.0f}–{r['tok_max']:,.0f}) | {ratio} |")
-    print(f"\nThe machine, measured in this run at {args.threads} threads (best of before/after): matmul float32 "
+    print(f"\nThe machine ({args.peak_device}), measured in this run at {args.threads} threads (best of before/after): "
+          "matmul float32 "
           f"{peak['matmul_fp32_2048']:.0f} GFLOP/s at 2048², {peak['matmul_fp32_model_shapes']:.0f} GFLOP/s at the "
           f"models' shapes (8192×H @ H×{{H, I}}), bf16 {peak['matmul_bf16_2048']:.0f} GFLOP/s at 2048²; copy "
           f"{peak['copy_gb_s']:.0f} GB/s.\n")
