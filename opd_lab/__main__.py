@@ -5,7 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from opd_lab import jobs
+from opd_lab.run import jobs
 from opd_lab.train import main
 
 

@@ -23,7 +23,7 @@ Outputs in the run directory: ``nodes.csv`` (one row per question × rollout × 
 per-candidate ``continuations`` and ``rounds`` the node used and ``defined``: g*_t ≠ 0),
 ``summary.csv``/``summary.md`` (per teacher and loss, split by correct/incorrect rollouts, mean with 95% CI, the
 undefined nodes as a count and a fraction), ``matched.csv`` (and a second table in ``summary.md``: a_t incorrect −
-correct at matched positions with a bootstrap CI over questions, :func:`~opd_lab.alignment.matched_difference`) and
+correct at matched positions with a bootstrap CI over questions, :func:`~opd_lab.core.alignment.matched_difference`) and
 ``alignment_by_position.png``, ``alignment_correct_vs_incorrect.png``.
 """
 
@@ -39,11 +39,12 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from opd_lab import console, runtime, tasks
-from opd_lab.alignment import Teacher, matched_difference
+from opd_lab import tasks
+from opd_lab.common import console
 from opd_lab.config import Config, ConfigError, DiagnoseConfig
-from opd_lab.jobs import CONF_DIR
-from opd_lab.probe import (  # noqa: F401  (the phases, re-exported for callers of this app's module)
+from opd_lab.core.alignment import Teacher, matched_difference
+from opd_lab.core.stats import mean_ci95
+from opd_lab.diagnostic.probe import (  # noqa: F401  (the phases, re-exported for callers of this app's module)
     ROUND_SEED_STRIDE,
     Diagnosis,
     Probe,
@@ -52,7 +53,8 @@ from opd_lab.probe import (  # noqa: F401  (the phases, re-exported for callers 
     sample_rollouts,
     score_alignment,
 )
-from opd_lab.stats import mean_ci95
+from opd_lab.run import components
+from opd_lab.run.jobs import CONF_DIR
 
 
 # --------------------------------------------------------------------------------------------------- run
@@ -76,11 +78,11 @@ def run(cfg: Config, run_dir: Path) -> pd.DataFrame:
 def build(cfg: Config) -> Diagnosis:
     """Models (the student, each configured teacher: a path, the teacher, or the student with a context), the
     held-out questions and the rollout engine."""
-    from opd_lab.models import check_same_vocab, load_model, load_tokenizer, loading, resolve_paths
-    from opd_lab.tokens import stop_token_ids
+    from opd_lab.models.loading import check_same_vocab, load_model, load_tokenizer, loading, resolve_paths
+    from opd_lab.models.token_ids import stop_token_ids
 
     d: DiagnoseConfig = cfg.diagnose
-    runtime.seed_everything(d.seed)
+    components.seed_everything(d.seed)
     task = tasks.build_task(cfg.task)
     paths = resolve_paths(cfg)
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.chat_template)
@@ -99,7 +101,7 @@ def build(cfg: Config) -> Diagnosis:
     problems = [pool[i] for i in qids]
     prompts = tasks.prompt_encoder(cfg)(tokenizer, problems)
     stop = stop_token_ids(tokenizer, paths.student)
-    engine = runtime.make_engine(cfg, student, tokenizer, paths.student, stop)
+    engine = components.make_engine(cfg, student, tokenizer, paths.student, stop)
     return Diagnosis(cfg, tokenizer, student, teachers, qids, problems, prompts, engine, stop,
                      d.max_tokens or cfg.rollout.max_tokens)
 
@@ -126,7 +128,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
 
 def matched(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """Per teacher × loss: a_t on incorrect minus correct rollouts at matched positions (``position_bin``), with a
-    95% bootstrap CI over questions (:func:`~opd_lab.alignment.matched_difference`, seeded by ``seed``)."""
+    95% bootstrap CI over questions (:func:`~opd_lab.core.alignment.matched_difference`, seeded by ``seed``)."""
     pos = "position_bin" if "position_bin" in df else "position"
     out = []
     for (teacher, loss), g in df.groupby(["teacher", "loss"], sort=False):
@@ -208,12 +210,12 @@ def write_outputs(df: pd.DataFrame, out: Path, seed: int = 0) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="diagnose")
 def app(cfg: DictConfig) -> None:
     from opd_lab.config import to_run_config
-    from opd_lab.jobs import config_error
+    from opd_lab.run.jobs import config_error
 
     try:
         run_cfg = to_run_config(cfg)
         console.configure(run_cfg.logger.verbose)  # engine and library records to the log file only
-        chosen = runtime.resolve_engine(run_cfg)
+        chosen = components.resolve_engine(run_cfg)
         if chosen:
             print(f"opd-lab: {chosen}", flush=True)
         if run_cfg.diagnose is None:

@@ -14,8 +14,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from opd_lab import jobs
 from opd_lab.config import Config, ConfigError
+from opd_lab.run import jobs
 
 
 def require_target(cfg: Config) -> None:

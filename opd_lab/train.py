@@ -13,15 +13,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from opd_lab import checkpoint, distributed, jobs, preemption, runtime
+from opd_lab.common import distributed, preemption
 from opd_lab.config import Config, staleness_notes
-from opd_lab.evaluation import EvalResult, cached_eval
-from opd_lab.heads import Policy
-from opd_lab.learner import Run, train
-from opd_lab.models import load_model
-from opd_lab.runs import finish_run, keep_until_step, recorded_failure, run_label
-from opd_lab.tokens import stop_token_ids
-from opd_lab.tracking import NullTracker, Tracker
+from opd_lab.learner import checkpoint
+from opd_lab.learner.evaluation import EvalResult, cached_eval
+from opd_lab.learner.heads import Policy
+from opd_lab.learner.loop import Run, train
+from opd_lab.models.loading import load_model
+from opd_lab.models.token_ids import stop_token_ids
+from opd_lab.run import components, jobs
+from opd_lab.run.directory import finish_run, keep_until_step, recorded_failure, run_label
+from opd_lab.run.tracking import NullTracker, Tracker
 
 
 def main(cfg: Config, run_dir: Path) -> dict[str, float]:
@@ -36,8 +38,8 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
     for note in staleness_notes(cfg) if dist.is_main else []:
         print(f"opd-lab: {note}", flush=True)
     device = distributed.rank_device(cfg.trainer.device, dist)
-    student, teacher = runtime.load_models(cfg, setup.paths, device)
-    loaded = runtime.load_teachers(cfg, setup.paths, teacher, device)
+    student, teacher = components.load_models(cfg, setup.paths, device)
+    loaded = components.load_teachers(cfg, setup.paths, teacher, device)
     table, frames = evaluate_baselines(cfg, setup, student, loaded, dist)
 
     state = checkpoint.latest(run_dir, cfg) if started.resume_dir is not None else None
@@ -51,9 +53,10 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
     policy = distributed.wrap(Policy(student), dist)  # FSDP2 resume loads its shards into this (checkpoint.restore)
     tracker = Tracker(cfg, run_dir, name=f"{run_label(cfg)}-seed{cfg.trainer.seed}",
                       resume_id=state.wandb_id if state else None) if dist.is_main else NullTracker()
-    engine = runtime.make_engine(cfg, engine_model or student, setup.tokenizer, setup.paths.student, setup.tokens.stop,
-                                 sharded_root=policy if distributed.is_sharded(policy) and not engine_model else None)
-    teachers = runtime.make_teachers(cfg, setup.tokenizer, loaded)
+    sharded_root = policy if distributed.is_sharded(policy) and not engine_model else None
+    engine = components.make_engine(cfg, engine_model or student, setup.tokenizer, setup.paths.student,
+                                    setup.tokens.stop, sharded_root=sharded_root)
+    teachers = components.make_teachers(cfg, setup.tokenizer, loaded)
     with recorded_failure(run_dir, tracker, dist.is_main), closing(engine), closing(teachers):
         run = Run(cfg, policy, engine, teachers, setup.tokenizer, setup.tokens, setup.task, tracker, run_dir, dist)
         final = train(run, state)
@@ -68,11 +71,11 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
     return final
 
 
-def evaluate_baselines(cfg: Config, setup: runtime.Setup, student: torch.nn.Module,
-                       teachers: runtime.LoadedTeachers, dist):
+def evaluate_baselines(cfg: Config, setup: components.Setup, student: torch.nn.Module,
+                       teachers: components.LoadedTeachers, dist):
     """pass@k of the untrained student and of each teacher (``eval.baselines``; rank 0; cached across runs by
-    :func:`~opd_lab.evaluation.eval_key`): their rows of the result table (``teacher``, or ``teacher_<name>`` for
-    each of several ``model.teachers``) and their per-problem frames."""
+    :func:`~opd_lab.learner.evaluation.eval_key`): their rows of the result table (``teacher``, or
+    ``teacher_<name>`` for each of several ``model.teachers``) and their per-problem frames."""
     table: dict[str, dict[str, float]] = {}
     frames = []
     if cfg.eval.baselines and dist.is_main:
@@ -87,7 +90,7 @@ def evaluate_baselines(cfg: Config, setup: runtime.Setup, student: torch.nn.Modu
                 model.to(device)
             try:
                 res: EvalResult = cached_eval(
-                    cfg, path, lambda m=model, p=path, s=stop: runtime.make_engine(cfg, m, setup.tokenizer, p, s),
+                    cfg, path, lambda m=model, p=path, s=stop: components.make_engine(cfg, m, setup.tokenizer, p, s),
                     setup.tokenizer, setup.task, stop)
             finally:
                 if moved:

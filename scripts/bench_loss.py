@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from opd_lab.heads import head_stats_chunked, head_stats_plain  # noqa: E402
-from opd_lab.losses import lsm_loss, sampled_token_loss  # noqa: E402
+from opd_lab.core.losses import lsm_loss, sampled_token_loss  # noqa: E402
+from opd_lab.learner.heads import head_stats_chunked, head_stats_plain  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from opd_lab.config import register_configs, to_run_config
-from opd_lab.models import train_slice_task
-from opd_lab.prepare import ASSETS, ROLES, build_role, role_key
+from opd_lab.models.embedded import ASSETS, ROLES, build_role, role_key
+from opd_lab.models.loading import train_slice_task
 
 ROOT = Path(__file__).resolve().parent.parent
 

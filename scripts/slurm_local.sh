@@ -16,7 +16,7 @@
 # from its result file, which it always writes.
 #
 # `start` exits 3 with one line saying why when the cluster cannot be brought up here (no apt-get or not root and
-# the packages missing, or a daemon that does not start): tests/test_slurm.py skips on that line, never silently.
+# the packages missing, or a daemon that does not start): tests/run/test_slurm.py skips on that line, never silently.
 set -euo pipefail
 
 ROOT=${OPD_SLURM_DIR:-/tmp/opd-slurm}

@@ -28,7 +28,7 @@ def compose(overrides=()):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from opd_lab.tokenizer import build_tokenizer
+    from opd_lab.models.tokenizer import build_tokenizer
 
     return build_tokenizer()
 
@@ -37,7 +37,7 @@ def tiny_model(tokenizer, hidden=32, layers=1, seed=0):
     from transformers import Qwen3ForCausalLM
 
     from opd_lab.config import EmbeddedModelSize
-    from opd_lab.prepare import qwen3_config
+    from opd_lab.models.embedded import qwen3_config
 
     torch.manual_seed(seed)
     m = Qwen3ForCausalLM(qwen3_config(EmbeddedModelSize(hidden, 2 * hidden, layers, 2, 1, 32), tokenizer))

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from opd_lab.alignment import ideal_gradient, node_logits
+from opd_lab.core.alignment import ideal_gradient, node_logits
 from opd_lab.rollout.base import RolloutBatch
 from tests.test_e2e import ROOT, TINY
 
@@ -48,10 +48,10 @@ class OracleEngine:
 
 
 def test_stubbed_oracle_gives_exact_q_and_analytic_g_star(monkeypatch, tmp_path):
-    import opd_lab.runtime
+    import opd_lab.run.components
     import opd_lab.tasks
     from opd_lab import diagnose
-    from opd_lab.models import load_model, load_tokenizer, resolve_paths
+    from opd_lab.models.loading import load_model, load_tokenizer, resolve_paths
     from opd_lab.tasks import encode_prompts
     from tests.conftest import compose
 
@@ -61,7 +61,7 @@ def test_stubbed_oracle_gives_exact_q_and_analytic_g_star(monkeypatch, tmp_path)
                    "diagnose.every_k=5", "diagnose.max_nodes=3", "diagnose.continuations=3",
                    f"diagnose.out_dir={tmp_path / 'out'}"])
     tok = load_tokenizer(resolve_paths(cfg).tokenizer)
-    monkeypatch.setattr(opd_lab.runtime, "make_engine", lambda *a, **k: OracleEngine(tok))
+    monkeypatch.setattr(opd_lab.run.components, "make_engine", lambda *a, **k: OracleEngine(tok))
     monkeypatch.setattr(opd_lab.tasks, "grade", lambda text, problem: text.removesuffix("<|im_end|>").endswith("GOOD"))
     df = diagnose.run(cfg, tmp_path / "run")
     assert len(df) == 2 * 3 * 2 * 3  # 2 rollouts × 3 nodes × 2 teachers × 3 losses
@@ -91,10 +91,10 @@ def test_stubbed_oracle_gives_exact_q_and_analytic_g_star(monkeypatch, tmp_path)
 def test_end_of_response_candidate_is_graded_not_continued(monkeypatch, tmp_path):
     """Q(h_t, EOS) is the grade of the prefix itself (no continuation after <|im_end|>, whose id 2 is even, so
     the oracle's continuation would have said 1), and continuations get the rollout's remaining budget."""
-    import opd_lab.runtime
+    import opd_lab.run.components
     import opd_lab.tasks
     from opd_lab import diagnose
-    from opd_lab.models import load_tokenizer, resolve_paths
+    from opd_lab.models.loading import load_tokenizer, resolve_paths
     from tests.conftest import compose
 
     cfg = compose([*[t for t in TINY if not t.startswith(("rollout.", "eval.", "trainer.steps"))],
@@ -107,7 +107,7 @@ def test_end_of_response_candidate_is_graded_not_continued(monkeypatch, tmp_path
     eos = tok.eos_token_id
     assert eos % 2 == 0
     engine = OracleEngine(tok, rollout="12+34<|im_end|>4+2=6\n=46\n\\boxed{46}")
-    monkeypatch.setattr(opd_lab.runtime, "make_engine", lambda *a, **k: engine)
+    monkeypatch.setattr(opd_lab.run.components, "make_engine", lambda *a, **k: engine)
     monkeypatch.setattr(opd_lab.tasks, "grade", lambda text, problem: text.removesuffix("<|im_end|>").endswith("GOOD"))
     df = diagnose.run(cfg, tmp_path / "run")
     assert sorted(set(df["position"])) == [0, 5, 10]
@@ -154,15 +154,15 @@ def _adaptive_cfg(tmp_path, *extra):
 
 
 def _run_adaptive(monkeypatch, tmp_path, cfg, fail=False, hopeless_from=None):
-    import opd_lab.runtime
+    import opd_lab.run.components
     import opd_lab.tasks
     from opd_lab import diagnose
-    from opd_lab.models import load_tokenizer, resolve_paths
+    from opd_lab.models.loading import load_tokenizer, resolve_paths
 
     tok = load_tokenizer(resolve_paths(cfg).tokenizer)
     resp = tok(OracleEngine.ROLLOUT, add_special_tokens=False)["input_ids"]
     engine = LateOracleEngine(tok, fail=fail, hopeless=resp[:hopeless_from] if hopeless_from else ())
-    monkeypatch.setattr(opd_lab.runtime, "make_engine", lambda *a, **k: engine)
+    monkeypatch.setattr(opd_lab.run.components, "make_engine", lambda *a, **k: engine)
     monkeypatch.setattr(opd_lab.tasks, "grade", lambda text, problem: text.removesuffix("<|im_end|>").endswith("GOOD"))
     return diagnose.run(cfg, tmp_path / "run"), engine, tok
 

@@ -127,7 +127,7 @@ def test_multirun_losses_and_gates(cache, tmp_path, engine, gates):
 @pytest.mark.slow
 def test_prepare_is_deterministic(tmp_path):
     """Two builds from the same seed give byte-identical weights (what scripts/build_embedded.py relies on)."""
-    from opd_lab.prepare import build_embedded
+    from opd_lab.models.embedded import build_embedded
     from tests.conftest import compose
 
     cfg = compose([o for o in TINY if o.startswith(("model.prepare", "task."))])

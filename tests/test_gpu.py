@@ -18,12 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def setup(tokenizer):
     import random
 
+    from opd_lab.learner.scoring import HFTeacherScorer
+    from opd_lab.models.token_ids import TokenIds
     from opd_lab.rollout.base import SamplingSpec
     from opd_lab.rollout.hf import HFEngine
-    from opd_lab.scoring import HFTeacherScorer
     from opd_lab.tasks import encode_prompts
     from opd_lab.tasks.arith import ArithmeticTask
-    from opd_lab.tokens import TokenIds
     from tests.conftest import tiny_model
 
     student = tiny_model(tokenizer, 64, 2, seed=0).cuda()
@@ -36,8 +36,8 @@ def setup(tokenizer):
 
 @pytest.mark.parametrize("loss", ["sampled_token", "lsm"])
 def test_cuda_chunked_equals_plain_and_bf16_is_close(setup, loss):
-    from opd_lab.scoring import score_batch
-    from opd_lab.update import optimizer_update
+    from opd_lab.learner.scoring import score_batch
+    from opd_lab.learner.update import optimizer_update
     from tests.conftest import compose
     from tests.test_learner import RecordingOptimizer, _drifted
 

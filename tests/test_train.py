@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from opd_lab.evaluation import EvalResult
+from opd_lab.learner.evaluation import EvalResult
 from tests.conftest import compose, tiny_model
 
 
@@ -32,7 +32,7 @@ class CountingEngine:
 def test_eval_cache_key_covers_precision_and_prompts(tmp_path, tokenizer):
     """Two evaluations that differ only in model.dtype leave two cache entries; identical ones leave one; so do a
     different chat template, device, autocast, vLLM cap or stop set."""
-    from opd_lab.evaluation import cached_eval
+    from opd_lab.learner.evaluation import cached_eval
     from opd_lab.tasks import build_task
 
     model_dir = tmp_path / "model"
@@ -62,7 +62,7 @@ def test_eval_cache_key_covers_precision_and_prompts(tmp_path, tokenizer):
 
 def test_stop_set_from_tokenizer_and_generation_config(tmp_path, tokenizer):
     """One stop set: the tokenizer's EOS plus every generation_config eos id (Qwen3: <|im_end|>, <|endoftext|>)."""
-    from opd_lab.tokens import ends_with_stop, stop_token_ids
+    from opd_lab.models.token_ids import ends_with_stop, stop_token_ids
 
     folder = tmp_path / "m"
     folder.mkdir()
@@ -87,7 +87,7 @@ def test_rollout_top_p_follows_the_loss(loss, top_p):
 
 
 def test_model_configs_list_real_special_tokens(tokenizer):
-    from opd_lab.tokens import special_token_ids
+    from opd_lab.models.token_ids import special_token_ids
 
     cfg = compose([])
     assert list(cfg.model.special_tokens) == ["<think>", "</think>", "<|im_end|>"]

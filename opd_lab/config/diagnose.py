@@ -9,7 +9,7 @@ from typing import Any
 from opd_lab.config.base import _check
 
 # --------------------------------------------------------------------------------------------- diagnose
-# the losses of opd_lab.alignment.DIAGNOSTIC_LOSSES (a test keeps the two in step)
+# the losses of opd_lab.core.alignment.DIAGNOSTIC_LOSSES (a test keeps the two in step)
 DIAGNOSTIC_LOSS_NAMES = ("sampled_token", "lsm", "full_rkl")
 
 

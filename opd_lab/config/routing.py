@@ -1,5 +1,5 @@
-"""The ``routing`` group: which teacher of ``model.teachers`` scores each token (multi-teacher OPD; opd_lab/routing.py
-has the maths). With one teacher every rule is the identity."""
+"""The ``routing`` group: which teacher of ``model.teachers`` scores each token (multi-teacher OPD;
+opd_lab/core/routing.py has the maths). With one teacher every rule is the identity."""
 
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ response length, L = P + T)::
     response_mask_B_T: 1 on generated tokens (including the final <|im_end|>), 0 on right padding
 
 Log-probs of response token t come from the logits at position P + t − 1. Engines and teacher scorers are
-built by name from :data:`ENGINES` / :data:`SCORERS` (lazy: ``import opd_lab`` never imports vLLM). This module
-is what engines and scorers depend on; it depends on nothing of opd_lab but the registry.
+built by name from :data:`ENGINES` here and :data:`opd_lab.learner.scoring.SCORERS` (lazy: ``import opd_lab`` never
+imports vLLM). This module is what engines and scorers depend on; it depends on nothing of opd_lab but the registry
+and the teacher-scores record.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any, Protocol
 
 import torch
 
-from opd_lab.registry import Registry
+from opd_lab.common.registry import Registry
+from opd_lab.core.teacher_scores import TeacherScores
 
 
 @dataclass(frozen=True)
@@ -102,17 +104,6 @@ def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return h >> 1
 
 
-@dataclass
-class TeacherScores:
-    """Teacher outputs for a rollout batch (all float32 log-probs over the full vocabulary, ``[B, T, ...]``)."""
-
-    logp_B_T: torch.Tensor  # log q(y_t | h_t)
-    topk_ids_B_T_K: torch.Tensor | None = None
-    topk_logp_B_T_K: torch.Tensor | None = None
-    query_logp_B_T_Q: torch.Tensor | None = None  # log q at the requested extra ids
-    entropy_B_T: torch.Tensor | None = None  # H(q(·|h_t)) (asked of an hf scorer by routing.confidence=entropy)
-
-
 class RolloutEngine(Protocol):
     """What the learner and the evaluator need from a sampler."""
 
@@ -154,10 +145,6 @@ ENGINES: Registry = Registry("rollout engine")
 ENGINES.add("hf", "opd_lab.rollout.hf:build_engine")
 ENGINES.add("vllm", "opd_lab.rollout.vllm:build_engine")
 ENGINES.add("static", "opd_lab.rollout.static:build_engine")
-SCORERS: Registry = Registry("teacher scorer")
-SCORERS.add("hf", "opd_lab.scoring:build_teacher_scorer")
-SCORERS.add("vllm", "opd_lab.rollout.vllm:build_teacher_scorer")
-SCORERS.add("server", "opd_lab.rollout.server:build_teacher_scorer")
 
 
 def engine_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -221,7 +208,7 @@ def unpadded_sequences(batch: RolloutBatch) -> list[list[int]]:
 
 def scores_from_prompt_logprobs(batch: RolloutBatch, seqs: list[list[int]],
                                 entries: list[list[dict[int, tuple[float, int]] | None]], top_k: int):
-    """:class:`~opd_lab.scoring.TeacherScores` from vLLM prompt log-probs (in-process or served).
+    """:class:`~opd_lab.core.teacher_scores.TeacherScores` from vLLM prompt log-probs (in-process or served).
 
     ``entries[i][p]`` maps token id → (log-prob, rank) at position ``p`` of ``seqs[i]``: the top-K of the
     distribution predicting token ``p`` plus the actual token ``seqs[i][p]``. Response token t of row i sits at

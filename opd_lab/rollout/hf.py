@@ -6,9 +6,9 @@ import time
 
 import torch
 
-from opd_lab.distributed import full_params
+from opd_lab.common.distributed import full_params
+from opd_lab.models.token_ids import ends_with_stop
 from opd_lab.rollout.base import BuildContext, RolloutBatch, SamplingSpec, assemble_batch, engine_state, pad_prompts
-from opd_lab.tokens import ends_with_stop
 
 
 class HFEngine:

@@ -18,13 +18,8 @@ import urllib.request
 
 import torch
 
-from opd_lab.rollout.base import (
-    BuildContext,
-    RolloutBatch,
-    TeacherScores,
-    scores_from_prompt_logprobs,
-    unpadded_sequences,
-)
+from opd_lab.core.teacher_scores import TeacherScores
+from opd_lab.rollout.base import BuildContext, RolloutBatch, scores_from_prompt_logprobs, unpadded_sequences
 
 
 class ServerTeacherScorer:

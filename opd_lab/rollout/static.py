@@ -13,7 +13,7 @@ HF ``generate`` spends most of a decode step of a 0.4 M-parameter model in Pytho
   reproducible whatever the batch split, and the sampler's log-probs are reported like HF's and vLLM's.
 
 It serves Qwen3 (``model_type == "qwen3"``) with the default RoPE and full attention; anything else is a
-start-up error pointing at ``rollout.engine=hf``. ``tests/test_static_engine.py`` checks that it samples the same
+start-up error pointing at ``rollout.engine=hf``. ``tests/rollout/test_static.py`` checks that it samples the same
 distribution as the HF reference (token frequencies and log-prob statistics on a fixed prompt set).
 """
 
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from opd_lab.distributed import full_params
+from opd_lab.common.distributed import full_params
+from opd_lab.models.token_ids import ends_with_stop
 from opd_lab.rollout.base import (
     BuildContext,
     RolloutBatch,
@@ -35,7 +36,6 @@ from opd_lab.rollout.base import (
     pad_prompts,
     sample_seed,
 )
-from opd_lab.tokens import ends_with_stop
 
 
 def check_supported(config) -> None:

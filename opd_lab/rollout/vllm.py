@@ -24,17 +24,17 @@ import time
 
 import torch
 
+from opd_lab.core.teacher_scores import TeacherScores
+from opd_lab.models.token_ids import ends_with_stop
 from opd_lab.rollout.base import (
     BuildContext,
     RolloutBatch,
     SamplingSpec,
-    TeacherScores,
     assemble_batch,
     sample_seed,
     scores_from_prompt_logprobs,
     unpadded_sequences,
 )
-from opd_lab.tokens import ends_with_stop
 
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
@@ -42,7 +42,7 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 def _set_env(cpu: bool, kv_cache_gib: float) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # vLLM warns at every in-place reload ("RotaryEmbedding: Failed to load weights": it has buffers, no weights;
-    # tests/test_vllm.py checks log-probs after a sync): its records go to the run's log file (console.py).
+    # tests/rollout/test_vllm.py checks log-probs after a sync): its records go to the run's log file (console.py).
     if cpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
 

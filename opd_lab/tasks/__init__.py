@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Protocol
 
-from opd_lab.registry import Registry
+from opd_lab.common.registry import Registry
 from opd_lab.tasks.arith import ArithmeticTask, Problem, grade_exact
 
 

@@ -1,0 +1,180 @@
+"""Blockwise policy-drift gates (BPDG), as pure functions on tensors.
+
+Shape suffixes (the project's convention): ``_B_T`` is [batch, response positions]; ``_B_T_K`` adds K support
+ids; ``_B`` is per sequence. Masks are 0/1 tensors of the same shape as the values they mask.
+
+Inputs, per docs/methods.md:
+- ``delta_B_T``: δ_t = log π_θ(y_t|h_t) − log π_old(y_t|h_t) (signed; detached here).
+- ``loss_mask_B_T``: m_t, 1 on positions whose loss counts (response tokens that are not masked specials).
+- ``response_mask_B_T``: 1 on every response token. Positions are counted from each row's first response
+  token, so left or right padding in the tensor never moves a block boundary.
+- ``newline_B_T``: 1 where the sampled token contains a newline (only the ``span`` gate uses it).
+
+A gate groups positions into G, takes the signed group drift m_G = mean_{t∈G, m_t=1} δ_t and returns the raw
+gate g_t = exp(−τ·|m_G|), computed shift-stable as exp(−τ(|m_G| − min_G' |m_G'|)) (:func:`shifted_gate`).
+:func:`normalise_gates` rescales to unit mean over the valid positions of an optimizer update and applies the
+optional clip; the learner calls exactly these functions, with the shift and the mean taken over the whole
+update (every micro-batch and rank).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from opd_lab.common.registry import Registry
+
+GroupFn = Callable[..., torch.Tensor]
+# gate kind → grouping(response_mask_B_T, block_size, newline_B_T) → group index per position (−1: no group)
+GROUPINGS: Registry[GroupFn] = Registry("gate kind")
+
+
+def response_positions(response_mask_B_T: torch.Tensor) -> torch.Tensor:
+    """Index of each response token counted from the row's first response token (0-based); −1 elsewhere."""
+    pos = torch.cumsum(response_mask_B_T.long(), dim=-1) - 1
+    return torch.where(response_mask_B_T.bool(), pos, torch.full_like(pos, -1))
+
+
+@GROUPINGS.register("none")
+def no_groups(response_mask_B_T: torch.Tensor, **_) -> torch.Tensor:
+    """No gate: no position belongs to a group (g_t = 1 everywhere)."""
+    return torch.full_like(response_mask_B_T, -1, dtype=torch.long)
+
+
+@GROUPINGS.register("token")
+def token_groups(response_mask_B_T: torch.Tensor, **_) -> torch.Tensor:
+    """Every response position is its own group."""
+    return response_positions(response_mask_B_T)
+
+
+@GROUPINGS.register("sequence")
+def sequence_groups(response_mask_B_T: torch.Tensor, **_) -> torch.Tensor:
+    """The whole response is one group."""
+    return torch.where(response_mask_B_T.bool(), 0, -1)
+
+
+@GROUPINGS.register("block")
+def block_groups(response_mask_B_T: torch.Tensor, block_size: int, **_) -> torch.Tensor:
+    """Consecutive groups of ``block_size`` response positions, from the first response token."""
+    pos = response_positions(response_mask_B_T)
+    return torch.where(pos >= 0, pos // block_size, -1)
+
+
+@GROUPINGS.register("span")
+def span_groups(response_mask_B_T: torch.Tensor, newline_B_T: torch.Tensor, **_) -> torch.Tensor:
+    """Reasoning steps: a group ends after each newline-containing token and at the end of the response."""
+    nl = (newline_B_T.bool() & response_mask_B_T.bool()).long()
+    gid = torch.cumsum(nl, dim=-1) - nl  # newlines strictly before t
+    return torch.where(response_mask_B_T.bool(), gid, -1)
+
+
+def group_mean(values_B_T: torch.Tensor, mask_B_T: torch.Tensor, group_B_T: torch.Tensor) -> torch.Tensor:
+    """Masked mean of ``values`` over each row's group, broadcast back to ``[B, T]`` (0 for empty groups)."""
+    B, T = values_B_T.shape
+    n_groups = int(group_B_T.max().item()) + 1 if group_B_T.numel() else 0
+    if n_groups <= 0:
+        return torch.zeros_like(values_B_T)
+    in_group = group_B_T >= 0
+    flat = (torch.arange(B, device=values_B_T.device).unsqueeze(1) * n_groups + group_B_T.clamp(min=0))
+    flat = flat.reshape(-1)
+    w = (mask_B_T.to(values_B_T.dtype) * in_group).reshape(-1)
+    sums = torch.zeros(B * n_groups, dtype=values_B_T.dtype, device=values_B_T.device)
+    counts = torch.zeros_like(sums)
+    sums.index_add_(0, flat, values_B_T.reshape(-1) * w)
+    counts.index_add_(0, flat, w)
+    means = sums / counts.clamp(min=1)
+    return torch.where(in_group, means[flat].reshape(B, T), torch.zeros_like(values_B_T))
+
+
+def group_drift(
+    delta_B_T: torch.Tensor,
+    loss_mask_B_T: torch.Tensor,
+    response_mask_B_T: torch.Tensor,
+    kind: str,
+    block_size: int | None = None,
+    newline_B_T: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed group drift m_G = mean_{t∈G, m_t=1} δ_t at every position of group G, and the sign-cancellation flags.
+
+    Returns ``(m_G_B_T, cancel_B_T)``: ``m_G_B_T`` is 0 off the response (and everywhere for ``kind='none'``);
+    ``cancel_B_T`` is 1 at valid positions whose δ_t has the opposite sign to m_G (drifts cancelling inside the
+    group; logged as a rate).
+    """
+    delta_B_T = delta_B_T.detach()
+    mask = loss_mask_B_T.to(delta_B_T.dtype)
+    if kind == "none":
+        return torch.zeros_like(delta_B_T), torch.zeros_like(delta_B_T)
+    grouping = GROUPINGS.get(kind)
+    if kind == "span" and newline_B_T is None:
+        raise ValueError("the span gate needs newline_B_T")
+    groups = grouping(response_mask_B_T=response_mask_B_T, block_size=block_size, newline_B_T=newline_B_T)
+    m_G = group_mean(delta_B_T, mask, groups)
+    cancel = ((torch.sign(delta_B_T) * torch.sign(m_G)) < 0).to(delta_B_T.dtype) * mask
+    return m_G, cancel
+
+
+def min_abs_drift(m_G_B_T: torch.Tensor, loss_mask_B_T: torch.Tensor) -> float:
+    """min |m_G| over the valid positions (+inf when there are none): the shift of the shift-stable gate."""
+    valid = loss_mask_B_T.bool()
+    return float(m_G_B_T.abs()[valid].min()) if bool(valid.any()) else math.inf
+
+
+def shifted_gate(m_G_B_T: torch.Tensor, loss_mask_B_T: torch.Tensor, tau: float,
+                 shift: float | None = None) -> torch.Tensor:
+    """Raw gate computed shift-stable: g_t = exp(−τ(|m_G| − c)) on valid positions, 1 elsewhere.
+
+    ``shift`` c is the min of |m_G| over the optimizer update's groups (default: over the given positions,
+    :func:`min_abs_drift`); the unit-mean normalisation cancels the common factor exp(τc), and the group with
+    the least drift gets exactly 1, so no τ can make every gate underflow to 0. No gradient.
+    """
+    c = min_abs_drift(m_G_B_T, loss_mask_B_T) if shift is None else shift
+    c = 0.0 if not math.isfinite(c) else c
+    gate = torch.exp(-tau * (m_G_B_T.detach().abs() - c))
+    return torch.where(loss_mask_B_T.bool(), gate, torch.ones_like(gate))
+
+
+def drift_gate(
+    delta_B_T: torch.Tensor,
+    loss_mask_B_T: torch.Tensor,
+    response_mask_B_T: torch.Tensor,
+    kind: str,
+    tau: float,
+    block_size: int | None = None,
+    newline_B_T: torch.Tensor | None = None,
+    shift: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Raw gate g_t ∝ exp(−τ·|m_G|) (``kind`` ∈ none, token, sequence, block, span), shift-stable, no gradient.
+
+    :func:`group_drift` then :func:`shifted_gate`. Returns ``(gate_B_T, extras)``; ``gate_B_T`` is 1 off the
+    loss mask and everywhere for ``kind='none'``; ``extras`` holds ``group_drift_B_T`` (m_G) and ``cancel_B_T``.
+    """
+    m_G, cancel = group_drift(delta_B_T, loss_mask_B_T, response_mask_B_T, kind, block_size, newline_B_T)
+    if kind == "none":
+        gate = torch.ones_like(delta_B_T)
+    else:
+        gate = shifted_gate(m_G, loss_mask_B_T, tau, shift)
+    return gate, {"group_drift_B_T": m_G, "cancel_B_T": cancel}
+
+
+def normalise_gates(
+    gate_B_T: torch.Tensor,
+    loss_mask_B_T: torch.Tensor,
+    clip_min: float | None = None,
+    clip_max: float | None = None,
+    mean: float | None = None,
+) -> torch.Tensor:
+    """g_t ← g_t / (Σ m g / Σ m), then the optional clip [g_min, g_max].
+
+    The mean is over the given positions, or ``mean`` when the optimizer update spans several micro-batches or
+    ranks (the learner sums Σ m g and Σ m over all of them first): the step-level normalisation of docs/methods.md.
+    """
+    if mean is None:
+        mask = loss_mask_B_T.to(gate_B_T.dtype)
+        mean = (gate_B_T * mask).sum() / mask.sum().clamp(min=1)
+    mean = torch.as_tensor(mean, dtype=gate_B_T.dtype)
+    out = gate_B_T / mean.clamp(min=torch.finfo(gate_B_T.dtype).tiny)
+    if clip_min is not None or clip_max is not None:
+        out = out.clamp(min=clip_min, max=clip_max)
+    return out

@@ -1,0 +1,236 @@
+"""Log-probs of chosen ids from a causal LM, without a float32 [B, T, V] copy.
+
+Everything the losses and gates need from a model at response position t is a handful of numbers: the
+log-sum-exp lse_t = log Σ_V exp(z_t) and the logits z_t at a few ids (the sampled token y_t, the support S_t).
+Two paths compute them:
+
+- plain: the model's logits ``[B, T, V]`` (model dtype), then a float32 log-sum-exp over chunks of positions
+  and a gather-then-upcast of the chosen columns;
+- chunked: the final hidden states ``[B, T, H]`` go through the LM head ``chunk_size`` positions at a time,
+  so at most ``[B, chunk, V]`` logits exist at once, in the forward and in the fused backward pass, which
+  recomputes them (and is sparse when only the K chosen logits carry gradient, as in renormalised LSM).
+
+Both return the same ``(lse_B_T, z_B_T_K)``; the learner builds log π(v) = z_v − lse from them, through
+:class:`Policy`, the student's training forward (π_old is scored by the same forward). Teacher scoring
+(scoring.py) takes the chunked path without gradients and keeps only what the losses need (sampled-token
+log-prob, top-K ids and log-probs, log-probs at requested ids), never logits.
+The chunked path assumes the usual causal-LM head ``logits = hidden @ W_head^T`` (no soft-capping/scaling).
+
+Temperature: when the rollout temperature T_s ≠ 1, logits are divided by T_s before any log-softmax, for the
+student and the teacher alike (docs/methods.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd_lab.common.distributed import unwrap
+from opd_lab.core.losses import at_least_f32
+from opd_lab.rollout.base import RolloutBatch
+
+
+def _causal_inputs(model: torch.nn.Module, batch: RolloutBatch) -> tuple[dict[str, torch.Tensor], int]:
+    """Model inputs for prompt + response minus the last token, and T: the last T positions (P−1 .. L−2)
+    predict response tokens 0 .. T−1. Positions count from each row's first real token (left padding)."""
+    device = next(model.parameters()).device
+    ids = batch.input_ids_B_L.to(device)
+    att = batch.attention_mask_B_L.to(device)
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    inputs = {"input_ids": ids[:, :-1], "attention_mask": att[:, :-1], "position_ids": pos[:, :-1]}
+    return inputs, ids.shape[1] - batch.prompt_len
+
+
+def response_logits(model: torch.nn.Module, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Logits ``[B, T, V]`` (model dtype) predicting each response token, divided by ``temperature``."""
+    inputs, T = _causal_inputs(model, batch)
+    logits = model(**inputs, logits_to_keep=T).logits
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits
+
+
+def response_hidden(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    """Final hidden states ``[B, T, H]`` at the positions that predict each response token."""
+    inputs, T = _causal_inputs(model, batch)
+    return model.base_model(**inputs).last_hidden_state[:, -T:]
+
+
+def head_logits(h_B_C_H: torch.Tensor, w_V_H: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One chunk of logits ``h W^T / T_s`` (model dtype, a fresh tensor the caller may overwrite)."""
+    logits = h_B_C_H @ w_V_H.t()
+    return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+# x86 CPUs take a ~10x slower path for exp() of arguments below about -87 (float32 underflow). Shifted
+# logits that low contribute < e^-80 ≈ 1.8e-35 each to a log-sum-exp (and to softmax), so clamp first.
+_EXP_FLOOR = -80.0
+
+
+def logsumexp_last(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """log Σ exp(x) over the last dim; on CPU shifted by the max and clamped at −80 before ``exp``.
+
+    ``inplace=True`` overwrites ``x`` (a temporary the caller no longer needs) to save a pass and a copy.
+    """
+    if x.device.type != "cpu":
+        return torch.logsumexp(x, dim=-1)
+    m = x.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    y = x.sub_(m) if inplace else x - m
+    return m.squeeze(-1) + y.clamp_(min=_EXP_FLOOR).exp_().sum(-1).log()
+
+
+def softmax_from_lse(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """exp(x − lse) with the same CPU clamp as :func:`logsumexp_last` (a new tensor)."""
+    y = x - lse.unsqueeze(-1)
+    if x.device.type == "cpu":
+        y.clamp_(min=_EXP_FLOOR)
+    return y.exp_()
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """(lse, z) = (log Σ_V exp(h W^T / T_s), (h W^T / T_s)[ids]) over position chunks, with a fused backward.
+
+    Forward keeps only h, W, ids and lse. Backward recomputes each chunk's logits: when lse receives a
+    gradient the chunk's dense logit gradient softmax·g_lse + scatter(g_z) goes through the two head matmuls;
+    when it does not (renormalised LSM: the loss sees only the K support logits) the backward is sparse,
+    O(B·T·K·H) instead of O(B·T·V·H): ∂h = Σ_k g_z,k W[id_k] / T_s and ∂W[id_k] += g_z,k h / T_s.
+    """
+
+    @staticmethod
+    def forward(ctx, h_B_T_H, w_V_H, ids_B_T_K, temperature, chunk_size):
+        ctx.set_materialize_grads(False)
+        device_type = h_B_T_H.device.type  # the backward recomputes the logits under the forward's autocast
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        lse, z = [], []
+        with torch.no_grad():
+            for s in range(0, h_B_T_H.shape[1], chunk_size):
+                logits = head_logits(h_B_T_H[:, s : s + chunk_size], w_V_H, temperature)
+                z.append(at_least_f32(logits.gather(-1, ids_B_T_K[:, s : s + chunk_size])))
+                lse.append(logsumexp_last(at_least_f32(logits), inplace=True))
+        lse_B_T, z_B_T_K = torch.cat(lse, 1), torch.cat(z, 1)
+        ctx.save_for_backward(h_B_T_H, w_V_H, ids_B_T_K, lse_B_T)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return lse_B_T, z_B_T_K
+
+    @staticmethod
+    def backward(ctx, g_lse_B_T, g_z_B_T_K):
+        device_type, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            return _ChunkedHead._backward(ctx, g_lse_B_T, g_z_B_T_K)
+
+    @staticmethod
+    def _backward(ctx, g_lse_B_T, g_z_B_T_K):
+        h, w, ids, lse = ctx.saved_tensors
+        T_s, C = ctx.temperature, ctx.chunk_size
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros_like(w) if need_w else None
+        if g_z_B_T_K is None:
+            g_z_B_T_K = torch.zeros(ids.shape, dtype=lse.dtype, device=h.device)
+        for s in range(0, h.shape[1], C):
+            h_c, ids_c, g_z = h[:, s : s + C], ids[:, s : s + C], at_least_f32(g_z_B_T_K[:, s : s + C]) / T_s
+            if g_lse_B_T is None:  # sparse: only the K chosen columns carry gradient
+                if need_h:
+                    grad_h[:, s : s + C] = torch.einsum("bck,bckh->bch", g_z, at_least_f32(w[ids_c])).to(h.dtype)
+                if need_w:
+                    rows = (g_z.unsqueeze(-1) * at_least_f32(h_c).unsqueeze(-2)).reshape(-1, h.shape[-1])
+                    grad_w.index_add_(0, ids_c.reshape(-1), rows.to(w.dtype))
+                continue
+            logits = at_least_f32(head_logits(h_c, w, T_s))
+            g = softmax_from_lse(logits, lse[:, s : s + C]) * (at_least_f32(g_lse_B_T[:, s : s + C, None]) / T_s)
+            g.scatter_add_(-1, ids_c, g_z)
+            g = g.to(h.dtype)
+            if need_h:
+                grad_h[:, s : s + C] = g @ w
+            if need_w:
+                grad_w += g.reshape(-1, g.shape[-1]).t() @ h_c.reshape(-1, h.shape[-1])
+        return grad_h, grad_w, None, None, None
+
+
+def head_stats_chunked(
+    hidden_B_T_H: torch.Tensor,
+    head_weight_V_H: torch.Tensor,
+    ids_B_T_K: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse_B_T, z_B_T_K)`` in float32 from hidden states, ``chunk_size`` positions of logits at a time.
+
+    At most one chunk of ``[B, chunk, V]`` logits (and its float32 copy) exists, in the forward pass and in the
+    fused backward (:class:`_ChunkedHead`), which recomputes them.
+    """
+    return _ChunkedHead.apply(hidden_B_T_H, head_weight_V_H, ids_B_T_K, temperature, chunk_size)
+
+
+class _PlainHead(torch.autograd.Function):
+    """(lse, z) from full logits ``[B, T, V]``: float32 only per chunk; one logit-gradient buffer in backward."""
+
+    @staticmethod
+    def forward(ctx, logits_B_T_V, ids_B_T_K, chunk_size):
+        ctx.set_materialize_grads(False)
+        with torch.no_grad():
+            lse = logsumexp_chunked(logits_B_T_V, chunk_size)
+            z = gather_float(logits_B_T_V, ids_B_T_K)
+        ctx.save_for_backward(logits_B_T_V, ids_B_T_K, lse)
+        ctx.chunk_size = chunk_size
+        return lse, z
+
+    @staticmethod
+    def backward(ctx, g_lse_B_T, g_z_B_T_K):
+        logits, ids, lse = ctx.saved_tensors
+        grad = torch.zeros_like(logits)
+        C = ctx.chunk_size
+        for s in range(0, logits.shape[1], C):
+            if g_lse_B_T is not None:
+                p = softmax_from_lse(at_least_f32(logits[:, s : s + C]), lse[:, s : s + C])
+                grad[:, s : s + C] = (p * at_least_f32(g_lse_B_T[:, s : s + C, None])).to(grad.dtype)
+        if g_z_B_T_K is not None:
+            grad.scatter_add_(-1, ids, g_z_B_T_K.to(grad.dtype))
+        return grad, None, None
+
+
+def head_stats_plain(logits_B_T_V: torch.Tensor, ids_B_T_K: torch.Tensor,
+                     chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse_B_T, z_B_T_K)`` in float32 from full logits (already divided by the temperature)."""
+    return _PlainHead.apply(logits_B_T_V, ids_B_T_K, chunk_size)
+
+
+def logsumexp_chunked(logits_B_T_V: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
+    """float32 log Σ_V exp(z) per position, upcasting at most ``chunk_size`` positions at a time."""
+    T = logits_B_T_V.shape[1]
+    parts = [logsumexp_last(at_least_f32(logits_B_T_V[:, s : s + chunk_size])) for s in range(0, T, chunk_size)]
+    return torch.cat(parts, dim=1) if parts else logits_B_T_V.new_zeros(logits_B_T_V.shape[:2]).float()
+
+
+def gather_float(logits_B_T_V: torch.Tensor, ids_B_T_K: torch.Tensor) -> torch.Tensor:
+    """Logits at ``ids`` as float32 ``[B, T, K]`` (gather first, then upcast)."""
+    return at_least_f32(logits_B_T_V.gather(-1, ids_B_T_K))
+
+
+
+class Policy(torch.nn.Module):
+    """The student's training forward as one module, so that DDP and FSDP2 see every parameter use inside
+    ``forward`` (the chunked path reads the LM-head weight directly): returns ``(lse_B_T, z_B_T_K)``, the
+    log-sum-exp and the logits at ``ids_B_T_K`` of every response position (scoring.py), float32.
+
+    ``autocast_bf16`` runs the forward (and the chunked head's recomputation in its backward) under bf16
+    autocast on the module's device type, CPU included."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: RolloutBatch, ids_B_T_K: torch.Tensor, temperature: float, chunk_size: int,
+                loss_path: str, autocast_bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        device_type = next(self.parameters()).device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast_bf16):
+            if loss_path == "chunked":
+                hidden = response_hidden(self.lm, batch)
+                w = self.lm.get_output_embeddings().weight
+                return head_stats_chunked(hidden, w, ids_B_T_K, temperature, chunk_size)
+            return head_stats_plain(response_logits(self.lm, batch, temperature), ids_B_T_K, chunk_size)
+
+
+def as_policy(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` if it is a (wrapped) :class:`Policy`, else a :class:`Policy` over the language model ``model``."""
+    return model if isinstance(unwrap(model), Policy) else Policy(model)
