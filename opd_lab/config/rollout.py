@@ -10,7 +10,7 @@ from opd_lab.config.base import _check
 
 # ------------------------------------------------------------------------------------------------ rollout
 class Backend(str, Enum):
-    """Who samples (``rollout.engine``); ``auto`` is resolved at start-up (runtime.resolve_engine)."""
+    """Who samples (``rollout.engine``); ``auto`` is resolved at start-up (run.components.resolve_engine)."""
 
     auto = "auto"  # vLLM on CUDA, the static engine on a CPU for plain Qwen3 students, HF otherwise
     hf = "hf"  # transformers generate: the reference engine

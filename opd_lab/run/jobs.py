@@ -43,7 +43,7 @@ def config_error(e: ConfigError) -> None:
     print(f"opd-lab: config error: {e}", file=sys.stderr)
     if not in_multirun():
         sys.exit(2)
-    out = Path(HydraConfig.get().components.output_dir)
+    out = Path(HydraConfig.get().runtime.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_status(out, "failed", error=f"config error: {e}")
     raise e

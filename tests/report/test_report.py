@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from opd_lab.report.cli import load_sweep, paired, paired_markdown, setting_of, summarise, summary_markdown
+from opd_lab.report.sources import load_sweep, setting_of
+from opd_lab.report.tables import paired, paired_markdown, summarise, summary_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,7 +78,7 @@ def test_variants_are_named_by_what_varies_across_all_parts(tmp_path):
     losses' runs would merge into one variant and pair with each other."""
     import yaml
 
-    from opd_lab.report.cli import load_sweeps
+    from opd_lab.report.sources import load_sweeps
 
     parts = []
     for loss in ("sampled_token", "lsm"):
@@ -164,7 +165,7 @@ def test_tiny_sweep_then_report(tmp_path):
 
 def test_pairing_ignores_fields_that_older_runs_lack():
     """Runs made before a schema field existed pair with newer ones that have it (at its default)."""
-    from opd_lab.report.cli import common_pair_keys
+    from opd_lab.report.tables import common_pair_keys
 
     old, new = setting_of(_cfg(seed=0), False)["_pair_key"], setting_of(_cfg("block", seed=0), False)["_pair_key"]
     grown = json.dumps({**json.loads(new), "routing.rule": "single"}, sort_keys=True)
@@ -207,7 +208,8 @@ def _evals(folder: Path, name: str, rows: list[tuple[str, float, float]], **extr
 
 
 def test_final_pass_at_k_per_tag_from_the_last_evaluation(tmp_path):
-    from opd_lab.report.cli import baselines_by_tag, by_tag_markdown, final_by_tag
+    from opd_lab.report.sources import final_by_tag
+    from opd_lab.report.tables import baselines_by_tag, by_tag_markdown
 
     _evals(tmp_path / "evals", "student_step_000002.csv", [("ops3", 0.0, 0.0), ("ops4", 0.0, 0.0)])
     _evals(tmp_path / "evals", "student_step_000010.csv",
@@ -323,7 +325,9 @@ def test_a_legacy_runs_csv_pairs_on_every_other_axis_of_its_sweep(tmp_path):
     """A runs.csv without pair keys, over an axis outside its setting columns (the temperature, an override):
     gated runs still pair only with the ungated run of their own temperature (never both: an error), including a
     new part's runs; bookkeeping overrides of a part name nothing even when no axis varies."""
-    from opd_lab.report.cli import load_sweeps, paired, report
+    from opd_lab.report.cli import report
+    from opd_lab.report.sources import load_sweeps
+    from opd_lab.report.tables import paired
 
     def sweep(part, seeds, extra=()):
         num = 0
@@ -359,7 +363,8 @@ def test_a_legacy_runs_csv_pairs_on_every_other_axis_of_its_sweep(tmp_path):
 def test_runs_csv_edge_cases(tmp_path):
     """An eval.seed sweep is not a duplicate run; a runs.csv from a report too old to pair is a clear error; a
     list value's spaces do not split an override."""
-    from opd_lab.report.cli import _split_overrides, load_sweeps, main
+    from opd_lab.report.cli import main
+    from opd_lab.report.sources import _split_overrides, load_sweeps
 
     for num, s in enumerate((0, 1, 2)):
         _job(tmp_path / "ev", num, ["variant=base_student", "trainer.seed=0", f"eval.seed={s}"],
@@ -376,7 +381,8 @@ def test_a_job_that_a_later_part_completed_is_superseded_not_failed_or_unfinishe
     former status and error kept) and counted neither as failed nor as unfinished; read back from a runs.csv alone
     they are failed and unfinished again, and beside the later part superseded again; a failure in a later part,
     or beside a completed run in its own part, is not superseded."""
-    from opd_lab.report.cli import load_sweeps, report
+    from opd_lab.report.cli import report
+    from opd_lab.report.sources import load_sweeps
 
     a, b = tmp_path / "a", tmp_path / "b"
     for s in (0, 1, 2):

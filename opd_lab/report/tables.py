@@ -1,0 +1,167 @@
+"""The report's tables from the runs' DataFrame: per-variant means with 95% intervals, the per-tag table with the
+untrained models' baselines, and the paired differences of every gated variant to its ungated run (or to
+``--baseline``), as DataFrames and as the Markdown of ``summary.md``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from opd_lab.core.stats import mean_ci95
+
+
+def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per variant (in sweep order): counts by status, and mean/std/CI95 of every final metric over the
+    completed runs."""
+    metrics = [c for c in runs.columns if c.startswith("final/")]
+    metrics += [c for c in runs.columns if c.startswith("last10pct/")]
+    out = []
+    for variant, g in runs.groupby("variant", sort=False):
+        done = g[g["status"] == "completed"]
+        row = {"variant": variant, "n_completed": len(done), "n_failed": int((g["status"] == "failed").sum()),
+               "n_unfinished": int((~g["status"].isin(["completed", "failed", "superseded"])).sum()),
+               "seeds": ",".join(str(s) for s in done["seed"].dropna().astype(int))}
+        for m in metrics:
+            mean, std, ci, _ = mean_ci95(done[m].tolist() if m in done else [])
+            name = m.removeprefix("final/")
+            row[f"{name}_mean"], row[f"{name}_std"], row[f"{name}_ci95"] = mean, std, ci
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def paired(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
+    """For every gated variant: the difference of each final pass@k (overall and per tag) to the ungated run with
+    the same setting (``_pair_key``) and the same seed, mean and 95% CI over seeds (a paired t interval: seed-to-seed
+    noise shared by both runs cancels). With ``baseline`` (a variant name): every other trained variant against
+    that variant's run with the same seed instead, whatever else differs (the multi-teacher sweep: each routing
+    against the generalist)."""
+    done = runs[(runs["status"] == "completed") & runs["_pair_key"].notna()]
+    done = done.assign(_pair_key=common_pair_keys(done["_pair_key"]))
+    metrics = [c for c in done.columns if c.startswith("final/") and c.split("/")[-1].startswith("pass@")]
+    if baseline is not None:
+        if baseline not in set(done["variant"]):
+            raise ValueError(f"--baseline {baseline!r}: no completed trained run has that variant; variants: "
+                             f"{', '.join(dict.fromkeys(done['variant']))}")
+        groups, on = done[done["variant"] != baseline].groupby("variant", sort=False), ["seed"]
+        refs = {v: done[done["variant"] == baseline] for v, _ in groups}
+    else:
+        base = done[done["ungated"].astype(bool)]
+        groups, on = done[~done["ungated"].astype(bool)].groupby("variant", sort=False), ["_pair_key", "seed"]
+        refs = {v: base[base["_pair_key"].isin(g["_pair_key"])] for v, g in groups}
+    out = []
+    for variant, g in groups:
+        ref = refs[variant]
+        if not len(ref):
+            continue
+        twice = ref.duplicated(on, keep=False)
+        if twice.any():  # a run would be paired with two references and counted twice
+            raise ValueError(f"{variant}: more than one reference run with the same seed and setting "
+                             f"({', '.join(dict.fromkeys(ref.loc[twice, 'variant']))}); pairing cannot choose")
+        row = {"variant": variant, "baseline": ", ".join(dict.fromkeys(ref["variant"]))}
+        merged = g.merge(ref[[*on, *metrics, "variant"]], on=on, suffixes=("", "_base"))
+        row["n_pairs"] = len(merged)
+        for m in metrics:
+            mean, std, ci, n = mean_ci95((merged[m] - merged[f"{m}_base"]).dropna().tolist())
+            name = m.removeprefix("final/")
+            row[f"delta_{name}_mean"], row[f"delta_{name}_ci95"] = mean, ci
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def common_pair_keys(keys: pd.Series) -> pd.Series:
+    """The pair keys restricted to the config fields every run has: a field added to the schema after some runs were
+    made (absent from their ``config.yaml``, so at its default when they ran) cannot tell two runs apart."""
+    parsed = [json.loads(k) for k in keys]
+    common = set.intersection(*(set(p) for p in parsed)) if parsed else set()
+    # an override (``_legacy_pair_key``) given to some runs only is not a schema field at its default: kept
+    common |= {k for p in parsed for k in p if k.startswith("override:")}
+    return pd.Series([json.dumps({k: p.get(k) for k in sorted(common)}, sort_keys=True, default=str)
+                      for p in parsed], index=keys.index, dtype=object)
+
+
+def paired_markdown(pairs: pd.DataFrame, baseline: str | None = None) -> str:
+    if not len(pairs):
+        return ""
+    ks = [c.removeprefix("delta_").removesuffix("_mean") for c in pairs.columns if c.endswith("_mean")]
+    head = ["variant", "vs", "pairs", *[f"Δ{k}" for k in ks]]
+    title, what = (f"{baseline} with the same seed", f"(variant − {baseline})") if baseline else (
+        "the ungated run with the same seed", "(gated − ungated)")
+    lines = ["", f"### Paired differences to {title}", "",
+             f"Mean ± 95% confidence half-width of {what} over seeds; an interval that holds 0 is a null "
+             "result.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in pairs.iterrows():
+        cells = [_fmt(r[f"delta_{k}_mean"], r[f"delta_{k}_ci95"], signed=True) for k in ks]
+        lines.append(f"| {r['variant']} | {r['baseline']} | {r['n_pairs']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def by_tag_markdown(summary: pd.DataFrame, teachers: pd.DataFrame | None = None) -> str:
+    """Per tag (``final/<tag>/pass@k``): each variant's mean ± 95% CI and, when known, each baseline model's
+    pass@k on the same problems (``teachers``: one row per model and tag, from a run's ``eval_per_problem.csv``)."""
+    cols = [c.removesuffix("_mean") for c in summary.columns if c.endswith("_mean") and "/" in c
+            and c.split("/")[-1].startswith("pass@")]
+    if not cols:
+        return ""
+    lines = ["", "### Final pass@k per tag", "", "Mean ± 95% confidence half-width over seeds, on the evaluation "
+             "problems of each tag.", "", "| variant | n | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for _, r in summary.iterrows():
+        cells = [_fmt(r[f"{c}_mean"], r[f"{c}_ci95"]) for c in cols]
+        lines.append(f"| {r['variant']} | {r['n_completed']} | " + " | ".join(cells) + " |")
+    if teachers is not None and len(teachers):
+        for model, g in teachers.groupby("model", sort=False):
+            vals = {f"{t}/{k}": v for t, k, v in zip(g["tag"], g["k"], g["value"], strict=True)}
+            cells = [f"{vals[c]:.3f}" if c in vals else "–" for c in cols]
+            lines.append(f"| {model} (baseline, not trained) | – | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def baselines_by_tag(runs: pd.DataFrame) -> pd.DataFrame:
+    """The untrained models' (``base_student``, the teachers) pass@k per tag, each from the first completed run that
+    evaluated it (``eval_per_problem.csv``; cached across runs, so every run holds the same numbers for a model)."""
+    rows, seen = [], set()
+    for d in runs.loc[runs["status"] == "completed", "run_dir"]:
+        path = Path(d) / "eval_per_problem.csv" if d else None
+        if not path or not path.exists():
+            continue
+        df = pd.read_csv(path, dtype={"question": str, "answer": str, "tag": str})
+        if "tag" not in df or "model" not in df or df["tag"].nunique() < 2:
+            continue
+        df = df[(df["model"] != "student") & ~df["model"].isin(seen)]
+        ks = [c for c in df.columns if c.startswith("pass@")]
+        rows += [{"model": m, "tag": t, "k": k, "value": float(g[k].mean())}
+                 for (m, t), g in df.groupby(["model", "tag"], sort=False) for k in ks]
+        seen |= set(df["model"])
+    return pd.DataFrame(rows)
+
+
+def _fmt(mean: float, ci: float, signed: bool = False) -> str:
+    if not np.isfinite(mean):
+        return "–"
+    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return f"{text} ± {ci:.3f}" if np.isfinite(ci) else text
+
+
+def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame, title: str) -> str:
+    """The summary as a Markdown table (mean ± 95% CI half-width), then the runs that did not complete."""
+    ks = [c.removesuffix("_mean") for c in summary.columns if c.startswith("pass@") and c.endswith("_mean")]
+    cols = ks + [c for c in ("truncated_frac",) if f"{c}_mean" in summary]
+    head = ["variant", "n", *cols, "failed", "unfinished"]
+    lines = [f"## {title}", "", "Mean ± 95% confidence half-width (Student t over seeds).", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for _, r in summary.iterrows():
+        cells = [str(r["variant"]), str(r["n_completed"])] + [_fmt(r[f"{c}_mean"], r[f"{c}_ci95"]) for c in cols]
+        lines.append("| " + " | ".join(cells + [str(r["n_failed"]), str(r["n_unfinished"])]) + " |")
+    bad = runs[runs["status"] != "completed"]
+    if len(bad):
+        lines += ["", "### Runs that did not complete", "", "| job | variant | seed | status | error |",
+                  "|---|---|---|---|---|"]
+        for _, r in bad.iterrows():
+            err = str(r.get("error") or "").replace("|", "/").replace("\n", " ")[:200]
+            lines.append(f"| {r['job']} | {r['variant']} | {r['seed']} | {r['status']} | {err} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
