@@ -77,7 +77,8 @@ class RolloutConfig:
     n_prompts: int = 8
     n_samples: int = 4
     temperature: float = 1.0
-    top_p: float = 0.9
+    # the loss's published rollout top-p (sampled_token 1.0, lsm 0.9), resolved when the config is composed
+    top_p: float = "${loss.rollout_top_p}"  # type: ignore[assignment]
     max_tokens: int = 256
     reuse: int = 2
     mini_batch_size: int = 16
