@@ -104,8 +104,6 @@ def group_drift(
     """
     delta_B_T = delta_B_T.detach()
     mask = loss_mask_B_T.to(delta_B_T.dtype)
-    if kind == "none":
-        return torch.zeros_like(delta_B_T), torch.zeros_like(delta_B_T)
     grouping = GROUPINGS.get(kind)
     if kind == "span" and newline_B_T is None:
         raise ValueError("the span gate needs newline_B_T")
@@ -133,29 +131,6 @@ def shifted_gate(m_G_B_T: torch.Tensor, loss_mask_B_T: torch.Tensor, tau: float,
     c = 0.0 if not math.isfinite(c) else c
     gate = torch.exp(-tau * (m_G_B_T.detach().abs() - c))
     return torch.where(loss_mask_B_T.bool(), gate, torch.ones_like(gate))
-
-
-def drift_gate(
-    delta_B_T: torch.Tensor,
-    loss_mask_B_T: torch.Tensor,
-    response_mask_B_T: torch.Tensor,
-    kind: str,
-    tau: float,
-    block_size: int | None = None,
-    newline_B_T: torch.Tensor | None = None,
-    shift: float | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Raw gate g_t ∝ exp(−τ·|m_G|) (``kind`` ∈ none, token, sequence, block, span), shift-stable, no gradient.
-
-    :func:`group_drift` then :func:`shifted_gate`. Returns ``(gate_B_T, extras)``; ``gate_B_T`` is 1 off the
-    loss mask and everywhere for ``kind='none'``; ``extras`` holds ``group_drift_B_T`` (m_G) and ``cancel_B_T``.
-    """
-    m_G, cancel = group_drift(delta_B_T, loss_mask_B_T, response_mask_B_T, kind, block_size, newline_B_T)
-    if kind == "none":
-        gate = torch.ones_like(delta_B_T)
-    else:
-        gate = shifted_gate(m_G, loss_mask_B_T, tau, shift)
-    return gate, {"group_drift_B_T": m_G, "cancel_B_T": cancel}
 
 
 def normalise_gates(

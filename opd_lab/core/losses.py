@@ -241,10 +241,6 @@ class LossSpec:
 LOSSES: Registry[LossSpec] = Registry("loss")
 
 
-def get_loss(name: str) -> LossSpec:
-    return LOSSES.get(name)
-
-
 def _sampled_token(out: PolicyOutputs, scored, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return sampled_token_loss(out.logp_B_T, scored.old_logp_B_T, scored.teacher_logp_B_T, scored.loss_mask_B_T,
                               cfg.clip_eps, cfg.dual_clip, cfg.gamma, cfg.clip_log_ratio, scored.prox_logp_B_T,

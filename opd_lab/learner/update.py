@@ -53,11 +53,6 @@ def _micro_of(cfg: Config, mini_batches: list[torch.Tensor], dist: Dist) -> list
     return [m for mb in mini_batches for m in micro_batches(mb, cfg.trainer.grad_accum, dist)]
 
 
-def first_pass_micro_batches(cfg: Config, step: int, local_rows: int, dist: Dist = SINGLE) -> list[torch.Tensor | None]:
-    """The micro-batches of the first pass, in order: the rows and shapes π_old is scored with (scoring.py)."""
-    return _micro_of(cfg, update_plan(cfg, step, local_rows, dist)[0], dist)
-
-
 def old_scoring_plan(cfg: Config, step: int, local_rows: int, current: bool, dist: Dist = SINGLE):
     """``(micro_batches, deferred_rows)`` for :func:`~opd_lab.learner.scoring.score_batch`: when the batch was sampled
     by the current policy (``current``), the first update's rows are deferred (its own forward gives their π_old, bit

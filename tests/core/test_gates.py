@@ -3,7 +3,26 @@ import math
 import pytest
 import torch
 
-from opd_lab.core.gates import drift_gate, group_mean, normalise_gates, response_positions
+from opd_lab.core.gates import group_drift, group_mean, normalise_gates, response_positions, shifted_gate
+
+
+def drift_gate(
+    delta_B_T: torch.Tensor,
+    loss_mask_B_T: torch.Tensor,
+    response_mask_B_T: torch.Tensor,
+    kind: str,
+    tau: float,
+    block_size: int | None = None,
+    newline_B_T: torch.Tensor | None = None,
+    shift: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The raw gate of one micro-batch, g_t ∝ exp(−τ·|m_G|): :func:`group_drift` then :func:`shifted_gate` (the
+    learner takes the shift c over the whole optimizer update instead). ``gate_B_T`` is 1 off the loss mask and, as
+    ``kind='none'`` has no groups (m_G ≡ 0), everywhere for it; ``extras`` holds m_G and the cancellation flags."""
+    m_G, cancel = group_drift(delta_B_T, loss_mask_B_T, response_mask_B_T, kind, block_size, newline_B_T)
+    gate = shifted_gate(m_G, loss_mask_B_T, tau, shift)
+    return gate, {"group_drift_B_T": m_G, "cancel_B_T": cancel}
+
 
 KINDS = [("none", None), ("token", None), ("sequence", None), ("block", 32), ("block", 64), ("block", 128),
          ("block", 2), ("span", None)]

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from opd_lab.core.losses import discounted_returns, full_reverse_kl, get_loss, lsm_loss, sampled_token_loss
+from opd_lab.core.losses import LOSSES, LossSpec, discounted_returns, full_reverse_kl, lsm_loss, sampled_token_loss
 
 
 # ----------------------------------------------------------------------------------------- sampled-token
@@ -119,9 +119,11 @@ def test_lsm_tail_is_bucketed_kl():
 
 
 def test_registry_lists_names_on_miss():
-    assert get_loss("lsm") and get_loss("sampled_token")
-    with pytest.raises(KeyError, match="available"):
-        get_loss("nope")
+    assert LOSSES.names() == ["lsm", "sampled_token"]
+    assert all(isinstance(LOSSES.get(n), LossSpec) for n in LOSSES.names())
+    assert LOSSES.get("lsm").needs is not LOSSES.get("sampled_token").needs  # LSM asks for the teacher's top-K
+    with pytest.raises(KeyError, match=r"unknown loss 'nope'; available: \['lsm', 'sampled_token'\]"):
+        LOSSES.get("nope")
 
 
 # ----------------------------------------------------------------------------------- staleness corrections

@@ -10,6 +10,7 @@ import torch
 
 from opd_lab.learner.loop import make_optimizer
 from opd_lab.learner.scoring import HFTeacherScorer, score_batch
+from opd_lab.learner.teachers import Teachers
 from opd_lab.learner.update import optimizer_update, train_step
 from opd_lab.models.token_ids import TokenIds
 from opd_lab.rollout.base import SamplingSpec
@@ -62,7 +63,7 @@ def test_first_update_is_ungated(setup, loss, gate):
     student, teacher, batch, tokens = setup
     cfg = compose([f"loss={loss}", f"gate={gate}", "rollout.n_prompts=4", "rollout.n_samples=2",
                    "rollout.mini_batch_size=8", "gate.tau=5.0"])
-    data = score_batch(cfg, student, teacher, batch, tokens)
+    data = score_batch(cfg, student, Teachers.one(teacher), batch, tokens)
     out = optimizer_update(cfg, student, RecordingOptimizer(student), data, torch.arange(8))
     assert out["gate/min"] == pytest.approx(1.0, abs=1e-6) and out["gate/max"] == pytest.approx(1.0, abs=1e-6)
     assert out["loss"] == pytest.approx(out["ungated_loss"], rel=1e-6)
@@ -80,7 +81,7 @@ def test_update_invariant_to_micro_batching(setup, loss, gate):
     results = []
     for accum in (1, 3, 8):
         cfg = compose(base + [f"trainer.grad_accum={accum}"])
-        data = score_batch(cfg, student, teacher, batch, tokens)  # π_old = student
+        data = score_batch(cfg, student, Teachers.one(teacher), batch, tokens)  # π_old = student
         opt = RecordingOptimizer(drifted)
         out = optimizer_update(cfg, drifted, opt, data, torch.arange(8))
         results.append((out, opt.grads))
@@ -100,7 +101,7 @@ def test_lsm_support_variants_score(setup):
     for support, extra, width in (("teacher", False, 8), ("student", False, 8), ("union", True, 17)):
         cfg = compose(["loss=lsm", f"loss.support={support}", f"loss.add_sampled_token={extra}", "loss.top_k=8",
                        "rollout.n_prompts=4", "rollout.n_samples=2", "rollout.mini_batch_size=8"])
-        data = score_batch(cfg, student, teacher, batch, tokens)
+        data = score_batch(cfg, student, Teachers.one(teacher), batch, tokens)
         assert data.support_ids_B_T_S.shape[-1] == width
         # teacher log-probs at the support equal a direct teacher forward
         from opd_lab.learner.heads import response_logits
@@ -129,7 +130,7 @@ def test_chunked_path_equals_plain_path(setup, loss, gate):
     results = []
     for path, chunk in (("plain", 1024), ("chunked", 7)):
         cfg = compose(base + [f"trainer.loss_path={path}", f"trainer.chunk_size={chunk}"])
-        data = score_batch(cfg, student, teacher, batch, tokens)
+        data = score_batch(cfg, student, Teachers.one(teacher), batch, tokens)
         opt = RecordingOptimizer(drifted)
         results.append((optimizer_update(cfg, drifted, opt, data, torch.arange(8)), opt.grads))
     (a, ga), (b, gb) = results
@@ -175,7 +176,8 @@ def test_chunked_path_never_holds_full_logits(tokenizer, loss):
     zeros = torch.zeros(V, dtype=torch.bool)
     cfg = compose([f"loss={loss}", "gate=block32", "rollout.n_prompts=4", "rollout.n_samples=1",
                    "rollout.mini_batch_size=4", "trainer.loss_path=chunked", "trainer.chunk_size=8"])
-    data = score_batch(cfg, model, teacher_scorer, batch, TokenIds(special=(), stop=(0,), newline_V=zeros))
+    data = score_batch(cfg, model, Teachers.one(teacher_scorer), batch,
+                       TokenIds(special=(), stop=(0,), newline_V=zeros))
     mode = LargestFloat32()
     with mode:
         optimizer_update(cfg, model, RecordingOptimizer(model), data, torch.arange(B))
@@ -194,7 +196,7 @@ def test_first_update_has_exactly_zero_drift(setup, precision, loss):
     """π_old is scored by the learner's own forward (same precision, autocast, rows and shapes as the first
     update), so before the first update δ ≡ 0 and every gate is exactly 1, in float32, under bf16 autocast and
     with bf16 weights (the old scorer, outside autocast and in other batch shapes, gave |δ| up to 0.28)."""
-    from opd_lab.learner.update import first_pass_micro_batches, update_plan
+    from opd_lab.learner.update import old_scoring_plan, update_plan
 
     student, teacher, batch, tokens = setup
     model = copy.deepcopy(student)
@@ -203,7 +205,8 @@ def test_first_update_has_exactly_zero_drift(setup, precision, loss):
     cfg = compose([f"loss={loss}", "gate=token", "gate.tau=50.0", "rollout.n_prompts=4", "rollout.n_samples=2",
                    "rollout.mini_batch_size=4", "trainer.grad_accum=2",
                    f"trainer.autocast_bf16={precision == 'autocast_bf16'}"])
-    data = score_batch(cfg, model, teacher, batch, tokens, first_pass_micro_batches(cfg, 3, batch.size))
+    data = score_batch(cfg, model, Teachers.one(teacher), batch, tokens,
+                       old_scoring_plan(cfg, 3, batch.size, current=False)[0])
     first = update_plan(cfg, 3, batch.size)[0][0]
     out = optimizer_update(cfg, model, RecordingOptimizer(model), data, first)
     assert out["drift/mean_abs_delta"] == 0.0
@@ -218,15 +221,16 @@ def test_update_equals_normalise_gates_reference(setup, accum, underflow):
     """The learner's gradient is that of Σ m ĝ ℓ / Σ m with ĝ = normalise_gates(drift_gate(...)) over the whole
     mini-batch, however it is split; with τ so large that every raw exp(−τ|m_G|) underflows (the unshifted gate
     was 0 everywhere: a zero update), the update is still the exact, non-zero one."""
-    from opd_lab.core.gates import drift_gate, normalise_gates
+    from opd_lab.core.gates import normalise_gates
     from opd_lab.learner.heads import as_policy
     from opd_lab.learner.update import micro_batch_loss
+    from tests.core.test_gates import drift_gate
 
     student, teacher, batch, tokens = setup
     drifted = _drifted(student, scale=0.2)
     base = ["loss=sampled_token", "gate=token", "rollout.n_prompts=4", "rollout.n_samples=2",
             "rollout.mini_batch_size=8", f"trainer.grad_accum={accum}", "trainer.grad_clip=null"]
-    data = score_batch(compose(base), student, teacher, batch, tokens)
+    data = score_batch(compose(base), student, Teachers.one(teacher), batch, tokens)
     rows = data.select(torch.arange(8))
 
     def reference_forward(tau):
@@ -258,7 +262,7 @@ def test_injected_nan_loss_is_skipped_and_counted(setup, loss):
     student = copy.deepcopy(student)
     cfg = compose([f"loss={loss}", "rollout.n_prompts=4", "rollout.n_samples=2", "rollout.mini_batch_size=4",
                    "rollout.reuse=2"])
-    data = score_batch(cfg, student, teacher, batch, tokens)
+    data = score_batch(cfg, student, Teachers.one(teacher), batch, tokens)
     opt, sched = make_optimizer(cfg, student)
 
     good = train_step(cfg, student, opt, sched, data, step=0)  # finite: 4 updates, none skipped
@@ -304,7 +308,7 @@ def test_proximal_log_probs_come_from_the_weights_at_the_start_of_the_step(setup
                    "rollout.n_prompts=4", "rollout.n_samples=2", "rollout.mini_batch_size=4", "rollout.staleness=1"])
     old_rows, deferred = old_scoring_plan(cfg, 3, batch.size, False)
     assert deferred is None  # a stale batch is scored whole by π_b
-    data = score_batch(cfg, behaviour, teacher, batch, tokens, old_rows)
+    data = score_batch(cfg, behaviour, Teachers.one(teacher), batch, tokens, old_rows)
     assert proximal_plan(cfg, 3, batch.size, True) is None  # sampled by the current weights: π_prox = π_b
     score_proximal(cfg, current, data, *proximal_plan(cfg, 3, batch.size, False))
     first = update_plan(cfg, 3, batch.size)[0][0]
@@ -339,7 +343,7 @@ def test_current_reward_is_recomputed_at_every_update(setup, reward):
     cfg = compose(["loss=sampled_token", "gate=none", f"loss.reward_reference={reward}", "loss.clip_log_ratio=null",
                    "rollout.n_prompts=4", "rollout.n_samples=2", "rollout.mini_batch_size=8", "trainer.lr=1e-2",
                    "trainer.warmup_steps=0"])
-    data = score_batch(cfg, model, teacher, batch, tokens)
+    data = score_batch(cfg, model, Teachers.one(teacher), batch, tokens)
     rows = torch.arange(batch.size)
     optimizer, _ = make_optimizer(cfg, model)
     first = optimizer_update(cfg, model, optimizer, data, rows)
@@ -363,7 +367,7 @@ def test_old_log_probs_keep_a_float64_students_precision(setup):
     cfg = compose(["loss=sampled_token", "gate=token", "rollout.n_prompts=4", "rollout.n_samples=2",
                    "rollout.mini_batch_size=4"])
     old_rows, _ = old_scoring_plan(cfg, 3, batch.size, False)  # every row scored by the π_old forward
-    data = score_batch(cfg, model, teacher, batch, tokens, old_rows)
+    data = score_batch(cfg, model, Teachers.one(teacher), batch, tokens, old_rows)
     assert data.old_logp_B_T.dtype == torch.float64
     out = optimizer_update(cfg, model, RecordingOptimizer(model), data, update_plan(cfg, 3, batch.size)[0][0])
     assert out["drift/mean_abs_delta"] == 0.0
