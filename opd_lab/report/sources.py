@@ -224,7 +224,9 @@ def _csv_rows(path: Path) -> list[dict]:
         values = dict(_split(o) for o in ov)
         key = rec.pop("pair_key", None)
         trained = _present(rec.get("loss")) and _present(rec.get("steps_planned")) and rec["steps_planned"] > 0
-        status, error = _unsupersede(rec["status"], rec["error"] if _present(rec.get("error")) else "")
+        status, error = _unsupersede(rec)
+        for col in ("former_status", "former_error", "superseded_by"):  # marked again below, against these sources
+            rec.pop(col, None)
         rec |= {"run_dir": "", "_overrides": ov, "variant": values.get("variant") or None, "status": status,
                 "error": error,
                 "seed": int(rec["seed"]) if _present(rec.get("seed")) else None,
@@ -325,12 +327,16 @@ def load_sweeps(sweep_dirs: list[Path]) -> pd.DataFrame:
     return runs.drop(columns=["_seeds"])
 
 
-def _unsupersede(status: str, error: str) -> tuple[str, str]:
-    """A runs.csv row's status and error as they were before ``_mark_superseded`` (which wrote a superseded row's
-    error as ``<status> (<error>); completed in <source>``): the row is marked again against the sources given now."""
-    if status != "superseded":
-        return status, error
-    status, _, error = error.rsplit("; completed in ", 1)[0].partition(" (")
+def _unsupersede(rec: dict) -> tuple[str, str]:
+    """A runs.csv row's status and error as they were before ``_mark_superseded`` (kept in ``former_status`` and
+    ``former_error``): the row is marked again against the sources given now. A runs.csv written before those
+    columns existed kept them only in the text of ``error`` (``<status> (<error>); completed in <source>``)."""
+    error = rec["error"] if _present(rec.get("error")) else ""
+    if rec["status"] != "superseded":
+        return rec["status"], error
+    if _present(rec.get("former_status")):
+        return rec["former_status"], rec["former_error"] if _present(rec.get("former_error")) else ""
+    status, _, error = error.rsplit("; completed in ", 1)[0].partition(" (")  # a legacy runs.csv
     return status or "unfinished", error.removesuffix(")")
 
 
@@ -348,5 +354,6 @@ def _mark_superseded(runs: pd.DataFrame, done: pd.DataFrame) -> None:
                    if j > i and sweep != runs.at[i, "sweep"]), None)
         if by is not None:
             err = runs.at[i, "error"] if _present(runs.at[i, "error"]) else ""
+            runs.loc[i, ["former_status", "former_error", "superseded_by"]] = [runs.at[i, "status"], err, by]
             runs.at[i, "error"] = f"{runs.at[i, 'status']}{f' ({err})' if err else ''}; completed in {by}"
             runs.at[i, "status"] = "superseded"

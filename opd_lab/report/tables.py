@@ -25,9 +25,10 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
                "n_unfinished": int((~g["status"].isin(["completed", "failed", "superseded"])).sum()),
                "seeds": ",".join(str(s) for s in done["seed"].dropna().astype(int))}
         for m in metrics:
-            mean, std, ci, _ = mean_ci95(done[m].tolist() if m in done else [])
+            mean, std, ci, n = mean_ci95(done[m].tolist() if m in done else [])
             name = m.removeprefix("final/")
             row[f"{name}_mean"], row[f"{name}_std"], row[f"{name}_ci95"] = mean, std, ci
+            row[f"{name}_n"] = n  # the completed runs that have the value (a legacy runs.csv has no per-tag columns)
         out.append(row)
     return pd.DataFrame(out)
 
@@ -67,6 +68,7 @@ def paired(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
             mean, std, ci, n = mean_ci95((merged[m] - merged[f"{m}_base"]).dropna().tolist())
             name = m.removeprefix("final/")
             row[f"delta_{name}_mean"], row[f"delta_{name}_ci95"] = mean, ci
+            row[f"delta_{name}_n"] = n  # the pairs in which both runs have the value (≤ n_pairs)
         out.append(row)
     return pd.DataFrame(out)
 
@@ -93,7 +95,8 @@ def paired_markdown(pairs: pd.DataFrame, baseline: str | None = None) -> str:
              f"Mean ± 95% confidence half-width of {what} over seeds; an interval that holds 0 is a null "
              "result.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in pairs.iterrows():
-        cells = [_fmt(r[f"delta_{k}_mean"], r[f"delta_{k}_ci95"], signed=True) for k in ks]
+        cells = [_fmt(r[f"delta_{k}_mean"], r[f"delta_{k}_ci95"], signed=True) + _n_note(r, f"delta_{k}_n",
+                                                                                          r["n_pairs"]) for k in ks]
         lines.append(f"| {r['variant']} | {r['baseline']} | {r['n_pairs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -106,10 +109,12 @@ def by_tag_markdown(summary: pd.DataFrame, teachers: pd.DataFrame | None = None)
     if not cols:
         return ""
     lines = ["", "### Final pass@k per tag", "", "Mean ± 95% confidence half-width over seeds, on the evaluation "
-             "problems of each tag.", "", "| variant | n | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+             "problems of each tag; n counts the runs that have per-tag values (a cell from fewer says so).", "",
+             "| variant | n | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for _, r in summary.iterrows():
-        cells = [_fmt(r[f"{c}_mean"], r[f"{c}_ci95"]) for c in cols]
-        lines.append(f"| {r['variant']} | {r['n_completed']} | " + " | ".join(cells) + " |")
+        n = max((int(r[f"{c}_n"]) for c in cols if f"{c}_n" in r), default=r["n_completed"])
+        cells = [_fmt(r[f"{c}_mean"], r[f"{c}_ci95"]) + _n_note(r, f"{c}_n", n) for c in cols]
+        lines.append(f"| {r['variant']} | {n} | " + " | ".join(cells) + " |")
     if teachers is not None and len(teachers):
         for model, g in teachers.groupby("model", sort=False):
             vals = {f"{t}/{k}": v for t, k, v in zip(g["tag"], g["k"], g["value"], strict=True)}
@@ -135,6 +140,12 @@ def baselines_by_tag(runs: pd.DataFrame) -> pd.DataFrame:
                  for (m, t), g in df.groupby(["model", "tag"], sort=False) for k in ks]
         seen |= set(df["model"])
     return pd.DataFrame(rows)
+
+
+def _n_note(row: pd.Series, key: str, n: int) -> str:
+    """`` (n=m)`` when the cell's value comes from m < n runs or pairs, else nothing."""
+    m = row.get(key)
+    return f" (n={int(m)})" if m is not None and np.isfinite(m) and 0 < int(m) < int(n) else ""
 
 
 def _fmt(mean: float, ci: float, signed: bool = False) -> str:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from opd_lab.report.sources import load_sweep, setting_of
-from opd_lab.report.tables import paired, paired_markdown, summarise, summary_markdown
+from opd_lab.report.tables import by_tag_markdown, paired, paired_markdown, summarise, summary_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,6 +71,28 @@ def test_paired_differences_by_hand():
     assert pairs.loc["g=block", "delta_pass@1_mean"] == pytest.approx(mean)
     assert pairs.loc["g=block", "delta_pass@1_ci95"] == pytest.approx(4.3026527 * sd / math.sqrt(3), rel=1e-6)
     assert "+0.057 ± " in paired_markdown(pairs.reset_index())
+
+
+def test_per_tag_counts_are_the_runs_that_have_the_values():
+    """A legacy runs.csv has no per-tag columns: a per-tag cell (and its paired Δ) counts only the runs, or pairs,
+    that have the value, never the variant's whole run count."""
+    rows = []
+    for gate, vals in {"none": [0.50, 0.40, 0.60], "block": [0.55, 0.50, 0.62]}.items():
+        for seed, v in enumerate(vals):
+            rows.append({"variant": f"g={gate}", "seed": seed, "status": "completed", "final/pass@1": v,
+                         "final/ops3/pass@1": v + 0.1 if seed == 0 or (seed == 1 and gate == "none") else math.nan,
+                         **setting_of(_cfg(gate, seed=seed), False)})
+    runs = pd.DataFrame(rows)
+    summary = summarise(runs).set_index("variant")
+    assert summary.loc["g=none", "n_completed"] == 3
+    assert summary.loc["g=none", "ops3/pass@1_n"] == 2 and summary.loc["g=block", "ops3/pass@1_n"] == 1
+    text = by_tag_markdown(summary.reset_index())
+    assert "| g=none | 2 | 0.550 ± " in text and "| g=block | 1 | 0.650 |" in text
+    pairs = paired(runs).set_index("variant")
+    assert pairs.loc["g=block", "n_pairs"] == 3 and pairs.loc["g=block", "delta_ops3/pass@1_n"] == 1
+    assert pairs.loc["g=block", "delta_ops3/pass@1_mean"] == pytest.approx(0.05)
+    assert "| 3 | +0.057 ± " in paired_markdown(pairs.reset_index())  # the overall Δ: 3 pairs
+    assert "+0.050 (n=1)" in paired_markdown(pairs.reset_index())  # the per-tag Δ: the one pair that has it
 
 
 def test_variants_are_named_by_what_varies_across_all_parts(tmp_path):
@@ -408,6 +430,18 @@ def test_a_job_that_a_later_part_completed_is_superseded_not_failed_or_unfinishe
     assert back.loc[2, "status"] == "unfinished"
     r2 = report([tmp_path / "r" / "runs.csv"], tmp_path / "r2")[1].iloc[0]
     assert [r2["n_completed"], r2["n_failed"], r2["n_unfinished"]] == [3, 0, 0]
+    kept = pd.read_csv(tmp_path / "r" / "runs.csv")  # the former status in its own columns
+    gone_rows = kept[kept["status"] == "superseded"].set_index("seed")
+    assert gone_rows.loc[1, ["former_status", "former_error"]].tolist() == ["failed", "KeyError: 'gate/mean'"]
+    assert gone_rows.loc[2, "former_status"] == "unfinished" and gone_rows.loc[2, "superseded_by"] == str(b)
+    legacy = tmp_path / "legacy" / "runs.csv"  # a runs.csv from before those columns: the error text is parsed
+    legacy.parent.mkdir()
+    kept.drop(columns=["former_status", "former_error", "superseded_by"]).to_csv(legacy, index=False)
+    cols = ["seed", "status", "former_status", "former_error"]  # (error and superseded_by name the source's path)
+    new, old = (load_sweeps([s])[cols].fillna("") for s in (tmp_path / "r" / "runs.csv", legacy))
+    # marked again within the csv's own parts, from the columns or from the text
+    assert new.to_dict("records") == old.to_dict("records")
+    assert sorted(new.loc[new["status"] == "superseded", "former_status"]) == ["failed", "unfinished"]
     again = summarise(load_sweeps([tmp_path / "ra" / "runs.csv", b])).iloc[0]
     assert [again["n_completed"], again["n_failed"], again["n_unfinished"]] == [3, 0, 0]
 
