@@ -21,6 +21,7 @@ from opd_lab.learner.heads import Policy
 from opd_lab.learner.loop import Run, train
 from opd_lab.models.loading import load_model
 from opd_lab.models.token_ids import stop_token_ids
+from opd_lab.rollout.base import TRAITS
 from opd_lab.run import components, jobs
 from opd_lab.run.directory import finish_run, keep_until_step, recorded_failure, run_label
 from opd_lab.run.tracking import NullTracker, Tracker
@@ -49,7 +50,8 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
         checkpoint.restore_rng(state)
         resume_weights(cfg, state, student, device, dist)
     # rollout.staleness: an in-process engine samples its own copy while the learner updates the student
-    engine_model = copy.deepcopy(student) if cfg.rollout.staleness and cfg.rollout.engine.value != "vllm" else None
+    in_memory = TRAITS.get(cfg.rollout.engine.value).in_memory
+    engine_model = copy.deepcopy(student) if cfg.rollout.staleness and in_memory else None
     policy = distributed.wrap(Policy(student), dist)  # FSDP2 resume loads its shards into this (checkpoint.restore)
     tracker = Tracker(cfg, run_dir, name=f"{run_label(cfg)}-seed{cfg.trainer.seed}",
                       resume_id=state.wandb_id if state else None) if dist.is_main else NullTracker()

@@ -37,6 +37,7 @@ def setup(tokenizer):
 @pytest.mark.parametrize("loss", ["sampled_token", "lsm"])
 def test_cuda_chunked_equals_plain_and_bf16_is_close(setup, loss):
     from opd_lab.learner.scoring import score_batch
+    from opd_lab.learner.teachers import Teachers
     from opd_lab.learner.update import optimizer_update
     from tests.conftest import compose
     from tests.test_learner import RecordingOptimizer, _drifted
@@ -49,7 +50,7 @@ def test_cuda_chunked_equals_plain_and_bf16_is_close(setup, loss):
     for name, extra in {"plain": ["trainer.loss_path=plain"], "chunked": ["trainer.chunk_size=7"],
                         "bf16": ["trainer.autocast_bf16=true"]}.items():
         cfg = compose(base + extra)
-        data = score_batch(cfg, student, teacher, batch, tokens)
+        data = score_batch(cfg, student, Teachers.one(teacher), batch, tokens)
         opt = RecordingOptimizer(drifted)
         out[name] = (optimizer_update(cfg, drifted, opt, data, torch.arange(8)), opt.grads)
     (a, ga), (b, gb), (c, gc) = out["plain"], out["chunked"], out["bf16"]

@@ -27,7 +27,7 @@ from opd_lab.learner.monitors import UpdateGuard, collapse_signals, cuda_memory,
 from opd_lab.learner.scoring import old_stats, proximal_stats, score_batch, score_proximal
 from opd_lab.learner.update import old_scoring_plan, proximal_plan, train_step
 from opd_lab.models.token_ids import TokenIds
-from opd_lab.rollout.base import RolloutBatch, RolloutEngine, SamplingSpec
+from opd_lab.rollout.base import TRAITS, RolloutBatch, RolloutEngine, SamplingSpec
 from opd_lab.rollout.pipeline import Rollouts
 from opd_lab.tasks import Task, prompt_encoder
 
@@ -136,7 +136,7 @@ def make_rollouts(run: Run, sampler: random.Random) -> Rollouts:
         problems = run.task.train_problems(cfg.rollout.n_prompts, rng)[share]
         return encode(run.tokenizer, problems), [p.tag for p in problems]
 
-    concurrent = not (dist.enabled and cfg.rollout.engine.value == "vllm")
+    concurrent = not (dist.enabled and TRAITS.get(cfg.rollout.engine.value).in_process_vllm)
     return Rollouts(run.engine, run.policy, cfg.rollout.staleness, sampler, draw,
                     lambda step: rollout_spec(cfg, step, share.start), concurrent=concurrent,
                     updates_per_step=cfg.rollout.reuse * (cfg.rollout.batch_size // cfg.rollout.mini_batch_size))

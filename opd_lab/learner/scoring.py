@@ -15,7 +15,6 @@ import torch
 
 from opd_lab.common.distributed import SINGLE, Dist, full_params, unwrap
 from opd_lab.common.registry import Registry
-from opd_lab.config import RoutingConfig
 from opd_lab.core.losses import LOSSES, PolicyOutputs, ScoreNeeds, at_least_f32, dedup_mask
 from opd_lab.core.routing import routing_metrics
 from opd_lab.core.teacher_scores import TeacherScores
@@ -239,7 +238,7 @@ def policy_forward(cfg, policy: torch.nn.Module, scored: ScoredBatch) -> PolicyO
     return PolicyOutputs(z[..., 0] - lse, lse, z[..., 1:] if scored.support_ids_B_T_S is not None else None)
 
 
-def score_batch(cfg, policy: torch.nn.Module, teacher_scorer, batch: RolloutBatch, tokens: TokenIds,
+def score_batch(cfg, policy: torch.nn.Module, teachers: Teachers, batch: RolloutBatch, tokens: TokenIds,
                 old_micro_batches: list[torch.Tensor | None] | None = None, dist: Dist = SINGLE,
                 score_batch_size: int = 64, deferred_rows: torch.Tensor | None = None) -> ScoredBatch:
     """π_old and teacher scores of a rollout batch, the loss mask and the support S_t the loss needs.
@@ -272,9 +271,6 @@ def score_batch(cfg, policy: torch.nn.Module, teacher_scorer, batch: RolloutBatc
             _, old_topk = score_student_old(unwrap(policy).lm, batch, T_s, needs.student_top_k, score_batch_size,
                                             cfg.trainer.chunk_size)
     t1 = time.perf_counter()
-    teachers = teacher_scorer if isinstance(teacher_scorer, Teachers) else Teachers(["teacher"], [teacher_scorer],
-                                                                                     RoutingConfig())
-
     def old_at(query_ids_B_T_Q):  # π_old at y_t and at extra ids (routing.rule=min_kl), no grad
         if query_ids_B_T_Q is None and deferred_rows is None:  # y_t only: the learner's π_old forward above
             return scored.old_logp_B_T, None
@@ -294,15 +290,23 @@ def score_batch(cfg, policy: torch.nn.Module, teacher_scorer, batch: RolloutBatc
     if needs.support:
         scored.support_ids_B_T_S, scored.teacher_support_logp_B_T_S, scored.support_mask_B_T_S = build_support(
             needs, resp_ids, teach, old_topk)
-    n_tok, n_special = dist.sum(resp_mask.sum(), special.sum())
-    scored.stats = {"time/score_old_s": t1 - t0, "time/score_teacher_s": t2 - t1,
-                    "score/tokens_per_s": 2 * n_tok / dist.world / max(t2 - t0, 1e-9), "special_masked": n_special}
-    if scored.route_B_T_N is not None:
-        scored.stats |= routing_metrics(scored.route_B_T_N, scored.loss_mask_B_T, list(scored.teacher_names), dist.sum)
-        scored.stats |= routing_by_tag(scored, batch.tags_B, dist)
-    if deferred_rows is None:
-        scored.stats |= old_stats(scored, dist)
+    scored.stats = scoring_stats(scored, special, t1 - t0, t2 - t1, dist, with_old=deferred_rows is None)
     return scored
+
+
+def scoring_stats(scored: ScoredBatch, special_B_T: torch.Tensor, old_s: float, teacher_s: float, dist: Dist,
+                  with_old: bool) -> dict[str, float]:
+    """A scored batch's step metrics: timings, masked special tokens, the routing shares (several teachers) and,
+    unless π_old waits for the first update (``with_old`` false), the statistics that need π_old."""
+    n_tok, n_special = dist.sum(scored.batch.response_mask_B_T.sum(), special_B_T.sum())
+    stats = {"time/score_old_s": old_s, "time/score_teacher_s": teacher_s,
+             "score/tokens_per_s": 2 * n_tok / dist.world / max(old_s + teacher_s, 1e-9), "special_masked": n_special}
+    if scored.route_B_T_N is not None:
+        stats |= routing_metrics(scored.route_B_T_N, scored.loss_mask_B_T, list(scored.teacher_names), dist.sum)
+        stats |= routing_by_tag(scored, scored.batch.tags_B, dist)
+    if with_old:
+        stats |= old_stats(scored, dist)
+    return stats
 
 
 def logp_dtype(policy: torch.nn.Module) -> torch.dtype:

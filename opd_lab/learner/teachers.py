@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opd_lab.common.registry import Registry
 from opd_lab.config import RoutingConfig
 from opd_lab.core import routing as R
 from opd_lab.core.losses import ScoreNeeds
@@ -58,6 +59,11 @@ class Teachers:
         self.one_at_a_time = one_at_a_time
         self.resident: set[int] = set() if one_at_a_time else set(range(len(names)))
 
+    @classmethod
+    def one(cls, scorer) -> Teachers:
+        """The one teacher ``model.teacher`` behind ``scorer``."""
+        return cls(["teacher"], [scorer], RoutingConfig())
+
     def __len__(self) -> int:
         return len(self.names)
 
@@ -71,40 +77,16 @@ class Teachers:
               support_of: SupportOf | None = None) -> Routed:
         """Score ``batch`` with every teacher and route (module docstring). ``old_topk_B_T_K``: π_old's top-K ids
         (the student/union support), scored by every teacher as query ids; ``old_at``/``support_of``: what
-        ``min_kl`` needs of π_old and of the loss's support."""
+        ``min_kl`` needs of π_old and of the loss's support. The rule is looked up by name in :data:`RULES`."""
         k = needs.teacher_top_k
         if len(self.names) == 1:
             return Routed(self._call(0, batch, k, temperature, old_topk_B_T_K))
-        rule, conf = self.routing.rule.value, self.routing.confidence.value
-        k_call = max(k, 1) if rule == "max_confidence" and conf == "top1" else k
-        entropy = rule == "max_confidence" and conf == "entropy"
+        rule = RULES.get(self.routing.rule.value)
+        k_call, entropy = rule.scoring(self.routing, k)
         per = [self._call(i, batch, k_call, temperature, old_topk_B_T_K, entropy) for i in range(len(self.names))]
-        B, T = batch.response_mask_B_T.shape
-        each = torch.stack([s.logp_B_T for s in per], dim=-1)
-        if rule in ("mixture", "alignment"):
-            cand = cand_logp = None
-            if k:  # every teacher at the union of their top-K ids: the mixture's support is its top-K there
-                cand = R.candidates([s.topk_ids_B_T_K for s in per])
-                cand_logp = [self._call(i, batch, 0, temperature, cand[0]).query_logp_B_T_Q
-                             for i in range(len(self.names))]
-            n_query = old_topk_B_T_K.shape[-1] if old_topk_B_T_K is not None else 0
-            target = R.mixture_scores(per, self.weights, self.routing.mixture_space.value, k, cand, cand_logp,
-                                      n_query)
-            return Routed(target, R.constant_weights(self.weights, B, T), each)
-        if rule == "per_sample":
-            choice = R.per_sample_choice(R.row_teachers(batch.tags_B, dict(self.routing.by_tag),
-                                                        self.routing.default, self.names), T)
-        elif rule == "max_confidence":
-            choice = R.max_confidence_choice(per, conf)
-        elif rule == "min_kl":
-            choice = R.min_kl_choice(self.distances(per, batch, needs, old_at, support_of))
-        else:
-            raise ValueError(f"routing.rule={rule!r} is unknown")
-        target = R.take_choice(per, choice)
-        if k_call > k:  # the top-1 was scored for routing only: the loss asked for no support
-            target.topk_ids_B_T_K = target.topk_logp_B_T_K = None
-        target.entropy_B_T = None
-        return Routed(target, R.one_hot_weights(choice, len(self.names)), each)
+        ctx = RouteContext(batch, needs, temperature, k, k_call, old_topk_B_T_K, old_at, support_of,
+                           torch.stack([s.logp_B_T for s in per], dim=-1))
+        return rule.route(self, per, ctx)
 
     def distances(self, per: list[TeacherScores], batch: RolloutBatch, needs: ScoreNeeds, old_at: OldAt | None,
                   support_of: SupportOf | None) -> torch.Tensor:
@@ -156,6 +138,77 @@ class Teachers:
     def close(self) -> None:
         for s in self.scorers:
             s.close()
+
+
+# ------------------------------------------------------------------------------------------------ routing rules
+@dataclass
+class RouteContext:
+    """What a routing rule sees besides the teachers and their scores ``per``: the batch, the loss's needs, the top-K
+    the loss asked for (``k``) and the one the teachers were scored with (``k_call``), π_old's top-K ids, the π_old
+    and support callbacks (``min_kl``) and every teacher's log q_i(y_t) ``[B, T, N]``."""
+
+    batch: RolloutBatch
+    needs: ScoreNeeds
+    temperature: float
+    k: int
+    k_call: int
+    old_topk_B_T_K: torch.Tensor | None
+    old_at: OldAt | None
+    support_of: SupportOf | None
+    each_logp_B_T_N: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A registered routing rule: ``route(teachers, per, ctx) → Routed`` and ``scoring(routing, k) → (k_call,
+    entropy)``, how the teachers are scored for it (a top-1 or the entropy that a confidence rule needs)."""
+
+    route: Callable[[Teachers, list[TeacherScores], RouteContext], Routed]
+    scoring: Callable[[RoutingConfig, int], tuple[int, bool]] = lambda routing, k: (k, False)
+
+
+RULES: Registry[Rule] = Registry("routing rule")
+
+
+def _mixture(t: Teachers, per: list[TeacherScores], ctx: RouteContext) -> Routed:
+    """log q = Σ_i w_i log q_i (or q = Σ_i w_i q_i); with a support, every teacher at the union of their top-K ids."""
+    cand = cand_logp = None
+    if ctx.k:
+        cand = R.candidates([s.topk_ids_B_T_K for s in per])
+        cand_logp = [t._call(i, ctx.batch, 0, ctx.temperature, cand[0]).query_logp_B_T_Q for i in range(len(t))]
+    n_query = ctx.old_topk_B_T_K.shape[-1] if ctx.old_topk_B_T_K is not None else 0
+    target = R.mixture_scores(per, t.weights, t.routing.mixture_space.value, ctx.k, cand, cand_logp, n_query)
+    B, T = ctx.batch.response_mask_B_T.shape
+    return Routed(target, R.constant_weights(t.weights, B, T), ctx.each_logp_B_T_N)
+
+
+def _hard(choose: Callable[[Teachers, list[TeacherScores], RouteContext], torch.Tensor]):
+    """A rule that hands the loss one teacher's scores per token, unchanged: ``choose`` gives its index ``[B, T]``."""
+    def route(t: Teachers, per: list[TeacherScores], ctx: RouteContext) -> Routed:
+        choice = choose(t, per, ctx)
+        target = R.take_choice(per, choice)
+        if ctx.k_call > ctx.k:  # the top-1 was scored for routing only: the loss asked for no support
+            target.topk_ids_B_T_K = target.topk_logp_B_T_K = None
+        target.entropy_B_T = None
+        return Routed(target, R.one_hot_weights(choice, len(t)), ctx.each_logp_B_T_N)
+
+    return route
+
+
+def _confidence_scoring(routing: RoutingConfig, k: int) -> tuple[int, bool]:
+    top1 = routing.confidence.value == "top1"
+    return (max(k, 1) if top1 else k), not top1
+
+
+RULES.add("mixture", Rule(_mixture))
+RULES.add("alignment", Rule(_mixture))  # a mixture whose weights the alignment refresh sets
+RULES.add("per_sample", Rule(_hard(lambda t, per, ctx: R.per_sample_choice(
+    R.row_teachers(ctx.batch.tags_B, dict(t.routing.by_tag), t.routing.default, t.names),
+    ctx.batch.response_mask_B_T.shape[1]))))
+RULES.add("max_confidence", Rule(_hard(lambda t, per, ctx: R.max_confidence_choice(per, t.routing.confidence.value)),
+                                 scoring=_confidence_scoring))
+RULES.add("min_kl", Rule(_hard(lambda t, per, ctx: R.min_kl_choice(
+    t.distances(per, ctx.batch, ctx.needs, ctx.old_at, ctx.support_of)))))
 
 
 def fits_together(models: list[torch.nn.Module | None], devices: list[str | None], headroom: float = 0.8) -> bool:

@@ -147,6 +147,20 @@ ENGINES.add("vllm", "opd_lab.rollout.vllm:build_engine")
 ENGINES.add("static", "opd_lab.rollout.static:build_engine")
 
 
+@dataclass(frozen=True)
+class EngineTraits:
+    """What a run must know of an engine before building it (no import of the engine's module)."""
+
+    in_memory: bool  # samples from a loaded module (BuildContext.model; async: its own copy); else loads ``path``
+    in_process_vllm: bool  # a vLLM engine in this process: one per process, and inline (not threaded) under torchrun
+
+
+TRAITS: Registry[EngineTraits] = Registry("rollout engine")
+TRAITS.add("hf", EngineTraits(in_memory=True, in_process_vllm=False))
+TRAITS.add("static", EngineTraits(in_memory=True, in_process_vllm=False))
+TRAITS.add("vllm", EngineTraits(in_memory=False, in_process_vllm=True))
+
+
 def engine_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """What an engine's own copy of the student loads at a weight sync: ``state_dict`` (FSDP2's gathered full
     state, which leaves out a tied ``lm_head.weight``) with the tied head restored, or the module's own state."""

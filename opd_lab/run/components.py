@@ -24,7 +24,7 @@ from opd_lab.learner import checkpoint
 from opd_lab.learner.scoring import SCORERS
 from opd_lab.models.loading import ModelPaths, check_same_vocab, load_model, load_tokenizer, loading, resolve_paths
 from opd_lab.models.token_ids import TokenIds
-from opd_lab.rollout.base import ENGINES, BuildContext
+from opd_lab.rollout.base import ENGINES, TRAITS, BuildContext
 from opd_lab.run.directory import write_status
 from opd_lab.tasks import Task, build_task, prompt_encoder
 
@@ -152,6 +152,11 @@ def check_prompt_lengths(cfg: Config, tokenizer, task, training: bool = True, n_
                               "raise rollout.vllm.max_model_len)")
 
 
+def engine_evaluates_in_memory(cfg: Config) -> bool:
+    """Whether the engine samples a loaded module, so that the teacher's baseline evaluation needs it loaded."""
+    return TRAITS.get(cfg.rollout.engine.value).in_memory
+
+
 def load_models(cfg: Config, paths: ModelPaths, device: str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """The trainable student on ``device`` and, when an HF forward needs it (the HF teacher scorer, or the HF
     engine evaluating the teacher's baseline), the frozen teacher on ``rollout.teacher_device`` or ``device`` (None
@@ -159,7 +164,7 @@ def load_models(cfg: Config, paths: ModelPaths, device: str) -> tuple[torch.nn.M
     with loading("model.student", paths.student):
         student = load_model(paths.student, cfg.model.dtype, device, trainable=True)
     teacher = None
-    if not cfg.model.teachers and (cfg.rollout.teacher_scorer.value == "hf" or cfg.rollout.engine.value == "hf"):
+    if not cfg.model.teachers and (cfg.rollout.teacher_scorer.value == "hf" or engine_evaluates_in_memory(cfg)):
         with loading("model.teacher", paths.teacher):
             teacher = load_model(paths.teacher, cfg.model.dtype, cfg.rollout.teacher_device or device,
                                  trainable=False)
@@ -250,7 +255,7 @@ def load_teachers(cfg: Config, paths: ModelPaths, teacher, device: str) -> Loade
         tcfg = teacher_config(cfg, spec)
         dev = tcfg.rollout.teacher_device or device
         model = None
-        if tcfg.rollout.teacher_scorer.value == "hf" or cfg.rollout.engine.value == "hf":
+        if tcfg.rollout.teacher_scorer.value == "hf" or engine_evaluates_in_memory(cfg):
             with loading(f"model.teachers.{name}.model", paths.teachers[name]):
                 model = load_model(paths.teachers[name], cfg.model.dtype, dev if residency == "all" else "cpu",
                                    trainable=False)

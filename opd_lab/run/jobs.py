@@ -21,6 +21,7 @@ from opd_lab.config import Config, ConfigError, register_configs, to_run_config
 from opd_lab.learner.evaluation import cached_eval
 from opd_lab.models.loading import load_model
 from opd_lab.models.token_ids import stop_token_ids
+from opd_lab.rollout.base import TRAITS
 from opd_lab.run import components
 from opd_lab.run.directory import finish_run, recorded_failure, run_label, write_status
 from opd_lab.run.tracking import Tracker
@@ -104,7 +105,7 @@ def evaluate_only(cfg: Config, run_dir: Path, setup: components.Setup) -> dict[s
 
         def build():
             model = None
-            if cfg.rollout.engine.value in ("hf", "static"):  # engines over an in-memory model (vLLM loads path)
+            if TRAITS.get(cfg.rollout.engine.value).in_memory:  # vLLM loads the path itself
                 model = load_model(path, cfg.model.dtype, cfg.trainer.device, trainable=False)
             return components.make_engine(cfg, model, setup.tokenizer, path, stop)
 

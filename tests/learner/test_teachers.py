@@ -237,3 +237,13 @@ def test_hard_rules_take_ids_and_log_probs_from_the_same_teacher(setup):
             assert torch.equal(routed.scores.topk_ids_B_T_K[m], ref[i].topk_ids_B_T_K[m]), rule
             assert torch.equal(routed.scores.topk_logp_B_T_K[m], ref[i].topk_logp_B_T_K[m]), rule
             assert torch.equal(routed.scores.logp_B_T[m], ref[i].logp_B_T[m]), rule
+
+
+def test_every_routing_rule_of_the_config_is_registered():
+    from opd_lab.config import RoutingRule
+    from opd_lab.learner.teachers import RULES
+
+    assert set(RULES.names()) | {"single"} == {r.value for r in RoutingRule}  # single: one teacher, no routing
+    assert RULES.get("alignment").route is RULES.get("mixture").route  # alignment sets the mixture's weights
+    with pytest.raises(KeyError, match="unknown routing rule 'nope'"):
+        RULES.get("nope")

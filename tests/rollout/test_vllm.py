@@ -9,6 +9,7 @@ pytest.importorskip("vllm")
 
 from opd_lab.learner.loop import make_optimizer  # noqa: E402
 from opd_lab.learner.scoring import HFTeacherScorer, score_batch, score_student_old  # noqa: E402
+from opd_lab.learner.teachers import Teachers  # noqa: E402
 from opd_lab.learner.update import optimizer_update  # noqa: E402
 from opd_lab.models.token_ids import TokenIds, stop_token_ids  # noqa: E402
 from opd_lab.rollout.base import SamplingSpec  # noqa: E402
@@ -70,7 +71,7 @@ def test_logprobs_follow_the_learner_after_a_step_and_sync(models, prompts, toke
     cfg = compose(OVR + ["trainer.lr=0.05"])
     tokens = TokenIds.build(tokenizer, list(cfg.model.special_tokens))
     batch = engine.generate(prompts, _spec(seed=1))
-    data = score_batch(cfg, student, HFTeacherScorer(teacher), batch, tokens)
+    data = score_batch(cfg, student, Teachers.one(HFTeacherScorer(teacher)), batch, tokens)
     opt, _ = make_optimizer(cfg, student)
     before, _ = score_student_old(student, batch)
     optimizer_update(cfg, student, opt, data, torch.arange(batch.size))
