@@ -141,17 +141,19 @@ def matched(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
 def write_outputs(df: pd.DataFrame, out: Path, seed: int = 0) -> None:
     """``nodes.csv``, ``summary.csv``, ``matched.csv``, ``summary.md`` (both tables) and the plots; ``seed`` seeds
     the matched comparison's bootstrap."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "nodes.csv", index=False)
     summary = summarise(df) if len(df) else pd.DataFrame()
     summary.to_csv(out / "summary.csv", index=False)
     match = matched(df, seed) if len(df) else pd.DataFrame()
     match.to_csv(out / "matched.csv", index=False)
+    (out / "summary.md").write_text(summary_markdown(summary, match))
+    if len(df):
+        plot_alignment(df, summary, out)
+
+
+def summary_markdown(summary: pd.DataFrame, match: pd.DataFrame) -> str:
+    """``summary.md``: alignment per teacher × loss × rollout correctness, then the matched-position differences."""
     lines = ["| teacher | loss | rollouts | nodes | mean a_t ± 95% CI | per-question mean ± CI | undefined |",
              "|---|---|---|---|---|---|---|"]
     for _, r in summary.iterrows():
@@ -167,9 +169,16 @@ def write_outputs(df: pd.DataFrame, out: Path, seed: int = 0) -> None:
         lines.append(f"| {r['teacher']} | {r['loss']} | {r['matched_diff']:.3f} [{r['ci95_low']:.3f}, "
                      f"{r['ci95_high']:.3f}] | {r['positions']} | {r['nodes_correct']} / {r['nodes_incorrect']} | "
                      f"{r['unmatched_diff']:.3f} |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    if not len(df):
-        return
+    return "\n".join(lines) + "\n"
+
+
+def plot_alignment(df: pd.DataFrame, summary: pd.DataFrame, out: Path) -> None:
+    """``alignment_by_position.png`` (mean a_t over the response) and ``alignment_correct_vs_incorrect.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     combos = list(df.groupby(["teacher", "loss"], sort=False).groups)
     fig, ax = plt.subplots(figsize=(7, 4))
     bins = np.linspace(0, 1, 6)

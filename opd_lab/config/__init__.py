@@ -138,23 +138,7 @@ def to_run_config(cfg: DictConfig) -> Config:
     assert isinstance(run, Config)
     for name in ("loss", "task"):
         _check(is_dataclass(getattr(run, name)), name, getattr(run, name), "an option of the config group")
-    for field_name, used in teacher_scorers(run):
-        if used in (TeacherScorer.vllm, TeacherScorer.server):
-            _check(run.rollout.temperature == 1.0, field_name, used.value,
-                   "hf when rollout.temperature != 1 (vLLM prompt log-probs ignore temperature)")
-            lsm = isinstance(run.loss, LSMLossConfig)
-            _check(not lsm or run.loss.support == Support.teacher, field_name, used.value,
-                   "hf when loss.support is student or union (vLLM returns the teacher's top-K only)")
-            _check(not lsm or run.loss.top_k <= run.rollout.vllm.max_logprobs, "loss.top_k",
-                   getattr(run.loss, "top_k", None), f"<= rollout.vllm.max_logprobs={run.rollout.vllm.max_logprobs}")
-            _check(run.routing.rule != RoutingRule.max_confidence or run.routing.confidence != Confidence.entropy,
-                   field_name, used.value, "hf with routing.confidence=entropy (the entropy needs the full "
-                   "distribution; vLLM returns the top-K only)")
-            _check(run.routing.rule != RoutingRule.mixture or not isinstance(run.loss, LSMLossConfig), field_name,
-                   used.value, "hf with routing.rule=mixture and loss=lsm (the mixture's support needs every "
-                   "teacher's log-probs at the other teachers' top-K ids)")
-            _check(run.routing.rule != RoutingRule.alignment, field_name, used.value,
-                   "hf with routing.rule=alignment (the alignment probe needs each teacher's logits at its nodes)")
+    check_scorers(run)
     run.routing.check_teachers(teacher_names(run))
     mixed = run.routing.rule in (RoutingRule.mixture, RoutingRule.alignment) and len(teacher_names(run)) > 1
     _check(not (mixed and run.routing.mixture_space == MixtureSpace.log and getattr(run.loss, "tail", False)),
@@ -181,6 +165,28 @@ def to_run_config(cfg: DictConfig) -> Config:
         f"<= rollout.mini_batch_size={mb} (each micro-batch holds at least one sequence)",
     )
     return run
+
+
+def check_scorers(run: Config) -> None:
+    """What a vLLM or server teacher scorer cannot give: another temperature, a student/union support, more than
+    ``max_logprobs`` ids, the entropy, a mixture's cross-scoring, the alignment probe's logits."""
+    for field_name, used in teacher_scorers(run):
+        if used in (TeacherScorer.vllm, TeacherScorer.server):
+            _check(run.rollout.temperature == 1.0, field_name, used.value,
+                   "hf when rollout.temperature != 1 (vLLM prompt log-probs ignore temperature)")
+            lsm = isinstance(run.loss, LSMLossConfig)
+            _check(not lsm or run.loss.support == Support.teacher, field_name, used.value,
+                   "hf when loss.support is student or union (vLLM returns the teacher's top-K only)")
+            _check(not lsm or run.loss.top_k <= run.rollout.vllm.max_logprobs, "loss.top_k",
+                   getattr(run.loss, "top_k", None), f"<= rollout.vllm.max_logprobs={run.rollout.vllm.max_logprobs}")
+            _check(run.routing.rule != RoutingRule.max_confidence or run.routing.confidence != Confidence.entropy,
+                   field_name, used.value, "hf with routing.confidence=entropy (the entropy needs the full "
+                   "distribution; vLLM returns the top-K only)")
+            _check(run.routing.rule != RoutingRule.mixture or not isinstance(run.loss, LSMLossConfig), field_name,
+                   used.value, "hf with routing.rule=mixture and loss=lsm (the mixture's support needs every "
+                   "teacher's log-probs at the other teachers' top-K ids)")
+            _check(run.routing.rule != RoutingRule.alignment, field_name, used.value,
+                   "hf with routing.rule=alignment (the alignment probe needs each teacher's logits at its nodes)")
 
 
 def check_vllm_lengths(run: Config) -> None:

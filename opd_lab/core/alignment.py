@@ -56,6 +56,22 @@ def ideal_gradient(pi_V: torch.Tensor, cand_ids: torch.Tensor, q_cand: torch.Ten
     return g.float(), value
 
 
+def _matched_delta(w_B_Q: np.ndarray, cnt_Q_S_P: np.ndarray, tot_Q_S_P: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Δ of :func:`matched_difference` for each row b of question weights ``w_B_Q`` (1: the data, counts: a bootstrap
+    resample), from the per question × split (correct, incorrect) × position node counts and a_t sums; also which
+    positions both splits have and the weighted counts."""
+    n = np.einsum("bq,qsp->bsp", w_B_Q, cnt_Q_S_P)
+    s = np.einsum("bq,qsp->bsp", w_B_Q, tot_Q_S_P)
+    both = (n[:, 0] > 0) & (n[:, 1] > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        diff = np.where(both, s[:, 1] / n[:, 1] - s[:, 0] / n[:, 0], 0.0)
+    w = np.where(both, np.minimum(n[:, 0], n[:, 1]), 0.0)
+    den = w.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (w * diff).sum(-1) / den, math.nan), both, n
+
+
 def matched_difference(question, position, correct, alignment, n_boot: int = 2000, seed: int = 0) -> dict:
     """a_t on incorrect minus correct rollouts at matched positions t, with a 95% bootstrap CI over questions.
 
@@ -93,18 +109,7 @@ def matched_difference(question, position, correct, alignment, n_boot: int = 200
     np.add.at(cnt, (qi, inc.astype(int), pi), 1.0)
     np.add.at(tot, (qi, inc.astype(int), pi), a)
 
-    def delta(w_B_Q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        n = np.einsum("bq,qsp->bsp", w_B_Q, cnt)
-        s = np.einsum("bq,qsp->bsp", w_B_Q, tot)
-        both = (n[:, 0] > 0) & (n[:, 1] > 0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            diff = np.where(both, s[:, 1] / n[:, 1] - s[:, 0] / n[:, 0], 0.0)
-        w = np.where(both, np.minimum(n[:, 0], n[:, 1]), 0.0)
-        den = w.sum(-1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(den > 0, (w * diff).sum(-1) / den, math.nan), both, n
-
-    d0, both, n = delta(np.ones((1, n_q)))
+    d0, both, n = _matched_delta(np.ones((1, n_q)), cnt, tot)
     out.update(matched_diff=float(d0[0]), positions=int(both[0].sum()),
                nodes_correct=int(n[0, 0][both[0]].sum()), nodes_incorrect=int(n[0, 1][both[0]].sum()))
     if not both[0].any():
@@ -112,7 +117,7 @@ def matched_difference(question, position, correct, alignment, n_boot: int = 200
     draws = np.random.default_rng(seed).integers(0, n_q, size=(n_boot, n_q))
     w = np.zeros((n_boot, n_q))
     np.add.at(w, (np.repeat(np.arange(n_boot), n_q), draws.ravel()), 1.0)
-    boot = delta(w)[0]
+    boot = _matched_delta(w, cnt, tot)[0]
     boot = boot[np.isfinite(boot)]
     if len(boot):
         lo, hi = np.percentile(boot, [2.5, 97.5])
