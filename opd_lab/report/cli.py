@@ -58,8 +58,16 @@ from opd_lab.report.tables import (
 )
 
 
+def refuse_to_overwrite(out: Path) -> None:
+    """A report never replaces files it did not just write: a non-empty ``out`` (an earlier report, committed results)
+    is an error unless ``--force``."""
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"{out} already holds files (an earlier report, or committed results): pass --force to "
+                         "replace them, or name another --out")
+
+
 def report(sweep_dir: str | os.PathLike | list, out: str | os.PathLike | None = None,
-           baseline: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+           baseline: str | None = None, force: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Write ``runs.csv``, ``summary.csv``/``summary.md`` (with the per-tag table and the paired differences: to
     the ungated run, or to the ``baseline`` variant), ``paired.csv`` and the plots (pass@k, training and drift
     curves, pass@k over training steps, the drift map when U or k vary)."""
@@ -67,6 +75,8 @@ def report(sweep_dir: str | os.PathLike | list, out: str | os.PathLike | None = 
     runs = load_sweeps(dirs)
     name = sweep_name(dirs[0], runs)
     out = Path(out) if out else Path("results") / name
+    if not force:
+        refuse_to_overwrite(out)
     for d in dirs:
         if is_csv(d) and d.resolve() == (out / "runs.csv").resolve():
             raise ValueError(f"{d} is a source and would be overwritten by this report: pass --keep-runs (it is "
@@ -102,24 +112,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default: results/<sweep name>)")
     p.add_argument("--keep-runs", action="store_true", help="also copy each job's config, status, metrics and "
                    "evaluations into <out>/runs/<part>/ (a sweep directory the report can read again later)")
+    p.add_argument("--force", action="store_true", help="replace the files of a non-empty --out (by default a "
+                   "report refuses: it never overwrites an earlier report or committed results)")
     p.add_argument("--baseline", help="pair every other variant with this variant's run of the same seed (e.g. "
                    "mt_generalist) instead of each gated variant with its ungated run")
     args = p.parse_args(argv)
     try:
         dirs = list(args.sweep_dir)
+        first = Path(dirs[0])
+        if not first.exists():
+            raise FileNotFoundError(f"no such sweep directory or runs.csv: {first}")
+        args.out = args.out or str(Path("results") / sweep_name(first, load_sweep(first)))
+        if not args.force:
+            refuse_to_overwrite(Path(args.out))
         if args.keep_runs:
-            first = Path(dirs[0])
-            if not first.exists():
-                raise FileNotFoundError(f"no such sweep directory or runs.csv: {first}")
-            out = Path(args.out) if args.out else Path("results") / sweep_name(first, load_sweep(first))
-            dirs = keep_runs([Path(d) for d in dirs], out)
-            args.out = str(out)
+            dirs = keep_runs([Path(d) for d in dirs], Path(args.out))
         runs, summary = report(dirs, args.out, args.baseline)
     except (FileNotFoundError, ValueError) as e:
         print(f"opd-lab report: {e}", file=sys.stderr)
         return 2
     counts = runs["status"].value_counts().to_dict()
-    out = Path(args.out) if args.out else Path("results") / sweep_name(Path(args.sweep_dir[0]), runs)
+    out = Path(args.out)
     print((out / "summary.md").read_text())  # what report() wrote: nothing is read or paired a second time
     print(f"runs: {counts}; written to {out}")
     return 0

@@ -4,6 +4,8 @@ evaluation tables and the printed result table (shared by the training and evalu
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from opd_lab.run.tracking import Tracker, gate_name, read_metrics
 
 
 def write_status(run_dir: Path, status: str, **extra) -> None:
-    """``status.json`` (running / completed / failed / preempted), written atomically: a reader never sees half."""
+    """``status.json`` (running / completed / failed / preempted / interrupted), written atomically: a reader never
+    sees half."""
     atomic.write_text(run_dir / "status.json", json.dumps({"status": status, **extra}, default=str))
 
 
@@ -33,10 +36,25 @@ def keep_until_step(run_dir: Path, step: int) -> None:
             f.unlink()
 
 
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run (a sweep: the whole sweep, whose completed jobs return at once)."""
+    keep = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "hydra.sweep.dir=", "trainer.resume="))]
+    where = f"hydra.sweep.dir={run_dir.parent}" if in_multirun() else f"hydra.run.dir={run_dir}"
+    return shlex.join(["python", "-m", "opd_lab", *keep, where, "trainer.resume=auto"])
+
+
 @contextmanager
 def recorded_failure(run_dir: Path, tracker: Tracker, writes: bool = True):
-    """On any exception (Ctrl-C included): ``status.json`` says failed with the error (unless ``writes`` is off:
-    torchrun ranks other than 0), the wandb run is marked failed, and the exception goes on. A SLURM pre-emption
+    """On any exception: ``status.json`` says failed with the error (unless ``writes`` is off: torchrun ranks other
+    than 0), the wandb run is marked failed, and the exception goes on; Ctrl-C says ``interrupted``, prints one line
+    with the resume command and exits with 130. A SLURM pre-emption
     (:class:`~opd_lab.common.preemption.Preempted`) says ``preempted`` and leaves the wandb run to its resumed job."""
     try:
         yield
@@ -48,6 +66,13 @@ def recorded_failure(run_dir: Path, tracker: Tracker, writes: bool = True):
                 write_status(run_dir, "preempted", error=str(e) if isinstance(e, Preempted) else
                              "stopped by the scheduler's signal after submitit re-queued the job")
             raise
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C: one line and the way back, no traceback
+            if writes:
+                write_status(run_dir, "interrupted", error="KeyboardInterrupt (Ctrl-C)")
+                print(f"\nopd-lab: interrupted; resume from the last checkpoint with: {resume_command(run_dir)}",
+                      file=sys.stderr, flush=True)
+            tracker.finish(1)
+            raise SystemExit(130) from None
         if writes:
             write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         tracker.finish(1)

@@ -23,18 +23,11 @@ from opd_lab.models.loading import load_model
 from opd_lab.models.token_ids import stop_token_ids
 from opd_lab.rollout.base import TRAITS
 from opd_lab.run import components
-from opd_lab.run.directory import finish_run, recorded_failure, run_label, write_status
+from opd_lab.run.directory import finish_run, in_multirun, recorded_failure, run_label, write_status
 from opd_lab.run.tracking import Tracker
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 register_configs()
-
-
-def in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def config_error(e: ConfigError) -> None:

@@ -116,3 +116,31 @@ def test_resume_path_errors(tmp_path):
     cfg = compose([f"trainer.resume={tmp_path / 'nope'}", f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="trainer.resume=.*no checkpoints/ folder"):
         checkpoint.find_run_to_resume(cfg, tmp_path)
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_interrupted_and_how_to_resume(tmp_path):
+    """SIGINT mid-run: no traceback, status.json ``interrupted``, one line with the command that resumes it (which
+    then finishes the run)."""
+    cut = tmp_path / "cut"
+    args = [*TINY, "trainer.steps=40", "trainer.checkpoint_every=2", "eval.baselines=false",
+            f"cache_dir={tmp_path / 'cache'}"]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, "-m", "opd_lab", *args, f"hydra.run.dir={cut}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not (cut / "checkpoints" / "step_000002").exists():
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    status = json.loads((cut / "status.json").read_text())
+    assert status["status"] == "interrupted", status
+    line = next(x for x in err.splitlines() if x.startswith("opd-lab: interrupted"))
+    assert f"hydra.run.dir={cut} trainer.resume=auto" in line and "trainer.steps=40" in line
+    out = run_cli([*args, f"hydra.run.dir={cut}", "trainer.resume=auto"])
+    assert "resuming from" in out.stdout
+    assert json.loads((cut / "status.json").read_text())["status"] == "completed"

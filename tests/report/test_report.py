@@ -335,11 +335,13 @@ def test_an_earlier_reports_runs_csv_is_a_source_equal_to_its_run_directories(tm
     # would read the combined runs.csv it wrote (every seed twice, or a part lost): an error naming the kept sources
     rep = tmp_path / "old_report"
     args = [str(rep / "runs.csv"), str(new), "--out", str(rep), "--keep-runs"]
+    assert main(args) == 2  # the folder holds an earlier report: refused unless --force
+    args.append("--force")
     assert main(args) == 0
     pd.testing.assert_frame_equal(pd.read_csv(rep / "summary.csv")[cols], ref[cols])
     assert (rep / "runs" / "old_report_runs.csv").exists() and (rep / "runs" / f"{tmp_path.name}_new").is_dir()
     assert main(args) == 2
-    assert main([*sorted(map(str, (rep / "runs").iterdir())), "--out", str(rep), "--keep-runs"]) == 0
+    assert main([*sorted(map(str, (rep / "runs").iterdir())), "--out", str(rep), "--keep-runs", "--force"]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(rep / "summary.csv")[cols], ref[cols])
 
 
@@ -456,3 +458,20 @@ def test_a_job_that_a_later_part_completed_is_superseded_not_failed_or_unfinishe
     (c / "1" / "status.json").write_text(json.dumps({"status": "failed", "error": "RuntimeError: nan"}))
     own = load_sweeps([c])
     assert own["status"].tolist() == ["completed", "failed"]
+
+
+def test_the_report_never_overwrites_a_folder_that_holds_files(tmp_path):
+    """Committed results (or an earlier report) are replaced only with --force; an empty or new --out is written."""
+    from opd_lab.report.cli import main
+
+    sweep = tmp_path / "sweep"
+    _job(sweep, 0, ["gate=none", "trainer.seed=0"], _cfg("none", seed=0), {"pass@1": 0.5})
+    kept = tmp_path / "results" / "study"
+    kept.mkdir(parents=True)
+    (kept / "summary.md").write_text("committed\n")
+    assert main([str(sweep), "--out", str(kept)]) == 2
+    assert (kept / "summary.md").read_text() == "committed\n" and not (kept / "runs.csv").exists()
+    assert main([str(sweep), "--out", str(kept), "--keep-runs"]) == 2 and not (kept / "runs").exists()
+    assert main([str(sweep), "--out", str(tmp_path / "new")]) == 0 and (tmp_path / "new" / "runs.csv").exists()
+    assert main([str(sweep), "--out", str(kept), "--force"]) == 0
+    assert (kept / "summary.md").read_text() != "committed\n"
