@@ -32,6 +32,19 @@ def _records(run_dir: Path):
     return out
 
 
+def _start_until_checkpoint(args, run_dir: Path, step: int, what: str, **popen) -> subprocess.Popen:
+    """Start ``python -m opd_lab`` into ``run_dir`` and return once its step-``step`` checkpoint exists."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, "-m", "opd_lab", *args, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
+                            **popen)
+    deadline = time.time() + 600
+    while not (run_dir / "checkpoints" / f"step_{step:06d}").exists():
+        assert proc.poll() is None, f"the run ended before it could be {what}"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    return proc
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     args = [*TINY, "trainer.steps=12", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=2",
@@ -39,14 +52,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     run_cli([*args, f"hydra.run.dir={ref}"])
 
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.Popen([sys.executable, "-m", "opd_lab", *args, f"hydra.run.dir={cut}"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
-    while not (cut / "checkpoints" / "step_000006").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
+    proc = _start_until_checkpoint(args, cut, 6, "killed", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     status = json.loads((cut / "status.json").read_text())
@@ -125,14 +132,8 @@ def test_ctrl_c_says_interrupted_and_how_to_resume(tmp_path):
     cut = tmp_path / "cut"
     args = [*TINY, "trainer.steps=40", "trainer.checkpoint_every=2", "eval.baselines=false",
             f"cache_dir={tmp_path / 'cache'}"]
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.Popen([sys.executable, "-m", "opd_lab", *args, f"hydra.run.dir={cut}"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while not (cut / "checkpoints" / "step_000002").exists():
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        assert time.time() < deadline
-        time.sleep(0.02)
+    proc = _start_until_checkpoint(args, cut, 2, "interrupted", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
