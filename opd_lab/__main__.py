@@ -5,6 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from opd_lab.common import plugins
 from opd_lab.run import jobs
 from opd_lab.train import main
 
@@ -15,4 +16,5 @@ def app(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    plugins.load_from_argv()  # before Hydra composes: a plugin may store the schema its YAML names
     app()

@@ -40,7 +40,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from opd_lab import tasks
-from opd_lab.common import console
+from opd_lab.common import console, plugins
 from opd_lab.config import Config, ConfigError, DiagnoseConfig
 from opd_lab.core.alignment import Teacher, matched_difference
 from opd_lab.core.stats import mean_ci95
@@ -223,6 +223,7 @@ def app(cfg: DictConfig) -> None:
 
     try:
         run_cfg = to_run_config(cfg)
+        components.check_registered(run_cfg)
         console.configure(run_cfg.logger.verbose)  # engine and library records to the log file only
         chosen = components.resolve_engine(run_cfg)
         if chosen:
@@ -238,4 +239,5 @@ def app(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    plugins.load_from_argv()  # before Hydra composes: a plugin may store the schema its YAML names
     app()

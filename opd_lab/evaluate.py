@@ -14,6 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from opd_lab.common import plugins
 from opd_lab.config import Config, ConfigError
 from opd_lab.run import jobs
 
@@ -37,4 +38,5 @@ def app(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    plugins.load_from_argv()  # before Hydra composes: a plugin may store the schema its YAML names
     app()

@@ -34,18 +34,19 @@ def test_every_job_composes_and_validates(name):
     register_configs()
     jobs = sweep_jobs(name)
     assert len(jobs) == EXPECTED_JOBS[name]
+    assert f"dir: multirun/{name}/${{now:" in (ROOT / "sweeps" / f"{name}.yaml").read_text()
     seen = set()
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(ROOT / "sweeps"), version_base="1.3"):
         for job in jobs:
             cfg = compose(name, overrides=[f"hydra.searchpath=[file://{ROOT / 'conf'}]", "output_dir=/tmp/x", *job])
             run = to_run_config(cfg)
-            assert run.logger.wandb.group == name
+            assert run.logger.wandb.group is None  # the wandb group is the sweep directory, which names the sweep
             assert run.rollout.reuse >= 1
             if name.startswith("six_variant"):
                 assert run.trainer.steps == 200 and run.rollout.reuse == 2
                 assert run.eval.seed == run.trainer.seed
-            seen.add((run.variant, getattr(run.loss, "name", None), run.gate.kind.value, run.gate.block_size,
+            seen.add((run.variant, getattr(run.loss, "name", None), run.gate.kind, run.gate.block_size,
                       run.gate.tau, run.rollout.reuse, run.eval.only))
     if name.startswith("six_variant"):
         variants = {s[0] for s in seen}
@@ -73,7 +74,7 @@ def test_multi_teacher_sweep_compares_the_generalist_with_the_routed_specialists
             run = to_run_config(compose("multi_teacher", overrides=[f"hydra.searchpath=[file://{ROOT / 'conf'}]",
                                                                     "output_dir=/tmp/x", *job]))
             assert run.trainer.steps == 200 and run.eval.every == 50
-            rules[run.variant] = (run.routing.rule.value, tuple(run.model.teachers), dict(run.routing.by_tag))
+            rules[run.variant] = (run.routing.rule, tuple(run.model.teachers), dict(run.routing.by_tag))
     assert rules["mt_generalist"] == ("single", (), {})
     assert rules["mt_per_sample"] == ("per_sample", ("ops3", "ops4"), {"ops3": "ops3", "ops4": "ops4"})
     for rule in ("mixture", "min_kl", "max_confidence", "alignment"):

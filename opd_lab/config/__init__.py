@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from opd_lab.common import plugins
 from opd_lab.config.base import (  # noqa: F401
     ConfigError,
     LRSchedule,
@@ -96,28 +97,41 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     diagnose: DiagnoseConfig | None = None  # set by conf/diagnose.yaml (python -m opd_lab.diagnose)
+    plugins: list[str] = field(default_factory=list)  # modules/files with a researcher's own pieces (docs/extending.md)
     variant: str = ""  # a label for sweeps and reports (set by conf/variant/*); empty: derived from loss and gate
     cache_dir: str = "${oc.env:OPD_LAB_CACHE,${oc.env:HOME}/.cache/opd_lab}"
     output_dir: str = "${hydra:runtime.output_dir}"
 
 
+SCHEMAS: dict[str, type] = {
+    "base_config": Config,
+    "base_loss_sampled_token": SampledTokenLossConfig,
+    "base_loss_lsm": LSMLossConfig,
+    "base_gate": GateConfig,
+    "base_rollout": RolloutConfig,
+    "base_model": ModelConfig,
+    "base_task_arith": ArithTaskConfig,
+    "base_task_math": MathTaskConfig,
+    "base_trainer": TrainerConfig,
+    "base_logger": LoggerConfig,
+    "base_diagnose": DiagnoseConfig,
+    "base_routing": RoutingConfig,
+}
+
+
 def register_configs() -> None:
-    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    """Store every schema in Hydra's ConfigStore (idempotent).
+
+    The schemas sit at the top level, outside every group, so that ``--help`` lists only real options and
+    ``gate=base_gate`` is refused (Hydra: "Could not find 'gate/base_gate'", with the available options); a group's
+    YAML file pulls its schema in with ``defaults: [/base_<group>@_here_]``. A plugin stores its own schema the
+    same way (docs/extending.md).
+    """
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    cs.store(group="loss", name="base_loss_sampled_token", node=SampledTokenLossConfig)
-    cs.store(group="loss", name="base_loss_lsm", node=LSMLossConfig)
-    cs.store(group="gate", name="base_gate", node=GateConfig)
-    cs.store(group="rollout", name="base_rollout", node=RolloutConfig)
-    cs.store(group="model", name="base_model", node=ModelConfig)
-    cs.store(group="task", name="base_task_arith", node=ArithTaskConfig)
-    cs.store(group="task", name="base_task_math", node=MathTaskConfig)
-    cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
-    cs.store(group="logger", name="base_logger", node=LoggerConfig)
-    cs.store(group="diagnose", name="base_diagnose", node=DiagnoseConfig)
-    cs.store(group="routing", name="base_routing", node=RoutingConfig)
+    for name, node in SCHEMAS.items():
+        cs.store(name=name, node=node)
 
 
 def to_run_config(cfg: DictConfig) -> Config:
@@ -125,6 +139,7 @@ def to_run_config(cfg: DictConfig) -> Config:
 
     Also runs the cross-group checks that no single schema can make.
     """
+    plugins.load(cfg.get("plugins"))  # a worker (SLURM launcher) imports them here; the entry points did already
     try:
         run = OmegaConf.to_object(cfg)
     except ConfigError:
@@ -136,6 +151,8 @@ def to_run_config(cfg: DictConfig) -> Config:
         msg = getattr(e, "msg", None) or str(e)
         raise ConfigError(msg.split("\n")[0]) from None
     assert isinstance(run, Config)
+    if run.eval.ks is None:
+        run.eval.ks = run.eval.default_ks()
     for name in ("loss", "task"):
         _check(is_dataclass(getattr(run, name)), name, getattr(run, name), "an option of the config group")
     check_scorers(run)

@@ -117,6 +117,8 @@ class GateReference(str, Enum):
 
 
 class GateKind(str, Enum):
+    """The built-in groupings (``gate.kind`` is open: a plugin registers more in ``GROUPINGS``)."""
+
     none = "none"
     token = "token"
     sequence = "sequence"
@@ -127,10 +129,14 @@ class GateKind(str, Enum):
 @dataclass
 class GateConfig:
     """Blockwise policy-drift gate g_t = exp(−τ·|m_G|), normalised to unit mean over the optimizer update, then
-    optionally clipped to [clip_min, clip_max]. ``block_size`` belongs to ``kind=block`` only."""
+    optionally clipped to [clip_min, clip_max]. ``kind`` names the grouping of positions into G and ``reduce`` the
+    group statistic m_G of the δ_t in G (``mean``, the method's; ``max_abs``: the δ_t of largest |δ_t|), both looked
+    up in a registry (opd_lab/core/gates.py) that a plugin extends (docs/extending.md); the names are checked at
+    start-up. ``block_size`` belongs to ``kind=block`` among the built-ins (a plugin's grouping may use it)."""
 
-    kind: GateKind = GateKind.none
+    kind: str = GateKind.none.value
     block_size: int | None = None
+    reduce: str = "mean"
     tau: float = 1.0
     clip_min: float | None = None
     clip_max: float | None = None
@@ -138,9 +144,12 @@ class GateConfig:
 
     def __post_init__(self) -> None:
         block = self.kind == GateKind.block
-        _check(block == (self.block_size is not None), "gate.block_size", self.block_size,
+        builtin = self.kind in {k.value for k in GateKind}
+        _check(not builtin or block == (self.block_size is not None), "gate.block_size", self.block_size,
                "an integer >= 1 with gate.kind=block (gate=block32|block64|block128), and null with any other kind")
-        _check(not block or self.block_size >= 1, "gate.block_size", self.block_size, "an integer >= 1")
+        _check(self.block_size is None or self.block_size >= 1, "gate.block_size", self.block_size, "an integer >= 1")
+        _check(self.kind != GateKind.none or self.reduce == "mean", "gate.reduce", self.reduce,
+               "mean with gate=none (there is no group to reduce)")
         _check(self.tau >= 0.0, "gate.tau", self.tau, "tau >= 0")
         clip = (self.clip_min, self.clip_max)
         _check(self.kind != GateKind.none or clip == (None, None), "gate.clip_min/clip_max", clip,

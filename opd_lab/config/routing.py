@@ -10,7 +10,8 @@ from opd_lab.config.base import _check
 
 
 class RoutingRule(str, Enum):
-    """How the teachers' scores become the one target the loss sees (``routing.rule``)."""
+    """How the teachers' scores become the one target the loss sees (``routing.rule``): the built-in rules
+    (``routing.rule`` is open: a plugin registers more in ``opd_lab.learner.teachers.RULES``)."""
 
     single = "single"  # one teacher (model.teachers has one entry, or none: model.teacher)
     per_sample = "per_sample"  # the row's problem tag picks its teacher (routing.by_tag): the MOPD standard
@@ -70,7 +71,7 @@ class RoutingConfig:
     """Multi-teacher routing. ``by_tag`` maps a problem tag (``Problem.tag``: ``ops3``/``ops4`` on the embedded
     task, the data-source field on math data) to a teacher name; ``default`` takes untagged or unlisted rows."""
 
-    rule: RoutingRule = RoutingRule.single
+    rule: str = RoutingRule.single.value  # a rule of RULES (checked at start-up): the built-ins or a plugin's
     by_tag: dict[str, str] = field(default_factory=dict)
     default: str | None = None
     confidence: Confidence = Confidence.top1
@@ -89,5 +90,5 @@ class RoutingConfig:
             _check(teacher in names, f"routing.by_tag.{tag}", teacher, f"a teacher of model.teachers: {allowed}")
         _check(self.default is None or self.default in names, "routing.default", self.default,
                f"null or a teacher of model.teachers: {allowed}")
-        _check(self.rule != RoutingRule.single or len(names) == 1, "routing.rule", self.rule.value,
+        _check(self.rule != RoutingRule.single or len(names) == 1, "routing.rule", self.rule,
                f"per_sample, mixture, min_kl, max_confidence or alignment with {len(names)} teachers ({allowed})")

@@ -7,6 +7,9 @@ from enum import Enum
 
 from opd_lab.config.base import LRSchedule, _check
 
+DEFAULT_WARMUP_STEPS = 3  # trainer.warmup_steps when unset (fewer when the run is shorter)
+DEFAULT_EVAL_K = 8  # eval.ks when unset: pass@1 and pass@8 (pass@n_samples when fewer are drawn)
+
 
 # ------------------------------------------------------------------------------------------------ trainer
 class LossPath(str, Enum):
@@ -37,7 +40,9 @@ class TrainerConfig:
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
-    warmup_steps: int = 3  # AdamW updates of linear warm-up (the schedule counts updates, not steps)
+    # steps of linear warm-up (the schedule counts their AdamW updates); null: 3, or trainer.steps − 1 when the run
+    # is shorter (a smoke test's trainer.steps=2 warms up for 1 step); an explicit value must be < trainer.steps
+    warmup_steps: int | None = None
     lr_schedule: LRSchedule = LRSchedule.cosine  # after warm-up: cosine decay to min_lr_ratio·lr, or constant
     min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
@@ -58,6 +63,8 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "trainer.steps", self.steps, "an integer >= 0")
+        if self.warmup_steps is None:
+            self.warmup_steps = min(DEFAULT_WARMUP_STEPS, max(self.steps - 1, 0))
         _check(self.lr > 0, "trainer.lr", self.lr, "lr > 0")
         _check(self.weight_decay >= 0, "trainer.weight_decay", self.weight_decay, ">= 0")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "trainer.beta1/beta2", (self.beta1, self.beta2),
@@ -100,7 +107,7 @@ class EvalConfig:
     """
 
     n_samples: int = 8
-    ks: list[int] = field(default_factory=lambda: [1, 8])
+    ks: list[int] | None = None  # null: [1, 8], or [1, n_samples] when fewer than 8 samples are drawn
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 256
@@ -112,12 +119,17 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(self.n_samples >= 1, "eval.n_samples", self.n_samples, "an integer >= 1")
-        _check(len(self.ks) > 0 and all(1 <= k <= self.n_samples for k in self.ks), "eval.ks", self.ks,
-               f"a non-empty list of k with 1 <= k <= eval.n_samples={self.n_samples}")
-        _check(len(set(self.ks)) == len(self.ks), "eval.ks", list(self.ks), "distinct values of k")
+        if self.ks is not None:  # null is resolved by to_run_config (default_ks): the schema's own default is null
+            _check(len(self.ks) > 0 and all(1 <= k <= self.n_samples for k in self.ks), "eval.ks", self.ks,
+                   f"a non-empty list of k with 1 <= k <= eval.n_samples={self.n_samples}")
+            _check(len(set(self.ks)) == len(self.ks), "eval.ks", list(self.ks), "distinct values of k")
         _check(self.temperature > 0, "eval.temperature", self.temperature, "temperature > 0")
         _check(0 < self.top_p <= 1, "eval.top_p", self.top_p, "0 < top_p <= 1")
         _check(self.every >= 0, "eval.every", self.every, "0 (only at the end) or a step interval >= 1")
+
+    def default_ks(self) -> list[int]:
+        """``eval.ks`` when unset: [1, 8], or [1, n_samples] when fewer than 8 samples are drawn."""
+        return sorted({1, min(DEFAULT_EVAL_K, self.n_samples)})
 
 
 # ------------------------------------------------------------------------------------------------- logger

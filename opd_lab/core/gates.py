@@ -10,8 +10,10 @@ Inputs, per docs/methods.md:
   token, so left or right padding in the tensor never moves a block boundary.
 - ``newline_B_T``: 1 where the sampled token contains a newline (only the ``span`` gate uses it).
 
-A gate groups positions into G, takes the signed group drift m_G = mean_{t∈G, m_t=1} δ_t and returns the raw
-gate g_t = exp(−τ·|m_G|), computed shift-stable as exp(−τ(|m_G| − min_G' |m_G'|)) (:func:`shifted_gate`).
+A gate groups positions into G (``gate.kind``, a grouping of :data:`GROUPINGS`), takes the signed group drift
+m_G = mean_{t∈G, m_t=1} δ_t (``gate.reduce``, a statistic of :data:`REDUCERS`: ``mean`` is the method's,
+``max_abs`` the δ_t of largest |δ_t|) and returns the raw gate g_t = exp(−τ·|m_G|), computed shift-stable as
+exp(−τ(|m_G| − min_G' |m_G'|)) (:func:`shifted_gate`).
 :func:`normalise_gates` rescales to unit mean over the valid positions of an optimizer update and applies the
 optional clip; the learner calls exactly these functions, with the shift and the mean taken over the whole
 update (every micro-batch and rank).
@@ -29,6 +31,10 @@ from opd_lab.common.registry import Registry
 GroupFn = Callable[..., torch.Tensor]
 # gate kind → grouping(response_mask_B_T, block_size, newline_B_T) → group index per position (−1: no group)
 GROUPINGS: Registry[GroupFn] = Registry("gate kind")
+ReduceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# gate.reduce → statistic(values_B_T, mask_B_T, group_B_T) → the group's value at each of its positions, [B, T]
+# (0 off every group and for groups with no masked-in position); it must be signed: the cancellation rate needs it
+REDUCERS: Registry[ReduceFn] = Registry("gate statistic")
 
 
 def response_positions(response_mask_B_T: torch.Tensor) -> torch.Tensor:
@@ -70,15 +76,23 @@ def span_groups(response_mask_B_T: torch.Tensor, newline_B_T: torch.Tensor, **_)
     return torch.where(response_mask_B_T.bool(), gid, -1)
 
 
+def flat_groups(group_B_T: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(flat_BT, n_groups)``: each position's group as one index into ``B · n_groups`` slots (row-major; positions
+    off every group point at their row's slot 0 and must be masked out by the caller)."""
+    B = group_B_T.shape[0]
+    n_groups = int(group_B_T.max().item()) + 1 if group_B_T.numel() else 0
+    rows = torch.arange(B, device=group_B_T.device).unsqueeze(1) * max(n_groups, 0)
+    return (rows + group_B_T.clamp(min=0)).reshape(-1), n_groups
+
+
+@REDUCERS.register("mean")
 def group_mean(values_B_T: torch.Tensor, mask_B_T: torch.Tensor, group_B_T: torch.Tensor) -> torch.Tensor:
     """Masked mean of ``values`` over each row's group, broadcast back to ``[B, T]`` (0 for empty groups)."""
     B, T = values_B_T.shape
-    n_groups = int(group_B_T.max().item()) + 1 if group_B_T.numel() else 0
+    flat, n_groups = flat_groups(group_B_T)
     if n_groups <= 0:
         return torch.zeros_like(values_B_T)
     in_group = group_B_T >= 0
-    flat = (torch.arange(B, device=values_B_T.device).unsqueeze(1) * n_groups + group_B_T.clamp(min=0))
-    flat = flat.reshape(-1)
     w = (mask_B_T.to(values_B_T.dtype) * in_group).reshape(-1)
     sums = torch.zeros(B * n_groups, dtype=values_B_T.dtype, device=values_B_T.device)
     counts = torch.zeros_like(sums)
@@ -88,6 +102,26 @@ def group_mean(values_B_T: torch.Tensor, mask_B_T: torch.Tensor, group_B_T: torc
     return torch.where(in_group, means[flat].reshape(B, T), torch.zeros_like(values_B_T))
 
 
+@REDUCERS.register("max_abs")
+def group_max_abs(values_B_T: torch.Tensor, mask_B_T: torch.Tensor, group_B_T: torch.Tensor) -> torch.Tensor:
+    """The masked-in value of largest magnitude in each row's group, signed (the group's worst token: one token
+    that drifted far is not averaged away by its neighbours), broadcast back to ``[B, T]`` (0 for empty groups).
+    Ties between +a and −a resolve to +a."""
+    B, T = values_B_T.shape
+    flat, n_groups = flat_groups(group_B_T)
+    if n_groups <= 0:
+        return torch.zeros_like(values_B_T)
+    valid = ((group_B_T >= 0) & mask_B_T.bool()).reshape(-1)
+    v = values_B_T.reshape(-1)
+    hi = torch.full((B * n_groups,), -math.inf, dtype=v.dtype, device=v.device)
+    lo = torch.full_like(hi, math.inf)
+    hi.scatter_reduce_(0, flat[valid], v[valid], reduce="amax")
+    lo.scatter_reduce_(0, flat[valid], v[valid], reduce="amin")
+    extreme = torch.where(hi.abs() >= lo.abs(), hi, lo)
+    extreme = torch.where(torch.isfinite(extreme), extreme, torch.zeros_like(extreme))  # groups with no valid t
+    return torch.where(group_B_T >= 0, extreme[flat].reshape(B, T), torch.zeros_like(values_B_T))
+
+
 def group_drift(
     delta_B_T: torch.Tensor,
     loss_mask_B_T: torch.Tensor,
@@ -95,8 +129,10 @@ def group_drift(
     kind: str,
     block_size: int | None = None,
     newline_B_T: torch.Tensor | None = None,
+    reduce: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Signed group drift m_G = mean_{t∈G, m_t=1} δ_t at every position of group G, and the sign-cancellation flags.
+    """Signed group drift m_G = mean_{t∈G, m_t=1} δ_t (or the ``reduce`` statistic of :data:`REDUCERS`) at every
+    position of group G, and the sign-cancellation flags.
 
     Returns ``(m_G_B_T, cancel_B_T)``: ``m_G_B_T`` is 0 off the response (and everywhere for ``kind='none'``);
     ``cancel_B_T`` is 1 at valid positions whose δ_t has the opposite sign to m_G (drifts cancelling inside the
@@ -108,7 +144,7 @@ def group_drift(
     if kind == "span" and newline_B_T is None:
         raise ValueError("the span gate needs newline_B_T")
     groups = grouping(response_mask_B_T=response_mask_B_T, block_size=block_size, newline_B_T=newline_B_T)
-    m_G = group_mean(delta_B_T, mask, groups)
+    m_G = REDUCERS.get(reduce)(delta_B_T, mask, groups)
     cancel = ((torch.sign(delta_B_T) * torch.sign(m_G)) < 0).to(delta_B_T.dtype) * mask
     return m_G, cancel
 

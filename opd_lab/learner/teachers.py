@@ -69,7 +69,7 @@ class Teachers:
 
     @property
     def rule(self) -> str:
-        return self.routing.rule.value if len(self.names) > 1 else "single"
+        return self.routing.rule if len(self.names) > 1 else "single"
 
     # --------------------------------------------------------------------------------------------- scoring
     def score(self, batch: RolloutBatch, needs: ScoreNeeds, temperature: float,
@@ -81,7 +81,7 @@ class Teachers:
         k = needs.teacher_top_k
         if len(self.names) == 1:
             return Routed(self._call(0, batch, k, temperature, old_topk_B_T_K))
-        rule = RULES.get(self.routing.rule.value)
+        rule = RULES.get(self.routing.rule)
         k_call, entropy = rule.scoring(self.routing, k)
         per = [self._call(i, batch, k_call, temperature, old_topk_B_T_K, entropy) for i in range(len(self.names))]
         ctx = RouteContext(batch, needs, temperature, k, k_call, old_topk_B_T_K, old_at, support_of,

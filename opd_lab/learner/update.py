@@ -108,7 +108,7 @@ def _drift(cfg: Config, logp_B_T: torch.Tensor, mb: ScoredBatch):
     if cfg.gate.reference.value == "proximal" and mb.prox_logp_B_T is not None:
         gate_delta = (logp_B_T - mb.prox_logp_B_T).detach()
     m_G, cancel = group_drift(gate_delta, mb.loss_mask_B_T, mb.response_mask_B_T.to(delta.device),
-                              cfg.gate.kind.value, cfg.gate.block_size, mb.newline_B_T)
+                              cfg.gate.kind, cfg.gate.block_size, mb.newline_B_T, cfg.gate.reduce)
     return delta, m_G, cancel
 
 
@@ -143,7 +143,7 @@ def optimizer_update(cfg: Config, policy, optimizer, scored: ScoredBatch, idx: t
     device = next(policy.parameters()).device
     micro_idx = micro_batches(idx, cfg.trainer.grad_accum, dist)
     micro = [_rows(scored, m, device) for m in micro_idx]
-    gated = cfg.gate.kind.value != "none"
+    gated = cfg.gate.kind != "none"
     n_valid = dist.sum(sum(float(mb.loss_mask_B_T.sum()) for mb in micro))[0]
     norm = _prepass_normaliser(cfg, policy, scored, micro_idx, micro, dist) if gated and len(micro) > 1 else None
     optimizer.zero_grad(set_to_none=True)

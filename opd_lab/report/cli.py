@@ -16,14 +16,19 @@ pandas DataFrame with one row per run, then writes to ``results/<sweep>/`` (or `
 - ``paired.csv`` (and a section of ``summary.md``): for every gated variant, the difference of each final pass@k
   (overall and per tag) to the ungated run with the same setting and seed, mean and 95% CI over seeds (paired);
   with ``--baseline VARIANT``, every other variant against that variant's run with the same seed instead;
-- ``pass_at_k.png``: pass@k per variant (mean with 95% CI error bars, one dot per seed);
-- ``pass_at_k_over_steps.png``: held-out pass@k at every evaluation step (``eval.every``);
-- ``curves.png``: training curves per variant (mean over seeds, shaded min–max): loss, teacher − old log-ratio,
-  gate std, fraction of gates below 0.5, mean |δ|, |δ| at the first update of each step;
+- ``pass_at_k.png``: one panel per k, final pass@k per variant (mean with 95% CI error bars, one dot per seed),
+  the untrained student and the teacher as lines;
+- ``pass_at_k_over_steps.png``: held-out pass@k at every evaluation step (``eval.every``; not drawn when each run
+  was evaluated once);
+- ``curves.png``: training curves per variant (mean over seeds, shaded min–max): loss (a panel per loss),
+  teacher − old log-ratio, gate std, fraction of gates below 0.5, mean |δ|, |δ| at the first update of each step
+  (a panel flat in every run is left out and named);
 - ``routing.png`` for multi-teacher runs: each teacher's share of the loss tokens and the routing entropy over
   training (also ``last10pct/`` and ``mean/`` columns of ``runs.csv``);
 - ``drift_map.png`` when the runs vary U (updates per rollout batch) or the staleness k: final pass@k and mean
   |δ| against U and k, per loss and gate;
+- ``plot_data/<figure>.csv``: what each figure draws (panel, series, x, y, interval), and a ``## Plots`` section
+  of ``summary.md`` that says what each figure shows or why it was not drawn;
 - with ``--keep-runs``: ``runs/<part>/``, each sweep directory's ``multirun.yaml`` and, per job, the small files
   the report reads (``.hydra/``, ``config.yaml``, ``status.json``, ``metrics.jsonl``, ``evals/``,
   ``eval_per_problem.csv``; no weights, no wandb). A kept part is itself a sweep directory, so a sweep run over
@@ -88,21 +93,52 @@ def report(sweep_dir: str | os.PathLike | list, out: str | os.PathLike | None = 
     pairs.to_csv(out / "paired.csv", index=False)
     title = f"{name} ({', '.join(map(str, dirs))})"
     text = summary_markdown(summary, runs, title) + by_tag_markdown(summary, baselines_by_tag(runs))
-    (out / "summary.md").write_text(text + paired_markdown(pairs, baseline))
+    text += paired_markdown(pairs, baseline)
+    (out / "summary.md").write_text(text + plots_markdown(draw_plots(runs, summary, out, name)))
+    return runs, summary
+
+
+def draw_plots(runs: pd.DataFrame, summary: pd.DataFrame, out: Path, name: str) -> dict:
+    """Every figure that applies, each with the table of what it draws in ``plot_data/<figure>.csv``; returns
+    ``{file: Plot | Skipped}`` (a figure with nothing to show is not written; an earlier report's copy is
+    removed so that no stale figure stays beside the new tables)."""
     ks = [c.removesuffix("_mean") for c in summary.columns if c.startswith("pass@") and c.endswith("_mean")
           and "/" not in c]
-    if summary["n_completed"].sum():
-        plots.plot_pass_at_k(runs, summary, out / "pass_at_k.png", name)
-        plots.plot_eval_curves(runs, ks, out / "pass_at_k_over_steps.png", name)
-        done = runs[runs["status"] == "completed"]
-        if done["U"].nunique() > 1 or done["staleness"].nunique() > 1:
-            plots.plot_drift_map(runs, ks, out / "drift_map.png", name)
-    plots.plot_curves(runs, out / "curves.png", name)
+    base = plots.baselines_of(runs)
+    done = runs[runs["status"] == "completed"]
+    figures = {
+        "pass_at_k.png": lambda p: plots.plot_pass_at_k(runs, summary, base, p, name),
+        "pass_at_k_over_steps.png": lambda p: plots.plot_eval_curves(runs, ks, base, p, name),
+        "curves.png": lambda p: plots.plot_curves(runs, p, name),
+    }
+    if done["U"].nunique() > 1 or done["staleness"].nunique() > 1:
+        figures["drift_map.png"] = lambda p: plots.plot_drift_map(runs, ks, p, name)
     shares = sorted((c.removeprefix("mean/") for c in runs.columns if c.startswith("mean/routing/")
                      and "/frac/" in c), key=lambda k: ("by_tag" in k, k))  # overall shares first, then per tag
     if shares:
-        plots.plot_routing(runs, [*shares, "routing/entropy"], out / "routing.png", name)
-    return runs, summary
+        figures["routing.png"] = lambda p: plots.plot_routing(runs, [*shares, "routing/entropy"], p, name)
+    results = {}
+    for file, draw in figures.items():
+        path, data = out / file, out / "plot_data" / f"{Path(file).stem}.csv"
+        results[file] = draw(path)
+        if isinstance(results[file], plots.Plot):
+            data.parent.mkdir(exist_ok=True)
+            results[file].data.to_csv(data, index=False)
+        else:
+            path.unlink(missing_ok=True)
+            data.unlink(missing_ok=True)
+    return results
+
+
+def plots_markdown(results: dict) -> str:
+    """The summary's list of figures: what each shows, or why it was not drawn."""
+    lines = ["", "## Plots", ""]
+    for file, res in results.items():
+        if isinstance(res, plots.Plot):
+            lines.append(f"- `{file}`: {res.note} (data: `plot_data/{Path(file).stem}.csv`)")
+        else:
+            lines.append(f"- `{file}`: not drawn: {res.reason}")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,18 @@
 """The sweep report's plots (``python -m opd_lab.report``): pass@k per variant, pass@k over training steps, the
 training curves that show drift (gate std, gates below 0.5, mean |δ|, δ at the first update of each step), the
 drift map (final pass@k and drift against U = updates per rollout batch and the async staleness k) and, for
-multi-teacher runs, the teachers' token shares and the routing entropy over training."""
+multi-teacher runs, the teachers' token shares and the routing entropy over training.
+
+Every figure is a grid of panels (at most :data:`NCOLS` a row) with one legend outside the data, and each plot
+function returns a :class:`Plot`: the long table of exactly what was drawn (the report writes it to
+``plot_data/<figure>.csv``) and a line for the summary; a figure with nothing to show is not written and the
+function returns :class:`Skipped` with the reason instead. Panels that would be empty or flat in every run
+(``|δ| at the first update`` is 0 by construction without staleness) are left out and named in the line."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +20,7 @@ import pandas as pd
 
 from opd_lab.run.tracking import read_metrics
 
+NCOLS = 3
 CURVES = (
     ("loss", "loss"),
     ("teacher_minus_old_logp", "teacher − old log-ratio"),
@@ -21,6 +29,24 @@ CURVES = (
     ("drift/mean_abs_delta", "mean |δ|"),
     ("drift/first_update_mean_abs_delta", "|δ| at the first update"),
 )
+BASELINE_STYLE = {"base_student": dict(color="0.45", ls="--", label="untrained student"),
+                  "teacher": dict(color="black", ls=":", label="teacher")}
+DATA_COLUMNS = ["panel", "series", "x", "y", "lo", "hi"]
+
+
+@dataclass
+class Plot:
+    """A written figure: ``data`` (:data:`DATA_COLUMNS`: per panel and series, x, the plotted y and its band or
+    interval) and ``note``, what it shows and which panels were left out."""
+
+    data: pd.DataFrame
+    note: str
+    panels: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Skipped:
+    reason: str
 
 
 def _plt():
@@ -40,29 +66,107 @@ def curves_of(run_dir: Path, keys=tuple(k for k, _ in CURVES), train: bool = Tru
     return pd.DataFrame(recs, columns=["step", *keys])
 
 
-def plot_pass_at_k(runs: pd.DataFrame, summary: pd.DataFrame, path: Path, title: str) -> None:
+def _colours(names: list[str]) -> dict[str, str]:
+    """One colour per series name, the same in every panel of a figure."""
+    cycle = _plt().rcParams["axes.prop_cycle"].by_key()["color"]
+    return {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
+
+
+def _grid(n: int, panel_w: float = 4.4, panel_h: float = 3.3):
+    """A figure of ``n`` panels, at most :data:`NCOLS` a row; unused axes hidden. Returns (fig, axes[:n])."""
     plt = _plt()
-    ks = [c.removesuffix("_mean") for c in summary.columns if c.startswith("pass@") and c.endswith("_mean")]
-    variants = list(summary["variant"])
-    x = np.arange(len(variants))
-    width = 0.8 / max(1, len(ks))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(variants) + 2), 4.2))
+    ncols = min(NCOLS, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_w * ncols, panel_h * nrows + 0.8), squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _finish(fig, axes, path: Path, title: str) -> None:
+    """One legend for the figure, below the panels (outside the data), the title above; save and close."""
+    handles, labels = {}, []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    ncol = min(4, max(1, len(labels)))
+    rows = math.ceil(len(labels) / ncol) if labels else 0
+    height = fig.get_size_inches()[1]
+    bottom = min(0.4, (0.3 * rows + 0.15) / height) if rows else 0.02
+    if labels:
+        fig.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=ncol, fontsize=8,
+                   frameon=False, bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, bottom, 1, 1 - 0.35 / height))
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
+def _baseline_lines(ax, baselines: dict[str, dict[str, float]], key: str, rows: list, panel: str) -> None:
+    """Horizontal lines for the untrained student and the teacher(s) at their ``key`` value."""
+    for model, values in baselines.items():
+        if key not in values or not np.isfinite(values[key]):
+            continue
+        style = dict(BASELINE_STYLE.get(model.split("_")[0] if model.startswith("teacher") else model,
+                                        BASELINE_STYLE["teacher"]))
+        style["label"] = model.replace("_", " ") if model.startswith("teacher_") else style["label"]
+        ax.axhline(values[key], lw=1.1, zorder=1, **style)
+        rows.append({"panel": panel, "series": f"baseline:{model}", "x": math.nan, "y": values[key],
+                     "lo": math.nan, "hi": math.nan})
+
+
+def baselines_of(runs: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """The untrained models' held-out pass@k (``eval.csv`` rows other than ``trained_student`` of the completed
+    runs that evaluated them, averaged over those runs: cached per evaluation seed, so a sweep with one seed per
+    run may hold a few draws), e.g. ``{"base_student": {"pass@1": …}, "teacher": {…}}``."""
+    values: dict[str, list[dict[str, float]]] = {}
+    for d in runs.loc[(runs["status"] == "completed") & (runs["run_dir"] != ""), "run_dir"]:
+        path = Path(d) / "eval.csv"
+        if not path.exists():
+            continue
+        for _, row in pd.read_csv(path).iterrows():
+            if row["model"] != "trained_student":
+                values.setdefault(row["model"], []).append(
+                    {k: float(v) for k, v in row.items() if str(k).startswith("pass@")})
+    return {m: pd.DataFrame(v).mean().to_dict() for m, v in values.items()}
+
+
+def plot_pass_at_k(runs: pd.DataFrame, summary: pd.DataFrame, baselines: dict, path: Path,
+                   title: str) -> Plot | Skipped:
+    """One panel per k: final held-out pass@k per variant (bar: mean over seeds, error bar: 95% CI, dots: the
+    seeds), with the untrained student and the teacher as lines."""
+    ks = [c.removesuffix("_mean") for c in summary.columns if c.startswith("pass@") and c.endswith("_mean")
+          and "/" not in c]
+    shown = summary[summary["n_completed"] > 0]
+    if not ks or shown.empty:
+        return Skipped("no completed run")
+    variants = list(shown["variant"])
     done = runs[runs["status"] == "completed"]
-    for i, k in enumerate(ks):
-        off = (i - (len(ks) - 1) / 2) * width
-        ci = summary[f"{k}_ci95"].fillna(0).to_numpy()
-        ax.bar(x + off, summary[f"{k}_mean"], width, yerr=ci, capsize=3, label=k, alpha=0.8)
+    fig, axes = _grid(len(ks), panel_w=max(4.4, 0.55 * len(variants) + 1.5), panel_h=3.6)
+    x = np.arange(len(variants))
+    rows: list[dict] = []
+    for ax, k in zip(axes, ks, strict=True):
+        mean, ci = shown[f"{k}_mean"].to_numpy(), shown[f"{k}_ci95"].fillna(0).to_numpy()
+        ax.bar(x, mean, 0.7, yerr=ci, capsize=3, color="tab:blue", alpha=0.75, label="mean ± 95% CI over seeds")
         for j, v in enumerate(variants):
             pts = done.loc[done["variant"] == v, f"final/{k}"].dropna()
-            ax.scatter(np.full(len(pts), x[j] + off), pts, s=10, color="black", zorder=3)
-    ax.set_xticks(x, variants, rotation=30, ha="right")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("held-out pass@k")
-    ax.set_title(f"{title}: mean ± 95% CI over seeds (dots: seeds)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            ax.scatter(np.full(len(pts), x[j]), pts, s=10, color="black", zorder=3,
+                       label="one seed" if j == 0 else None)
+            rows.append({"panel": k, "series": v, "x": j, "y": mean[j], "lo": mean[j] - ci[j], "hi": mean[j] + ci[j]})
+        _baseline_lines(ax, baselines, k, rows, k)
+        ax.set_xticks(x, variants, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"held-out {k}", fontsize=9)
+    n = sorted(set(shown["n_completed"].astype(int)))
+    _finish(fig, axes, path, f"{title}: final held-out pass@k per variant, {n_text(n)} seeds each")
+    return Plot(pd.DataFrame(rows, columns=DATA_COLUMNS), f"final pass@k of {len(variants)} variants", ks)
+
+
+def n_text(n: list[int]) -> str:
+    return str(n[0]) if len(n) == 1 else f"{n[0]}–{n[-1]}"
 
 
 def _per_variant(runs: pd.DataFrame, keys, train: bool):
@@ -70,78 +174,131 @@ def _per_variant(runs: pd.DataFrame, keys, train: bool):
     for variant, g in trained.groupby("variant", sort=False):
         frames = [f.set_index("step") for f in (curves_of(Path(d), keys, train) for d in g["run_dir"]) if len(f)]
         if frames:
-            yield variant, frames
+            losses = list(g["loss"]) if "loss" in g else [None] * len(frames)
+            yield variant, frames, losses
 
 
-def _panels(runs: pd.DataFrame, path: Path, title: str, panels, train: bool, smooth: int) -> None:
-    """One panel per metric; per variant the mean over seeds (rolling over ``smooth`` records), band min–max."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for variant, frames in _per_variant(runs, [k for k, _ in panels], train):
-        for ax, (key, label) in zip(axes[0], panels, strict=True):
-            table = pd.concat([f[key].rename(i) for i, f in enumerate(frames)], axis=1).sort_index()
-            table = table.rolling(smooth, min_periods=1).mean()
-            line = ax.plot(table.index, table.mean(axis=1), label=variant, lw=1.3, marker="o" if not train else None,
-                           ms=3)[0]
-            ax.fill_between(table.index, table.min(axis=1), table.max(axis=1), color=line.get_color(), alpha=0.15)
-            ax.set_title(label)
-            ax.set_xlabel("step")
-    if axes[0][0].get_legend_handles_labels()[0]:
-        axes[0][0].legend(fontsize=6)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def smoothing_window(n_steps: int) -> int:
+    """The rolling window of a training curve: 1 (none) up to 79 steps, then one 40th of the run (5 at 200)."""
+    return max(1, n_steps // 40)
 
 
-def plot_curves(runs: pd.DataFrame, path: Path, title: str, smooth: int = 5) -> None:
-    """Training curves: loss, teacher − old, and the drift the gates react to (no gate mean: it is 1 by
-    construction)."""
-    _panels(runs, path, f"{title}: mean over seeds (band: min–max), rolling mean over {smooth} steps", CURVES,
-            train=True, smooth=smooth)
+def _panels(runs: pd.DataFrame, path: Path, title: str, panels, train: bool, baselines: dict | None = None,
+            split_loss: bool = False, drop_flat: bool = True) -> Plot | Skipped:
+    """One panel per metric (the ``loss`` panel split per loss name when ``split_loss`` and the runs mix losses:
+    their scales differ); per variant the mean over seeds (rolling, :func:`smoothing_window`), band min–max. A
+    panel with no value, or (``drop_flat``) one value in every run, is left out and named in the note."""
+    series: dict[str, list[tuple[str, pd.DataFrame]]] = {}
+    n_steps = 0
+    for variant, frames, losses in _per_variant(runs, [k for k, _ in panels], train):
+        for key, _ in panels:
+            by_loss = {}
+            for f, loss in zip(frames, losses, strict=True):
+                by_loss.setdefault(loss if split_loss and key == "loss" else None, []).append(f[key])
+            for loss, cols in by_loss.items():
+                table = pd.concat([c.rename(i) for i, c in enumerate(cols)], axis=1).sort_index()
+                n_steps = max(n_steps, len(table))
+                series.setdefault(f"{key}\t{loss or ''}", []).append((variant, table))
+    labels = dict(panels)
+    drawn, flat = [], []
+    for name, items in series.items():
+        values = pd.concat([t.stack() for _, t in items]) if items else pd.Series(dtype=float)
+        values = values[np.isfinite(values)]
+        constant = not values.empty and float(values.max() - values.min()) <= 1e-12
+        (flat if values.empty or (drop_flat and constant) else drawn).append((name, values))
+    if not drawn:
+        return Skipped("no metric varies in any run" if series else "no run logged a step")
+    order = {key: i for i, (key, _) in enumerate(panels)}
+    drawn.sort(key=lambda item: (order[item[0].split("\t")[0]], item[0]))  # a loss's panels side by side
+    window = smoothing_window(n_steps) if train else 1
+    colours = _colours(list(dict.fromkeys(v for items in series.values() for v, _ in items)))
+    fig, axes = _grid(len(drawn))
+    rows: list[dict] = []
+    for ax, (name, _) in zip(axes, drawn, strict=True):
+        key, loss = name.split("\t")
+        panel = labels[key] + (f" ({loss})" if loss else "")
+        for variant, table in series[name]:
+            table = table.rolling(window, min_periods=1).mean()
+            mean = table.mean(axis=1)
+            ax.plot(table.index, mean, label=variant, lw=1.3, marker="o" if len(table) <= 20 else None, ms=3,
+                    color=colours[variant])
+            ax.fill_between(table.index, table.min(axis=1), table.max(axis=1), color=colours[variant], alpha=0.15)
+            rows += [{"panel": panel, "series": variant, "x": s, "y": m, "lo": lo, "hi": hi} for s, m, lo, hi in
+                     zip(table.index, mean, table.min(axis=1), table.max(axis=1), strict=True)]
+        if baselines and key.startswith("eval/"):
+            _baseline_lines(ax, baselines, key.removeprefix("eval/"), rows, panel)
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel("step")
+    smooth = f", rolling mean over {window} steps" if window > 1 else ""
+    _finish(fig, axes, path, f"{title}{smooth}")
+    left_out = [_flat_text(labels, name, values) for name, values in flat]
+    note = f"{len(drawn)} panels" + (f"; left out: {'; '.join(left_out)}" if left_out else "")
+    return Plot(pd.DataFrame(rows, columns=DATA_COLUMNS), note, [r for r in dict.fromkeys(x["panel"] for x in rows)])
 
 
-def plot_routing(runs: pd.DataFrame, keys: list[str], path: Path, title: str, smooth: int = 5) -> None:
+def _flat_text(labels: dict, name: str, values: pd.Series) -> str:
+    key, loss = name.split("\t")
+    what = labels[key] + (f" ({loss})" if loss else "")
+    return f"{what} (not logged)" if values.empty else f"{what} (constant {float(values.iloc[0]):.3g} in every run)"
+
+
+def plot_curves(runs: pd.DataFrame, path: Path, title: str) -> Plot | Skipped:
+    """Training curves: loss (per loss), teacher − old, and the drift the gates react to (no gate mean: it is 1
+    by construction)."""
+    return _panels(runs, path, f"{title}: training curves per variant, mean over seeds (band: min–max)", CURVES,
+                   train=True, split_loss=True)
+
+
+def plot_routing(runs: pd.DataFrame, keys: list[str], path: Path, title: str) -> Plot | Skipped:
     """Multi-teacher runs: each teacher's share of the loss tokens (``routing/frac/<name>``) and the routing
     entropy over training steps."""
-    _panels(runs, path, f"{title}: routing (mean over seeds, band: min–max), rolling mean over {smooth} steps",
-            [(k, k.removeprefix("routing/").replace("frac/", "share of ")) for k in keys], train=True,
-            smooth=smooth)
+    return _panels(runs, path, f"{title}: routing per variant, mean over seeds (band: min–max)",
+                   [(k, k.removeprefix("routing/").replace("frac/", "share of ")) for k in keys], train=True)
 
 
-def plot_eval_curves(runs: pd.DataFrame, ks: list[str], path: Path, title: str) -> None:
-    """Held-out pass@k at every evaluation step (``eval.every``): a collapse shows, not only the final value."""
-    _panels(runs, path, f"{title}: held-out pass@k over training (mean over seeds, band: min–max)",
-            [(f"eval/{k}", k) for k in ks], train=False, smooth=1)
+def plot_eval_curves(runs: pd.DataFrame, ks: list[str], baselines: dict, path: Path, title: str) -> Plot | Skipped:
+    """Held-out pass@k at every evaluation step (``eval.every``): a collapse shows, not only the final value.
+    Skipped when no run was evaluated at two or more steps (the final values are ``pass_at_k.png``)."""
+    keys = [f"eval/{k}" for k in ks]
+    most = max((len(f) for _, frames, _ in _per_variant(runs, keys, train=False) for f in frames), default=0)
+    if most < 2:
+        return Skipped("each run was evaluated once, at its end (eval.every=0): the final values are in "
+                       "pass_at_k.png")
+    return _panels(runs, path, f"{title}: held-out pass@k during training, mean over seeds (band: min–max)",
+                   [(f"eval/{k}", f"held-out {k}") for k in ks], train=False, baselines=baselines, drop_flat=False)
 
 
-def plot_drift_map(runs: pd.DataFrame, ks: list[str], path: Path, title: str) -> None:
+def plot_drift_map(runs: pd.DataFrame, ks: list[str], path: Path, title: str) -> Plot | Skipped:
     """Final pass@k and drift (mean |δ| over training) against U at staleness 0, and against k at the default U,
     one line per (loss, gate); error bars: 95% CI over seeds."""
     from opd_lab.core.stats import mean_ci95
 
-    plt = _plt()
     done = runs[runs["status"] == "completed"]
+    if done.empty:
+        return Skipped("no completed run")
     U0 = int(done.loc[done["staleness"] > 0, "U"].iloc[0]) if (done["staleness"] > 0).any() else None
     metrics = [(f"final/{k}", f"final {k}") for k in ks] + [("mean/drift/mean_abs_delta", "mean |δ| over training")]
     axes_x = [("U", done[done["staleness"] == 0], "U = updates per rollout batch (staleness 0)")]
     if U0 is not None:
         axes_x.append(("staleness", done[done["U"] == U0], f"staleness k (U = {U0})"))
-    fig, axes = plt.subplots(len(axes_x), len(metrics), figsize=(4.3 * len(metrics), 3.6 * len(axes_x)),
+    plt = _plt()
+    fig, axes = plt.subplots(len(axes_x), len(metrics), figsize=(4.3 * len(metrics), 3.4 * len(axes_x) + 0.8),
                              squeeze=False)
+    rows: list[dict] = []
     for row, (xkey, part, xlabel) in enumerate(axes_x):
         for col, (mkey, mlabel) in enumerate(metrics):
             ax = axes[row][col]
             for (loss, gate), g in part.groupby(["loss", "gate"], sort=True):
                 xs = sorted(g[xkey].unique())
                 stats = [mean_ci95(g.loc[g[xkey] == x, mkey].tolist()) for x in xs]
-                ax.errorbar(xs, [s[0] for s in stats], yerr=[np.nan_to_num(s[2]) for s in stats], marker="o",
-                            capsize=3, label=f"{loss} / {gate}")
+                ys, ci = [s[0] for s in stats], [float(np.nan_to_num(s[2])) for s in stats]
+                ax.errorbar(xs, ys, yerr=ci, marker="o", capsize=3, label=f"{loss} / {gate}")
+                rows += [{"panel": f"{mlabel} vs {xkey}", "series": f"{loss} / {gate}", "x": x, "y": y, "lo": y - c,
+                          "hi": y + c} for x, y, c in zip(xs, ys, ci, strict=True)]
             ax.set_xscale("log", base=2) if xkey == "U" else None
             ax.set_xlabel(xlabel)
-            ax.set_title(mlabel)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            ax.set_title(mlabel, fontsize=9)
+    _finish(fig, list(axes.ravel()), path, f"{title}: final pass@k and drift against U and staleness, per loss / "
+            "gate (mean ± 95% CI over seeds)")
+    return Plot(pd.DataFrame(rows, columns=DATA_COLUMNS), f"{len(axes_x)} × {len(metrics)} panels",
+                list(dict.fromkeys(r["panel"] for r in rows)))

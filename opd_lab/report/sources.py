@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from opd_lab.run.tracking import read_metrics
+from opd_lab.run.tracking import gate_name, read_metrics
 
 SEED_KEYS = ("trainer.seed", "eval.seed")
 TRAIN_MEANS = ("loss", "teacher_minus_old_logp", "gate/mean", "gate/std", "gate/frac_below_0.5",
@@ -137,7 +137,7 @@ def setting_of(cfg: dict, eval_only: bool) -> dict:
     U = (r.get("reuse") or 0) * batch // max(r.get("mini_batch_size") or 1, 1)
     pair = {k: v for k, v in flat.items() if not k.startswith(UNPAIRED)} | {"U": U}
     return {"loss": (cfg.get("loss") or {}).get("name"),
-            "gate": f"block{g.get('block_size')}" if kind == "block" else kind, "tau": g.get("tau"), "U": U,
+            "gate": gate_name(gate=g) if kind else None, "tau": g.get("tau"), "U": U,
             "reuse": r.get("reuse"), "staleness": r.get("staleness", 0), "lr": (cfg.get("trainer") or {}).get("lr"),
             "ungated": not eval_only and (kind == "none" or g.get("tau") == 0),
             "_pair_key": None if eval_only else json.dumps(pair, sort_keys=True, default=str)}
@@ -292,14 +292,23 @@ def _name_by_axes(rows: list[dict]) -> None:
 
 # ------------------------------------------------------------------------------------------------ tables
 def sweep_name(sweep_dir: Path, runs: pd.DataFrame) -> str:
-    """The sweep's wandb group when the runs share one, else the sweep directory's parent/name."""
+    """The runs' ``logger.wandb.group`` when they share one (set by hand), else the sweep config's name
+    (``--config-name block_ablation``, from ``multirun.yaml``), else the sweep directory's name (a runs.csv: its
+    folder's)."""
     groups = set()
     for d in runs["run_dir"]:
         if d and (Path(d) / "config.yaml").exists():
             cfg = yaml.safe_load((Path(d) / "config.yaml").read_text())
             groups.add(((cfg.get("logger") or {}).get("wandb") or {}).get("group"))
     groups.discard(None)
-    return groups.pop() if len(groups) == 1 else (sweep_dir.parent.name if is_csv(sweep_dir) else sweep_dir.name)
+    if len(groups) == 1:
+        return groups.pop()
+    if is_csv(sweep_dir):
+        return sweep_dir.parent.name
+    saved = sweep_dir / "multirun.yaml"
+    name = ((yaml.safe_load(saved.read_text()) or {}).get("hydra", {}).get("job", {}).get("config_name")
+            if saved.exists() else None)
+    return name if name and name != "config" else sweep_dir.name
 
 
 def load_sweeps(sweep_dirs: list[Path]) -> pd.DataFrame:

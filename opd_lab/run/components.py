@@ -19,20 +19,34 @@ from omegaconf import OmegaConf
 from opd_lab.common import console
 from opd_lab.common.distributed import Dist
 from opd_lab.config import Backend, Config, ConfigError, TeacherScorer, TeacherSpec, check_vllm_lengths, teacher_scorers
+from opd_lab.core.gates import GROUPINGS, REDUCERS
 from opd_lab.core.losses import LOSSES
 from opd_lab.learner import checkpoint
 from opd_lab.learner.scoring import SCORERS
+from opd_lab.learner.teachers import RULES
 from opd_lab.models.loading import ModelPaths, check_same_vocab, load_model, load_tokenizer, loading, resolve_paths
 from opd_lab.models.token_ids import TokenIds
 from opd_lab.rollout.base import ENGINES, TRAITS, BuildContext
 from opd_lab.run.directory import write_status
-from opd_lab.tasks import Task, build_task, prompt_encoder
+from opd_lab.tasks import TASKS, Task, build_task, prompt_encoder
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def check_registered(run: Config) -> None:
+    """Every name that a registry resolves (``loss.name``, ``gate.kind``, ``gate.reduce``, ``routing.rule``,
+    ``task.name``) is registered, built-in or by a plugin: a typo fails here, naming the field and the names."""
+    for path, value, registry in (("loss.name", run.loss.name, LOSSES), ("gate.kind", run.gate.kind, GROUPINGS),
+                                  ("gate.reduce", run.gate.reduce, REDUCERS),
+                                  ("routing.rule", run.routing.rule, RULES), ("task.name", run.task.name, TASKS)):
+        names = registry.names() + (["single"] if registry is RULES else [])  # single: one teacher, no rule
+        if value not in names:
+            raise ConfigError(f"{path}={value!r} is invalid: allowed one of {sorted(names)} (built in, or "
+                              f"registered by a module of plugins={list(run.plugins)}; docs/extending.md)")
 
 
 def check_launch(cfg: Config, dist: Dist, in_multirun: bool) -> None:
@@ -44,7 +58,7 @@ def check_launch(cfg: Config, dist: Dist, in_multirun: bool) -> None:
                           "a multiple of the number of ranks (each rank rolls out an equal share)")
     if cfg.eval.only is not None:
         raise ConfigError("eval.only is set: an evaluation-only run uses one process (run it without torchrun)")
-    if cfg.routing.rule.value == "alignment" and len(cfg.model.teachers) > 1:
+    if cfg.routing.rule == "alignment" and len(cfg.model.teachers) > 1:
         raise ConfigError("routing.rule=alignment under torchrun: the alignment probe runs in one process; use "
                           "another routing rule with torchrun")
     if "vllm" in (cfg.rollout.engine.value, *(sc.value for _, sc in teacher_scorers(cfg))) and in_multirun:
@@ -118,7 +132,7 @@ def prepare(cfg: Config, dist: Dist) -> Setup:
 def check_routing_tags(cfg: Config, task) -> None:
     """``routing=per_sample`` on a task that knows its tags (``task.tags()``: the embedded task's ``ops<n>``): every
     ``routing.by_tag`` key is one of them, and without ``routing.default`` every tag has a teacher."""
-    if cfg.routing.rule.value != "per_sample" or not hasattr(task, "tags"):
+    if cfg.routing.rule != "per_sample" or not hasattr(task, "tags"):
         return
     tags = task.tags()
     for tag in cfg.routing.by_tag:

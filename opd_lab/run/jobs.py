@@ -50,6 +50,7 @@ def run_job(cfg: DictConfig, main: Callable[[Config, Path], dict[str, float]],
     final: dict[str, float] = {}
     try:
         run = to_run_config(cfg)
+        components.check_registered(run)
         console.configure(run.logger.verbose)
         chosen = components.resolve_engine(run)
         if chosen and int(os.environ.get("RANK", "0")) == 0:

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hydra.types import RunMode
+
 from opd_lab.common import preemption
 from opd_lab.config import Config, as_flat_dict
 
@@ -22,16 +24,31 @@ class Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         self._wandb = None
+        self._first_step = 0  # steps below it are in the (resumed) wandb run already
         w = cfg.logger.wandb
         if w.mode.value != "disabled":
             import wandb
 
+            offline = w.mode.value == "offline"
+            superseded = supersede_offline_runs(self.run_dir) if offline else []
             self._wandb = wandb.init(
-                project=w.project, entity=w.entity, group=w.group, name=w.name or name, tags=run_tags(cfg),
+                project=w.project, entity=w.entity, group=wandb_group(cfg), name=w.name or name, tags=run_tags(cfg),
                 config=as_flat_dict(cfg) | {"overrides": hydra_overrides()}, dir=str(self.run_dir),
                 mode=w.mode.value, reinit="finish_previous", id=resume_id,
                 resume="allow" if resume_id else None,
             )
+            if offline and resume_id:  # one offline folder holds the whole run: the kept steps, then the rest
+                self._replay(read_metrics(self.path))
+            elif resume_id:  # online: the server has the steps logged before the interruption
+                self._first_step = int(getattr(self._wandb, "starting_step", 0) or 0)
+            if superseded:
+                print(f"opd-lab: an earlier attempt's wandb folder moved to {superseded[0].parent} (its steps up to "
+                      "the checkpoint are in the new folder)", flush=True)
+
+    def _replay(self, records: list[dict[str, Any]]) -> None:
+        """Log the records kept from before a resume (``metrics.jsonl``, cut at the checkpoint) to the new run."""
+        for rec in records:
+            self._wandb.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
 
     @property
     def run_id(self) -> str | None:
@@ -42,7 +59,7 @@ class Tracker:
         rec = {"step": step, **metrics}
         with self.path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
-        if self._wandb is not None and not preemption.noticed():
+        if self._wandb is not None and step >= self._first_step and not preemption.noticed():
             try:
                 self._wandb.log(metrics, step=step)
             except OSError:  # ConnectionResetError, BrokenPipeError: the service died with the SIGTERM
@@ -94,22 +111,86 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def run_tags(cfg: Config) -> list[str]:
-    """wandb tags: the configured ones plus loss, gate, reuse, seed (and the variant when set)."""
+    """wandb tags: the configured ones, then loss, gate, reuse, staleness, steps, engine, seed, the variant when
+    set, and every override the sweep varies (``key=value`` of this job; wandb caps a tag at 64 characters)."""
     tags = [f"loss={cfg.loss.name}", f"gate={gate_name(cfg)}", f"reuse={cfg.rollout.reuse}",
-            f"seed={cfg.trainer.seed}"] + ([f"variant={cfg.variant}"] if cfg.variant else [])
-    return list(dict.fromkeys([*cfg.logger.wandb.tags, *tags]))
+            f"staleness={cfg.rollout.staleness}", f"steps={cfg.trainer.steps}",
+            f"engine={cfg.rollout.engine.value}", f"seed={cfg.trainer.seed}"]
+    tags += [f"variant={cfg.variant}"] if cfg.variant else []
+    tags += swept_overrides()
+    return list(dict.fromkeys(t[:64] for t in [*cfg.logger.wandb.tags, *tags]))
+
+
+def wandb_group(cfg: Config) -> str | None:
+    """The wandb group: ``logger.wandb.group`` when set; in a multirun, the sweep and its run, from the sweep
+    directory (``block_ablation/2026-12-07_01-00-00`` for ``multirun/block_ablation/2026-12-07_01-00-00``; the
+    config name is put first when the directory does not name it), so that a smoke test and the real sweep never
+    share a group; a single run has none. At most 128 characters (wandb's limit), keeping the end."""
+    if cfg.logger.wandb.group:
+        return cfg.logger.wandb.group
+    hc = _hydra_config()
+    if hc is None or hc.mode != RunMode.MULTIRUN:
+        return None
+    parts = [p for p in Path(hc.sweep.dir).parts if p not in ("/", "multirun")][-2:]
+    name = hc.job.config_name
+    if name and name != "config" and name not in parts:
+        parts.insert(0, name)
+    return "/".join(parts)[-128:]
+
+
+def swept_overrides() -> list[str]:
+    """This job's ``key=value`` for every key its multirun sweeps: the sweep file's ``hydra.sweeper.params`` and
+    the command line's sweeps (``loss=lsm,sampled_token``, read from the sweep's ``multirun.yaml``)."""
+    hc = _hydra_config()
+    if hc is None or hc.mode != RunMode.MULTIRUN:
+        return []
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = set((hc.sweeper.get("params") or {}).keys())
+    saved = Path(hc.sweep.dir) / "multirun.yaml"
+    try:
+        import yaml
+
+        given = yaml.safe_load(saved.read_text())["hydra"]["overrides"]["task"]
+        keys |= {o.get_key_element() for o in OverridesParser.create().parse_overrides(given) if o.is_sweep_override()}
+    except Exception:  # no multirun.yaml (a launcher that writes none): the sweep file's axes only
+        pass
+    job = OverridesParser.create().parse_overrides(list(hc.overrides.task))
+    return [f"{o.get_key_element()}={o.value()}" for o in job if o.get_key_element() in keys]
+
+
+def _hydra_config():
+    """Hydra's config of this job, or ``None`` outside a Hydra app (tests, library use)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def supersede_offline_runs(run_dir: Path) -> list[Path]:
+    """Move an earlier attempt's ``wandb/offline-run-*`` folders to ``wandb-superseded/`` (a resumed run replays
+    its kept steps into a new folder, so ``wandb sync`` of ``wandb/`` uploads each step once); returns their new
+    paths."""
+    moved = []
+    for old in sorted((run_dir / "wandb").glob("offline-run-*")):
+        target = run_dir / "wandb-superseded" / old.name
+        target.parent.mkdir(exist_ok=True)
+        old.rename(target)
+        moved.append(target)
+    return moved
 
 
 def hydra_overrides() -> list[str]:
     """The command-line overrides of this Hydra job (empty outside a Hydra app)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return list(HydraConfig.get().overrides.task)
-    except Exception:  # not running under @hydra.main (tests, library use)
-        return []
+    hc = _hydra_config()
+    return list(hc.overrides.task) if hc is not None else []
 
 
-def gate_name(cfg: Config) -> str:
-    g = cfg.gate
-    return f"block{g.block_size}" if g.kind.value == "block" else g.kind.value
+def gate_name(cfg: Config | None = None, gate: Any = None) -> str:
+    """``block64``, ``span``, a plugin's kind (``logblock``, or ``logblock4`` with a block size); a group statistic
+    other than the mean is appended (``block64-max_abs``). From the run's config, or from its ``gate`` section alone
+    (a ``GateConfig`` or the mapping of a ``config.yaml``; an older file has no ``reduce``: the mean)."""
+    g = cfg.gate if cfg is not None else gate
+    get = g.get if isinstance(g, dict) else lambda k, d=None: getattr(g, k, d)
+    kind, block_size, reduce = get("kind"), get("block_size"), get("reduce") or "mean"
+    name = f"{kind}{block_size}" if block_size is not None else f"{kind}"
+    return name if reduce == "mean" else f"{name}-{reduce}"

@@ -1,5 +1,6 @@
 """Every group composes; bad overrides fail at start-up with a message naming the field and allowed values."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,11 +27,11 @@ def test_every_option_composes(group):
 def test_every_routing_option_composes_with_two_teachers():
     for f in sorted(Path(CONF_DIR, "routing").glob("*.yaml")):
         if f.stem == "single":
-            assert compose(["routing=single"]).routing.rule.value == "single"
+            assert compose(["routing=single"]).routing.rule == "single"
             continue
         extra = ["++routing.by_tag={ops3: ops3, ops4: ops4}"] if f.stem == "per_sample" else []
         cfg = compose([f"routing={f.stem}", "model=embedded_specialists", *extra])
-        assert cfg.routing.rule.value == f.stem and list(cfg.model.teachers) == ["ops3", "ops4"]
+        assert cfg.routing.rule == f.stem and list(cfg.model.teachers) == ["ops3", "ops4"]
 
 
 def test_defaults_are_lsm_block64_reuse2():
@@ -59,6 +60,8 @@ def test_defaults_are_lsm_block64_reuse2():
         ("model.dtype=int8", "model.dtype"),
         ("loss.is_cap=1.0", "loss.is_cap=1.0"),
         ("loss=sampled_token loss.is_cap=0.5", "loss.is_cap=0.5"),
+        ("gate=none gate.reduce=max_abs", "gate.reduce='max_abs'"),  # no gate has no statistic
+        ("gate.block_size=0", "gate.block_size"),
     ],
 )
 def test_range_errors_name_the_field(override, needle):
@@ -81,6 +84,8 @@ def test_range_errors_name_the_field(override, needle):
         ("gate.reference=sampler", "behaviour, proximal"),
         ("loss=lsm loss.reward_reference=current", "loss.reward_reference"),  # a sampled-token field
         ("correction=bogus", "current_decoupled"),
+        ("gate=base_gate", "Could not find 'gate/base_gate'"),  # schemas are not options
+        ("loss=base_loss_lsm", "Could not find 'loss/base_loss_lsm'"),
     ],
 )
 def test_hydra_errors_name_the_field(override, needle):
@@ -88,6 +93,29 @@ def test_hydra_errors_name_the_field(override, needle):
         compose(override.split())
     text = str(e.value) + str(getattr(e.value, "__cause__", ""))
     assert needle in text
+
+
+def test_smoke_test_sizes_run_on_the_defaults():
+    """``trainer.steps=2 eval.n_samples=2`` composes: the unset warm-up and ks shrink to fit (an explicit value that
+    does not fit is still refused); a full-size run keeps warm-up 3 and pass@1/pass@8."""
+    small = compose(["trainer.steps=2", "eval.n_samples=2"])
+    assert (small.trainer.warmup_steps, small.eval.ks) == (1, [1, 2])
+    full = compose([])
+    assert (full.trainer.warmup_steps, full.eval.ks) == (3, [1, 8])
+    assert compose(["trainer.steps=1", "eval.n_samples=1"]).eval.ks == [1]
+    assert compose(["trainer.steps=1"]).trainer.warmup_steps == 0
+    for bad in (["trainer.steps=2", "trainer.warmup_steps=3"], ["eval.n_samples=2", "eval.ks=[1,8]"]):
+        with pytest.raises(ConfigError, match="allowed"):
+            compose(bad)
+
+
+def test_help_lists_options_and_no_schema():
+    """``--help`` lists each group's YAML options; the structured-config schemas (``base_*``) are not options."""
+    proc = subprocess.run([sys.executable, "-m", "opd_lab", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "gate: block128, block32, block64, none, sequence, span, token" in proc.stdout
+    assert not re.search(r"\bbase_(gate|loss|rollout|config|trainer|task|model)", proc.stdout)
 
 
 def test_cli_bad_override_fails_before_loading_models(tmp_path):

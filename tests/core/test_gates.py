@@ -3,7 +3,15 @@ import math
 import pytest
 import torch
 
-from opd_lab.core.gates import group_drift, group_mean, normalise_gates, response_positions, shifted_gate
+from opd_lab.core.gates import (
+    REDUCERS,
+    group_drift,
+    group_max_abs,
+    group_mean,
+    normalise_gates,
+    response_positions,
+    shifted_gate,
+)
 
 
 def drift_gate(
@@ -110,6 +118,35 @@ def test_block_boundaries_ignore_padding(kind, bs):
 
         g, _ = drift_gate(pad(delta), pad(loss_mask), pad(resp), kind, 1.5, bs, pad(newline))
         assert torch.allclose(g[:, left : left + 150], ref)
+
+
+def test_hand_computed_max_abs_statistic():
+    """gate.reduce=max_abs: each group's signed δ of largest |δ| among its masked-in positions (a masked 5.0 is
+    ignored, −0.4 beats 0.3, the tie +0.2/−0.2 resolves to +0.2), 0 for a group with no masked-in position."""
+    delta = torch.tensor([[0.3, -0.4, 5.0, 0.2, -0.2, 0.7, 9.0]])
+    resp = torch.tensor([[1, 1, 1, 1, 1, 1, 0]])
+    loss_mask = torch.tensor([[1, 1, 0, 1, 1, 0, 0]])
+    m_G, cancel = group_drift(delta, loss_mask, resp, "block", 3, None, "max_abs")
+    # blocks {0,1,2} {3,4,5}: −0.4 | +0.2 (tie); position 6 is off the response
+    assert torch.allclose(m_G, torch.tensor([[-0.4, -0.4, -0.4, 0.2, 0.2, 0.2, 0.0]]))
+    assert cancel.tolist() == [[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]]
+    empty = group_max_abs(delta, torch.zeros_like(loss_mask), torch.tensor([[0, 0, 0, 1, 1, 1, -1]]))
+    assert torch.equal(empty, torch.zeros_like(delta))
+    assert set(REDUCERS.names()) >= {"mean", "max_abs"}
+
+
+@pytest.mark.parametrize("kind,bs", KINDS)
+def test_max_abs_bounds_the_mean_and_ignores_padding(kind, bs):
+    """|max_abs| ≥ |mean| in every group (equal for one-token groups), and padding never moves it."""
+    delta, loss_mask, resp, newline = _random_case()
+    mean, _ = group_drift(delta, loss_mask, resp, kind, bs, newline)
+    top, _ = group_drift(delta, loss_mask, resp, kind, bs, newline, "max_abs")
+    assert bool((top.abs() >= mean.abs() - 1e-7).all())
+    if kind == "token":
+        assert torch.allclose(top * loss_mask, delta * loss_mask)
+    padded = [torch.cat([torch.zeros(3, 9, dtype=x.dtype), x], 1) for x in (delta, loss_mask, resp, newline)]
+    top_padded, _ = group_drift(*padded[:3], kind, bs, padded[3], "max_abs")
+    assert torch.equal(top_padded[:, 9:], top)
 
 
 def test_response_positions_and_group_mean():

@@ -248,7 +248,7 @@ def test_alignment_weights_are_the_softmax_of_the_mean_defined_alignment(monkeyp
     TA.alignment_weights(cfg, torch.nn.Linear(1, 1), None, tokenizer, task, (0,), t, step=1)
     assert torch.allclose(t.weights, want)  # nothing defined: the weights stay
     assert TA.softmax_weights([0.2, float("nan")], 1.0).tolist() == [1.0, 0.0]
-    assert RoutingConfig().rule.value == "single"
+    assert RoutingConfig().rule == "single"
 
 
 def test_alignment_weights_survive_a_checkpoint(tmp_path, tokenizer):

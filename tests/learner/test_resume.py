@@ -18,6 +18,7 @@ from opd_lab.config import ConfigError
 from opd_lab.learner import checkpoint
 from opd_lab.learner.loop import make_optimizer
 from tests.conftest import compose, tiny_model
+from tests.run.wandb_files import assert_history_is_metrics
 from tests.test_e2e import ROOT, TINY, run_cli
 
 VOLATILE = ("time/", "tokens_per_s", "learner/tokens_per_s", "rollout/tokens_per_s")
@@ -69,8 +70,13 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     wa, wb = load_file(ref / "checkpoint" / "model.safetensors"), load_file(cut / "checkpoint" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (ref / "eval.csv").read_text() == (cut / "eval.csv").read_text()
-    runs = sorted(p.name.rsplit("-", 1)[1] for p in (cut / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and runs[0] == runs[1]  # the same wandb run id, continued
+    # wandb: the same run id continued in one offline folder that holds every step once (the killed attempt's
+    # folder is set aside), as the uninterrupted run's does
+    (folder,) = (cut / "wandb").glob("offline-run-*")
+    (killed,) = (cut / "wandb-superseded").glob("offline-run-*")
+    assert folder.name.rsplit("-", 1)[1] == killed.name.rsplit("-", 1)[1]
+    for run_dir, offline in ((cut, folder), (ref, next((ref / "wandb").glob("offline-run-*")))):
+        assert_history_is_metrics(offline, run_dir / "metrics.jsonl")
     assert len(list((cut / "checkpoints").glob("step_*"))) == 2  # keep_checkpoints
 
     again = run_cli([*args, f"hydra.run.dir={cut}", "trainer.resume=auto"])  # a finished run is not redone

@@ -3,6 +3,7 @@ multirun."""
 
 import json
 import math
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -138,7 +139,7 @@ def test_tiny_sweep_then_report(tmp_path):
     args = [sys.executable, "-m", "opd_lab", "--config-dir", str(ROOT / "sweeps"), "--config-name", "six_variant",
             "--multirun", *TINY, "rollout.engine=hf", f"cache_dir={tmp_path / 'cache'}",
             f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.sweep.dir={sweep_dir}",
-            "variant=sampled_token,broken,lsm_block64", "trainer.seed=0,1"]
+            "variant=sampled_token,broken,lsm_block64", "trainer.seed=0,1", "eval.every=1"]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**__import__("os").environ, "WANDB_MODE": "offline"})
     assert proc.returncode != 0  # Hydra re-raises the failed jobs' error after the whole sweep ran
@@ -167,6 +168,9 @@ def test_tiny_sweep_then_report(tmp_path):
     for png in ("pass_at_k.png", "curves.png", "pass_at_k_over_steps.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+        width, height = png_size(out / png)
+        assert width <= 1600 and height >= 350 and width / height < 3.5, (png, width, height)  # a grid, not a strip
+    check_plot_data(out, summary)
 
     # --keep-runs: the small files of every job are kept under <out>/runs/<part>/, and the kept part alone gives
     # the same report (a sweep run over several sessions, whose run directories are not kept)
@@ -281,6 +285,54 @@ def test_multi_teacher_runs_get_routing_columns_a_routing_plot_and_per_tag_table
     assert summary.set_index("variant").loc["mt_min_kl", "ops4/pass@1_mean"] == pytest.approx(0.25)
     assert (tmp_path / "out" / "routing.png").read_bytes()[:4] == b"\x89PNG"
     assert "### Final pass@k per tag" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) in pixels from the PNG's IHDR chunk."""
+    data = path.read_bytes()
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def check_plot_data(out: Path, summary: pd.DataFrame) -> None:
+    """The tiny six-variant sweep's figures drew what the tables say: pass@k bars at the summary's means with the
+    untrained student and teacher lines, a loss panel per loss, the flat |δ|-at-the-first-update panel left out
+    and named in summary.md, and pass@k at both evaluation steps."""
+    bars = pd.read_csv(out / "plot_data" / "pass_at_k.csv")
+    assert set(bars["panel"]) == {"pass@1", "pass@2"}
+    assert {"baseline:base_student", "baseline:teacher"} <= set(bars["series"])
+    for _, r in bars[~bars["series"].str.startswith("baseline:")].iterrows():
+        assert r["y"] == pytest.approx(summary.loc[r["series"], f"{r['panel']}_mean"])
+    base = pd.read_csv(out / "runs.csv")
+    first = next(d for d in base.loc[base["status"] == "completed", "run_dir"])
+    evals = pd.read_csv(Path(first) / "eval.csv").set_index("model")
+    line = bars[(bars["series"] == "baseline:teacher") & (bars["panel"] == "pass@1")]["y"].iloc[0]
+    assert line == pytest.approx(evals.loc["teacher", "pass@1"])  # one evaluation seed: every run holds the same
+    curves = pd.read_csv(out / "plot_data" / "curves.csv")
+    assert {"loss (sampled_token)", "loss (lsm)", "mean |δ|"} <= set(curves["panel"])
+    assert "|δ| at the first update" not in set(curves["panel"])
+    md = (out / "summary.md").read_text()
+    assert "|δ| at the first update (constant 0 in every run)" in md.split("`curves.png`")[1]
+    steps = pd.read_csv(out / "plot_data" / "pass_at_k_over_steps.csv")
+    assert sorted(steps.loc[steps["series"] == "lsm_block64", "x"].dropna().unique()) == [1, 2]
+
+
+def test_a_figure_with_nothing_to_show_is_not_drawn_and_the_summary_says_why(tmp_path):
+    """eval.every=0 (one evaluation per run): no pass@k-over-steps figure, a line in summary.md instead; a stale
+    copy from an earlier report is removed with --force."""
+    from opd_lab.report.cli import main
+
+    for num, gate in enumerate(("none", "block")):
+        _job(tmp_path / "sweep", num, [f"gate={'block64' if gate == 'block' else gate}"], _cfg(gate),
+             {"pass@1": 0.5, "pass@8": 0.7})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pass_at_k_over_steps.png").write_bytes(b"stale")
+    assert main([str(tmp_path / "sweep"), "--out", str(out), "--force"]) == 0
+    assert not (out / "pass_at_k_over_steps.png").exists() and (out / "pass_at_k.png").exists()
+    md = (out / "summary.md").read_text()
+    assert "- `pass_at_k_over_steps.png`: not drawn: each run was evaluated once, at its end (eval.every=0)" in md
+    assert "- `curves.png`: 1 panels" in md and "(data: `plot_data/curves.csv`)" in md
 
 
 def _job(part: Path, num: int, overrides: list[str], cfg: dict, final: dict) -> None:
