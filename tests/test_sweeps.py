@@ -12,7 +12,8 @@ from opd_lab.config import register_configs, to_run_config
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
 EXPECTED_JOBS = {"six_variant": 18, "six_variant_qwen3": 18, "block_ablation": 42, "tau_grid": 36, "reuse_grid": 36,
-                 "drift_map": 96, "multi_teacher": 18, "staleness_map": 36}
+                 "drift_map": 96, "multi_teacher": 18, "staleness_map": 36,
+                 "drift_by_position": 12}
 
 
 def sweep_jobs(name):

@@ -149,6 +149,24 @@ def group_drift(
     return m_G, cancel
 
 
+POSITION_BLOCK = 64  # response positions per block of the drift-by-position metrics (drift/*/by_block/<b>)
+
+
+def position_block_sums(values: dict[str, torch.Tensor], mask_B_T: torch.Tensor, response_mask_B_T: torch.Tensor,
+                        n_blocks: int, block: int = POSITION_BLOCK) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Σ_t m_t v_t of each ``values`` tensor ``[B, T]`` and Σ_t m_t over each block b of ``block`` response
+    positions (t ∈ [b·block, (b+1)·block), counted from the row's first response token, so padding moves nothing),
+    ``[n_blocks]`` each in float64; positions past the last block count in it. Divided, they give the mean of v by
+    position along the response (how drift and the gate change from a response's start to its end)."""
+    pos = response_positions(response_mask_B_T)
+    idx = torch.where(pos >= 0, (pos // block).clamp(max=n_blocks - 1), 0).reshape(-1)
+    w = (mask_B_T.to(torch.float64) * (pos >= 0)).reshape(-1)
+    counts = torch.zeros(n_blocks, dtype=torch.float64, device=w.device).index_add_(0, idx, w)
+    sums = {k: torch.zeros_like(counts).index_add_(0, idx, v.detach().to(torch.float64).reshape(-1) * w)
+            for k, v in values.items()}
+    return sums, counts
+
+
 def min_abs_drift(m_G_B_T: torch.Tensor, loss_mask_B_T: torch.Tensor) -> float:
     """min |m_G| over the valid positions (+inf when there are none): the shift of the shift-stable gate."""
     valid = loss_mask_B_T.bool()

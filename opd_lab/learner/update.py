@@ -20,7 +20,14 @@ import torch
 
 from opd_lab.common.distributed import SINGLE, Dist, grad_sync
 from opd_lab.config import Config
-from opd_lab.core.gates import group_drift, min_abs_drift, normalise_gates, shifted_gate
+from opd_lab.core.gates import (
+    POSITION_BLOCK,
+    group_drift,
+    min_abs_drift,
+    normalise_gates,
+    position_block_sums,
+    shifted_gate,
+)
 from opd_lab.core.losses import LOSSES, masked_sum
 from opd_lab.learner.heads import as_policy
 from opd_lab.learner.scoring import ScoredBatch, policy_forward
@@ -149,6 +156,9 @@ def optimizer_update(cfg: Config, policy, optimizer, scored: ScoredBatch, idx: t
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = defaultdict(float)
     gates = []
+    n_blocks = -(-cfg.rollout.max_tokens // POSITION_BLOCK)
+    by_pos = {"drift": torch.zeros(n_blocks, dtype=torch.float64), "gate": torch.zeros(n_blocks, dtype=torch.float64),
+              "n": torch.zeros(n_blocks, dtype=torch.float64)}
     for i, (m, mb) in enumerate(zip(micro_idx, micro, strict=True)):
         with grad_sync(policy, i == len(micro) - 1):
             loss_B_T, metrics, _, (delta, m_G, cancel) = micro_batch_loss(cfg, policy, mb, scored, m)
@@ -164,7 +174,24 @@ def optimizer_update(cfg: Config, policy, optimizer, scored: ScoredBatch, idx: t
         for k, v in per_token.items():
             sums[k] += float(masked_sum(v, mask))
         gates.append(g.detach()[mask.bool()])
-    return _step_optimizer(cfg, policy, optimizer, sums, gates, n_valid, dist)
+        block_sums, counts = position_block_sums({"drift": delta.abs(), "gate": g}, mask,
+                                                 mb.response_mask_B_T.to(delta.device), n_blocks)
+        for k, v in (*block_sums.items(), ("n", counts)):
+            by_pos[k] += v.cpu()
+    out = _step_optimizer(cfg, policy, optimizer, sums, gates, n_valid, dist)
+    return out | by_position(by_pos, gated, dist)
+
+
+def by_position(by_pos: dict[str, torch.Tensor], gated: bool, dist: Dist = SINGLE) -> dict[str, float]:
+    """``drift/by_block/<b>`` (mean |δ_t|) and, for a gate, ``gate/by_block/<b>`` (mean normalised gate) over the
+    update's valid tokens at response positions [64b, 64(b+1)) of all ranks; blocks with no token are absent."""
+    n = len(by_pos["n"])
+    flat = dist.sum(*torch.cat([by_pos["drift"], by_pos["gate"], by_pos["n"]]).tolist())
+    drift, gate, count = flat[:n], flat[n : 2 * n], flat[2 * n :]
+    out = {f"drift/by_block/{b}": drift[b] / count[b] for b in range(n) if count[b] > 0}
+    if gated:
+        out |= {f"gate/by_block/{b}": gate[b] / count[b] for b in range(n) if count[b] > 0}
+    return out
 
 
 def routed_loss_terms(mb: ScoredBatch, gated_loss_B_T: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -254,5 +281,11 @@ def train_step(cfg: Config, policy, optimizer, scheduler, scored: ScoredBatch, s
     out["gate/max"] = max(u.get("gate/max", 1.0) for u in per_update)
     out["drift/first_update_mean_abs_delta"] = per_update[0]["drift/mean_abs_delta"]
     out["drift/last_update_mean_abs_delta"] = per_update[-1]["drift/mean_abs_delta"]
+    for key in [k for k in out if "/by_block/" in k]:  # by position: the step's first and last update
+        what, b = key.split("/by_block/")
+        out.pop(key)
+        for when, u in (("first_update", per_update[0]), ("last_update", per_update[-1])):
+            if key in u:
+                out[f"{what}/{when}/by_block/{b}"] = u[key]
     out["updates"] = len(per_update)
     return out

@@ -23,6 +23,8 @@ pandas DataFrame with one row per run, then writes to ``results/<sweep>/`` (or `
 - ``curves.png``: training curves per variant (mean over seeds, shaded min–max): loss (a panel per loss),
   teacher − old log-ratio, gate std, fraction of gates below 0.5, mean |δ|, |δ| at the first update of each step
   (a panel flat in every run is left out and named);
+- ``drift_by_position.png``: mean |δ| and the gate by response position (blocks of 64 tokens) at the first and
+  the last update of a step, per variant (mean over steps and seeds);
 - ``routing.png`` for multi-teacher runs: each teacher's share of the loss tokens and the routing entropy over
   training (also ``last10pct/`` and ``mean/`` columns of ``runs.csv``);
 - ``drift_map.png`` when the runs vary U (updates per rollout batch) or the staleness k: final pass@k and mean
@@ -110,6 +112,7 @@ def draw_plots(runs: pd.DataFrame, summary: pd.DataFrame, out: Path, name: str) 
         "pass_at_k.png": lambda p: plots.plot_pass_at_k(runs, summary, base, p, name),
         "pass_at_k_over_steps.png": lambda p: plots.plot_eval_curves(runs, ks, base, p, name),
         "curves.png": lambda p: plots.plot_curves(runs, p, name),
+        "drift_by_position.png": lambda p: plots.plot_drift_by_position(runs, p, name),
     }
     if done["U"].nunique() > 1 or done["staleness"].nunique() > 1:
         figures["drift_map.png"] = lambda p: plots.plot_drift_map(runs, ks, p, name)

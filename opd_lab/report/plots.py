@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from opd_lab.core.gates import POSITION_BLOCK
 from opd_lab.run.tracking import read_metrics
 
 NCOLS = 3
@@ -302,3 +303,58 @@ def plot_drift_map(runs: pd.DataFrame, ks: list[str], path: Path, title: str) ->
             "gate (mean ± 95% CI over seeds)")
     return Plot(pd.DataFrame(rows, columns=DATA_COLUMNS), f"{len(axes_x)} × {len(metrics)} panels",
                 list(dict.fromkeys(r["panel"] for r in rows)))
+
+
+BY_POSITION = (("drift/first_update", "|δ| at the first update"), ("drift/last_update", "|δ| at the last update"),
+               ("gate/first_update", "gate at the first update"), ("gate/last_update", "gate at the last update"))
+
+
+def by_position_of(run_dir: Path) -> dict[str, dict[int, float]]:
+    """A run's ``<metric>/by_block/<b>`` averaged over its training steps: ``{metric: {block: value}}``."""
+    acc: dict[str, dict[int, list[float]]] = {}
+    for rec in read_metrics(Path(run_dir) / "metrics.jsonl"):
+        for key, value in rec.items():
+            if "/by_block/" in key and isinstance(value, int | float):
+                what, b = key.split("/by_block/")
+                acc.setdefault(what, {}).setdefault(int(b), []).append(float(value))
+    return {what: {b: float(np.mean(v)) for b, v in sorted(blocks.items())} for what, blocks in acc.items()}
+
+
+def plot_drift_by_position(runs: pd.DataFrame, path: Path, title: str, block: int = POSITION_BLOCK) -> Plot | Skipped:
+    """Mean |δ| and the gate by response position (blocks of ``block`` tokens), at the first and the last update
+    of a step, averaged over the run's steps; per variant the mean over seeds, band min–max. Shows whether drift
+    grows along a response and where the gate acts. A panel flat in every run (|δ| at the first update is 0
+    without staleness) is left out and named."""
+    per: dict[str, dict[str, list[dict[int, float]]]] = {}
+    trained = runs[(runs["run_dir"] != "") & (runs["steps_done"] > 0)]
+    for variant, g in trained.groupby("variant", sort=False):
+        for d in g["run_dir"]:
+            for what, blocks in by_position_of(Path(d)).items():
+                per.setdefault(what, {}).setdefault(variant, []).append(blocks)
+    panels = [(w, label) for w, label in BY_POSITION if w in per]
+    if not panels:
+        return Skipped("no run logged drift by position (runs made before the drift/*/by_block/* metrics)")
+    flat, drawn = [], []
+    for w, label in panels:
+        values = [v for runs_ in per[w].values() for blocks in runs_ for v in blocks.values()]
+        (flat if max(values) - min(values) <= 1e-12 else drawn).append((w, label, values))
+    if not drawn:
+        return Skipped("every panel is flat in every run")
+    colours = _colours(list(dict.fromkeys(v for w, _, _ in drawn for v in per[w])))
+    fig, axes = _grid(len(drawn))
+    rows: list[dict] = []
+    for ax, (w, label, _) in zip(axes, drawn, strict=True):
+        for variant, blocks in per[w].items():
+            table = pd.DataFrame(blocks).sort_index(axis=1)  # one row per seed, one column per block
+            mean, lo, hi = table.mean(), table.min(), table.max()
+            ax.plot(mean.index, mean, marker="o", ms=3, lw=1.3, label=variant, color=colours[variant])
+            ax.fill_between(mean.index, lo, hi, color=colours[variant], alpha=0.15)
+            rows += [{"panel": label, "series": variant, "x": b, "y": mean[b], "lo": lo[b], "hi": hi[b]}
+                     for b in mean.index]
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel(f"response position block ({block} tokens)")
+    _finish(fig, axes, path, f"{title}: drift and gate along the response, mean over steps and seeds "
+            "(band: min–max over seeds)")
+    left_out = [f"{label} (constant {values[0]:.3g} in every run)" for _, label, values in flat]
+    note = f"{len(drawn)} panels" + (f"; left out: {'; '.join(left_out)}" if left_out else "")
+    return Plot(pd.DataFrame(rows, columns=DATA_COLUMNS), note, [label for _, label, _ in drawn])

@@ -181,3 +181,20 @@ def test_gates_never_all_underflow(dtype):
         d, lm, resp, nl = _random_case()
         g, _ = drift_gate(d * 1000, lm, resp, kind, tau=50.0, block_size=bs, newline_B_T=nl)
         assert g[lm.bool()].max().item() == 1.0 and torch.isfinite(normalise_gates(g, lm)).all()
+
+
+def test_position_block_sums_by_hand_and_padding():
+    """Σ m v and Σ m per block of response positions: block 2 of one row (positions 0–1 | 2–3 | 4+, the last block
+    taking the positions past it), a masked token left out, left padding moving nothing."""
+    from opd_lab.core.gates import position_block_sums
+
+    resp = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0]])
+    mask = resp.clone()
+    mask[0, 2] = 0  # the row's second response token is a masked special
+    v = torch.tensor([[9.0, 1.0, 5.0, 2.0, 4.0, 8.0, 16.0], [3.0, 6.0, 7.0, 9.0, 9.0, 9.0, 9.0]])
+    sums, counts = position_block_sums({"v": v}, mask, resp, n_blocks=3, block=2)
+    assert counts.tolist() == [3.0, 3.0, 2.0]
+    assert sums["v"].tolist() == [1.0 + 3.0 + 6.0, 2.0 + 4.0 + 7.0, 8.0 + 16.0]
+    padded = [torch.cat([torch.zeros(2, 5, dtype=x.dtype), x], 1) for x in (v, mask, resp)]
+    again, n_again = position_block_sums({"v": padded[0]}, padded[1], padded[2], n_blocks=3, block=2)
+    assert torch.equal(again["v"], sums["v"]) and torch.equal(n_again, counts)

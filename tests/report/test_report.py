@@ -313,6 +313,9 @@ def check_plot_data(out: Path, summary: pd.DataFrame) -> None:
     assert "|δ| at the first update" not in set(curves["panel"])
     md = (out / "summary.md").read_text()
     assert "|δ| at the first update (constant 0 in every run)" in md.split("`curves.png`")[1]
+    position = pd.read_csv(out / "plot_data" / "drift_by_position.csv")  # one 64-token block at 48 tokens
+    assert set(position["panel"]) >= {"|δ| at the last update"} and set(position["x"]) == {0}
+    assert "|δ| at the first update (constant 0 in every run)" in md.split("`drift_by_position.png`")[1]
     steps = pd.read_csv(out / "plot_data" / "pass_at_k_over_steps.csv")
     assert sorted(steps.loc[steps["series"] == "lsm_block64", "x"].dropna().unique()) == [1, 2]
 

@@ -50,10 +50,14 @@ def test_staleness_drifts_from_the_first_update_and_pi_old_is_the_sampler(cache,
         assert [r["rollout/staleness"] for r in recs] == [min(s, k) for s in range(5)]
         assert [r["rollout/staleness_updates"] for r in recs] == [min(s, k) * 4 for s in range(5)]
         for r in recs:
+            first = [v for key, v in r.items() if key.startswith("drift/first_update/by_block/")]
+            last = [v for key, v in r.items() if key.startswith("drift/last_update/by_block/")]
+            assert first and len(first) == len(last)  # by response position, every block with a token
             if r["rollout/staleness"] == 0:  # sampled by the current weights: π_θ = π_old on the first update
-                assert r["drift/first_update_mean_abs_delta"] == 0.0
+                assert r["drift/first_update_mean_abs_delta"] == 0.0 and set(first) == {0.0}
             else:  # stale: the first update already sees the drift of the updates made since
-                assert r["drift/first_update_mean_abs_delta"] > 1e-4
+                assert r["drift/first_update_mean_abs_delta"] > 1e-4 and min(first) > 0
+            assert min(last) > 0  # after an update every block has drifted
             # π_old is the policy that sampled the batch (its snapshot), not the current one: at top-p 1 the
             # sampler's log-probs equal π_old's up to float rounding
             assert r["mismatch/sampler_old_abs"] < 1e-4

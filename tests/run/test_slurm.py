@@ -181,10 +181,12 @@ def test_a_requeued_job_resumes_from_its_checkpoint_to_the_uninterrupted_metrics
 
 def test_a_job_past_its_time_limit_is_requeued_by_submitit_and_finishes(slurm, cache, reference, tmp_path):
     """timeout_min=1 with submitit's USR2 45 s before the limit: the job is signalled, re-queued by submitit
-    (max_num_timeout), resumes from its last checkpoint, and ends with the uninterrupted run's metrics."""
+    (max_num_timeout), resumes from its last checkpoint, and ends with the uninterrupted run's metrics. Each
+    attempt gets ~15–30 s, most of it start-up, and makes 20–40 steps of the 300 on this machine: 16 re-queues
+    leave room for a slower one (8 ran out once, at step 260, with nothing else running)."""
     sweep = tmp_path / "sweep"
     args = [*LONG, f"cache_dir={cache}", *LAUNCHER, "hydra.launcher.cpus_per_task=2", "hydra.launcher.timeout_min=1",
-            "hydra.launcher.signal_delay_s=45", "hydra.launcher.max_num_timeout=8", f"hydra.sweep.dir={sweep}"]
+            "hydra.launcher.signal_delay_s=45", "hydra.launcher.max_num_timeout=16", f"hydra.sweep.dir={sweep}"]
     _multirun(args, slurm)
     logs = _job_logs(sweep)
     assert "this job is timed-out" in logs and "remaining timeouts" in logs, logs[-3000:]
