@@ -57,6 +57,7 @@ from opd_lab.report.archive import keep_runs
 from opd_lab.report.sources import is_csv, load_sweep, load_sweeps, sweep_name
 from opd_lab.report.tables import (
     baselines_by_tag,
+    by_position_markdown,
     by_tag_markdown,
     paired,
     paired_markdown,
@@ -95,7 +96,7 @@ def report(sweep_dir: str | os.PathLike | list, out: str | os.PathLike | None = 
     pairs.to_csv(out / "paired.csv", index=False)
     title = f"{name} ({', '.join(map(str, dirs))})"
     text = summary_markdown(summary, runs, title) + by_tag_markdown(summary, baselines_by_tag(runs))
-    text += paired_markdown(pairs, baseline)
+    text += paired_markdown(pairs, baseline) + by_position_markdown(runs)
     (out / "summary.md").write_text(text + plots_markdown(draw_plots(runs, summary, out, name)))
     return runs, summary
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from opd_lab.core.gates import POSITION_BLOCK
+from opd_lab.report.sources import by_position_of
 from opd_lab.run.tracking import read_metrics
 
 NCOLS = 3
@@ -307,17 +308,6 @@ def plot_drift_map(runs: pd.DataFrame, ks: list[str], path: Path, title: str) ->
 
 BY_POSITION = (("drift/first_update", "|δ| at the first update"), ("drift/last_update", "|δ| at the last update"),
                ("gate/first_update", "gate at the first update"), ("gate/last_update", "gate at the last update"))
-
-
-def by_position_of(run_dir: Path) -> dict[str, dict[int, float]]:
-    """A run's ``<metric>/by_block/<b>`` averaged over its training steps: ``{metric: {block: value}}``."""
-    acc: dict[str, dict[int, list[float]]] = {}
-    for rec in read_metrics(Path(run_dir) / "metrics.jsonl"):
-        for key, value in rec.items():
-            if "/by_block/" in key and isinstance(value, int | float):
-                what, b = key.split("/by_block/")
-                acc.setdefault(what, {}).setdefault(int(b), []).append(float(value))
-    return {what: {b: float(np.mean(v)) for b, v in sorted(blocks.items())} for what, blocks in acc.items()}
 
 
 def plot_drift_by_position(runs: pd.DataFrame, path: Path, title: str, block: int = POSITION_BLOCK) -> Plot | Skipped:

@@ -291,6 +291,18 @@ def _name_by_axes(rows: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ tables
+def by_position_of(run_dir: Path) -> dict[str, dict[int, float]]:
+    """A run's ``<metric>/by_block/<b>`` (drift and gate by response position, at a step's first and last
+    update) averaged over its training steps: ``{metric: {block: value}}``, e.g. ``{"drift/last_update": {0: …}}``."""
+    acc: dict[str, dict[int, list[float]]] = {}
+    for rec in read_metrics(Path(run_dir) / "metrics.jsonl"):
+        for key, value in rec.items():
+            if "/by_block/" in key and isinstance(value, int | float):
+                what, b = key.split("/by_block/")
+                acc.setdefault(what, {}).setdefault(int(b), []).append(float(value))
+    return {what: {b: float(np.mean(v)) for b, v in sorted(blocks.items())} for what, blocks in acc.items()}
+
+
 def sweep_name(sweep_dir: Path, runs: pd.DataFrame) -> str:
     """The runs' ``logger.wandb.group`` when they share one (set by hand), else the sweep config's name
     (``--config-name block_ablation``, from ``multirun.yaml``), else the sweep directory's name (a runs.csv: its

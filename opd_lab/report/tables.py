@@ -142,6 +142,44 @@ def baselines_by_tag(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def by_position_markdown(runs: pd.DataFrame, block: int = 64) -> str:
+    """Drift and the gate by response position: per variant and block of ``block`` tokens, the mean over seeds
+    (± 95% t half-width) of each run's step-mean |δ| at the last update of a step and, for a gate, the gate there
+    (``drift/last_update/by_block/<b>``, ``gate/last_update/by_block/<b>``). Empty when no run logged them."""
+    from opd_lab.report.sources import by_position_of
+
+    per: dict[str, list[dict]] = {}
+    done = runs[(runs["status"] == "completed") & (runs["run_dir"] != "")]
+    for variant, d in zip(done["variant"], done["run_dir"], strict=True):
+        got = by_position_of(Path(d))
+        if got:
+            per.setdefault(variant, []).append(got)
+    if not per:
+        return ""
+    n_blocks = max(b + 1 for runs_ in per.values() for r in runs_ for blocks in r.values() for b in blocks)
+    head = ["variant", "metric", "n"] + [f"{b * block}–{(b + 1) * block - 1}" for b in range(n_blocks)]
+    lines = ["", f"## Drift and gate by response position (tokens {0}–{n_blocks * block - 1}, blocks of {block})", "",
+             "Per run the mean over its steps at the last update of each step; mean ± 95% t half-width over seeds.", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for variant, runs_ in per.items():
+        for what, label in (("drift/last_update", "mean abs δ"), ("gate/last_update", "gate")):
+            if not any(what in r for r in runs_):
+                continue
+            cells = []
+            for b in range(n_blocks):
+                mean, _, ci, _n = mean_ci95([r[what][b] for r in runs_ if b in r.get(what, {})])
+                cells.append(_fmt(mean, ci) if label == "gate" else _fmt_small(mean, ci))
+            lines.append(f"| {variant} | {label} | {len(runs_)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt_small(mean: float, ci: float) -> str:
+    """A small positive quantity (|δ| ~ 1e-3 … 1e-1) with three significant digits."""
+    if not np.isfinite(mean):
+        return "–"
+    return f"{mean:.3g} ± {ci:.2g}" if np.isfinite(ci) else f"{mean:.3g}"
+
+
 def _n_note(row: pd.Series, key: str, n: int) -> str:
     """`` (n=m)`` when the cell's value comes from m < n runs or pairs, else nothing."""
     m = row.get(key)

@@ -316,6 +316,9 @@ def check_plot_data(out: Path, summary: pd.DataFrame) -> None:
     position = pd.read_csv(out / "plot_data" / "drift_by_position.csv")  # one 64-token block at 48 tokens
     assert set(position["panel"]) >= {"|δ| at the last update"} and set(position["x"]) == {0}
     assert "|δ| at the first update (constant 0 in every run)" in md.split("`drift_by_position.png`")[1]
+    table = md.split("## Drift and gate by response position (tokens 0–63, blocks of 64)")[1]
+    assert "| lsm_block64 | mean abs δ | 2 | " in table and "| lsm_block64 | gate | 2 | " in table
+    assert "| sampled_token | gate |" not in table  # no gate, no gate row
     steps = pd.read_csv(out / "plot_data" / "pass_at_k_over_steps.csv")
     assert sorted(steps.loc[steps["series"] == "lsm_block64", "x"].dropna().unique()) == [1, 2]
 
