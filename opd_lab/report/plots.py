@@ -341,8 +341,12 @@ def plot_drift_by_position(runs: pd.DataFrame, path: Path, title: str, block: in
             ax.fill_between(mean.index, lo, hi, color=colours[variant], alpha=0.15)
             rows += [{"panel": label, "series": variant, "x": b, "y": mean[b], "lo": lo[b], "hi": hi[b]}
                      for b in mean.index]
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel(f"response position block ({block} tokens)")
+        ticks = sorted({b for blocks in per[w].values() for r in blocks for b in r})
+        ax.set_xticks(ticks, [f"{b * block}–{(b + 1) * block - 1}" for b in ticks], fontsize=7)
+        if w.startswith("drift/"):  # |δ| spans decades between a healthy and a collapsed run
+            ax.set_yscale("log", nonpositive="mask")
+        ax.set_title(label + (" (log scale)" if w.startswith("drift/") else ""), fontsize=9)
+        ax.set_xlabel("response positions (tokens)")
     _finish(fig, axes, path, f"{title}: drift and gate along the response, mean over steps and seeds "
             "(band: min–max over seeds)")
     left_out = [f"{label} (constant {values[0]:.3g} in every run)" for _, label, values in flat]
