@@ -5,6 +5,8 @@
     .venv/bin/python scripts/build_embedded.py --student-only   # (or --teacher-only) one role
     .venv/bin/python scripts/build_embedded.py model=embedded_specialists --specialists [--check]
         # the teachers of model.teachers trained on a slice of the task → assets/embedded/teacher_<name>
+    .venv/bin/python scripts/build_embedded.py experiment=long [--check]
+        # the long-horizon pair (model=embedded_long, task=arith_long) → assets/embedded/{teacher,student}_long
 
 Training is deterministic on CPU with ``model.prepare.threads`` fixed (2), so the rebuild is bit-for-bit:
 ``--check`` compares SHA-256 of every weight file and exits non-zero on any difference.
@@ -51,7 +53,8 @@ def main(argv: list[str]) -> int:
             print("no embedded teacher with a train_slice in model.teachers (try model=embedded_specialists)")
             return 2
     else:
-        builds = [(r, r, run.task) for r in [r for r in ROLES if f"--{r}-only" in argv] or list(ROLES)]
+        suffix = "" if run.model.name == "embedded" else "_" + run.model.name.removeprefix("embedded_")
+        builds = [(r + suffix, r, run.task) for r in [r for r in ROLES if f"--{r}-only" in argv] or list(ROLES)]
     status = 0
     for folder, role, task in builds:
         print(f"{folder}: key {role_key(run.model.prepare, task, role)}", flush=True)

@@ -142,3 +142,20 @@ def test_prepare_is_deterministic(tmp_path):
         digests.append({p.relative_to(tmp_path / name).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                         for p in sorted((tmp_path / name).rglob("*.safetensors"))})
     assert digests[0] == digests[1] and len(digests[0]) == 2
+
+
+@pytest.mark.slow
+def test_long_horizon_experiment_on_the_shipped_long_pair(tmp_path):
+    """``experiment=long``: the shipped long-horizon pair (no training), ~530–790-token responses through the
+    default engine and the learner, evaluated on the first ``eval.limit`` held-out problems."""
+    run_dir = tmp_path / "run"
+    run_cli(["experiment=long", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}", "logger.progress=false",
+             "rollout.n_prompts=2", "rollout.n_samples=2", "rollout.mini_batch_size=2", "trainer.steps=1",
+             "eval.limit=3", "eval.n_samples=2"])
+    assert not (tmp_path / "cache" / "embedded").exists()  # the shipped folders, no build
+    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][0]
+    assert 450 <= train["response/mean_len"] <= 896, train["response/mean_len"]
+    assert train["drift/first_update/by_block/8"] == train["drift/first_update/by_block/8"]  # a 9th 64-token block
+    per_problem = pd.read_csv(run_dir / "eval_per_problem.csv")
+    assert per_problem.groupby("model").size().to_dict() == {"base_student": 3, "teacher": 3, "student": 3}
+    assert (per_problem["mean_len"] > 450).all()

@@ -36,6 +36,10 @@ class PrepareConfig:
     student_steps: int = 150
     teacher_schedule: LRSchedule = LRSchedule.cosine
     student_schedule: LRSchedule = LRSchedule.constant
+    # Start a role from trained weights instead of from scratch (SFT then fine-tunes them): a folder name under
+    # opd_lab/assets/embedded (``teacher``, ``student``, …) or a model folder path; same size as the role.
+    teacher_init: str | None = None
+    student_init: str | None = None
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 50

@@ -116,6 +116,7 @@ class EvalConfig:
     baselines: bool = True
     only: EvalTarget | None = None
     checkpoint: str | None = None  # evaluation only: a saved model folder to evaluate instead of eval.only
+    limit: int | None = None  # the first N held-out problems only (a quick look; null: the whole held-out split)
 
     def __post_init__(self) -> None:
         _check(self.n_samples >= 1, "eval.n_samples", self.n_samples, "an integer >= 1")
@@ -125,6 +126,7 @@ class EvalConfig:
             _check(len(set(self.ks)) == len(self.ks), "eval.ks", list(self.ks), "distinct values of k")
         _check(self.temperature > 0, "eval.temperature", self.temperature, "temperature > 0")
         _check(0 < self.top_p <= 1, "eval.top_p", self.top_p, "0 < top_p <= 1")
+        _check(self.limit is None or self.limit >= 1, "eval.limit", self.limit, "null or an integer >= 1")
         _check(self.every >= 0, "eval.every", self.every, "0 (only at the end) or a step interval >= 1")
 
     def default_ks(self) -> list[int]:

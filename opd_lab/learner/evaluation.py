@@ -105,16 +105,21 @@ def evaluate(
     return EvalResult(df, metrics)
 
 
+def eval_set(cfg: Config, task) -> list:
+    """The held-out problems evaluated: the task's split, or its first ``eval.limit``."""
+    return task.eval_problems()[: cfg.eval.limit]
+
+
 def run_eval(cfg: Config, engine, tokenizer, task) -> EvalResult:
     e = cfg.eval
-    return evaluate(engine, tokenizer, task.eval_problems(), e.n_samples, list(e.ks), e.temperature, e.top_p,
+    return evaluate(engine, tokenizer, eval_set(cfg, task), e.n_samples, list(e.ks), e.temperature, e.top_p,
                     e.max_tokens, e.seed, encode=prompt_encoder(cfg))
 
 
 def cached_eval(cfg: Config, path: str, build_engine, tokenizer, task, stop_ids: tuple[int, ...]) -> EvalResult:
     """Evaluate an untrained model once per :func:`eval_key` (weights, prompts, precision, engine …); reuse the
     cached result."""
-    prompts = prompt_encoder(cfg)(tokenizer, task.eval_problems())
+    prompts = prompt_encoder(cfg)(tokenizer, eval_set(cfg, task))
     cache = Path(cfg.cache_dir) / "evals" / f"{eval_key(cfg, path, prompts, stop_ids)}"
     if (cache / "metrics.json").exists():
         return EvalResult(pd.read_csv(cache / "per_problem.csv", dtype={"question": str, "answer": str}),

@@ -7,10 +7,11 @@
 3. a fresh SFT run into the cache (atomic: built in a temporary folder, then renamed).
 
 Each role's key hashes only what determines its weights (its size, steps, schedule and seed, the shared
-optimiser settings, the task config and ``PREPARE_VERSION``), so changing the student never retrains the
-teacher. Training is deterministic on CPU
-for a fixed ``threads`` count, so ``python scripts/build_embedded.py`` rebuilds the shipped folders
-bit-for-bit.
+optimiser settings, the task config, the identity of the weights it starts from when ``model.prepare.<role>_init``
+is set, and ``PREPARE_VERSION``), so changing the student never retrains the teacher. A role with an ``init``
+is fine-tuned from those weights (the long-horizon pair, ``model=embedded_long``, starts from the default
+pair). Training is deterministic on CPU for a fixed ``threads`` count, so ``python scripts/build_embedded.py``
+rebuilds the shipped folders bit-for-bit.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from opd_lab.common import atomic
-from opd_lab.config import ArithTaskConfig, EmbeddedModelSize, PrepareConfig, as_flat_dict
+from opd_lab.config import ArithTaskConfig, ConfigError, EmbeddedModelSize, PrepareConfig, as_flat_dict
 from opd_lab.core.optim import adamw_with_schedule
 from opd_lab.models.tokenizer import build_tokenizer
 from opd_lab.tasks import build_task, encode_prompts, reference_response
@@ -39,9 +40,34 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets" / "embedded"
 ROLES = ("teacher", "student")
 
 
+def init_folder(pcfg: PrepareConfig, role: str) -> Path | None:
+    """The folder whose weights initialise ``role`` (``model.prepare.<role>_init``), or None (from scratch)."""
+    name = getattr(pcfg, f"{role}_init")
+    if name is None:
+        return None
+    folder = ASSETS / name if (ASSETS / name / "config.json").is_file() else Path(name).expanduser()
+    if not (folder / "config.json").is_file():
+        shipped = sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file())
+        raise ConfigError(f"model.prepare.{role}_init={name!r}: no model folder there; allowed a folder under "
+                          f"{ASSETS} ({', '.join(shipped)}) or a path to a saved model folder")
+    return folder
+
+
+def weights_key(folder: Path) -> str:
+    """Identity of a model folder's weights: its embedded build key, else the SHA-256 of its weight files."""
+    key = _key_of(folder)
+    if key is not None:
+        return key
+    h = hashlib.sha256()
+    for p in sorted(folder.glob("*.safetensors")):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def role_settings(pcfg: PrepareConfig, role: str) -> dict:
-    """Everything that determines one role's weights (the seed of the student is ``seed + 1``)."""
-    return {
+    """Everything that determines one role's weights (the seed of the student is ``seed + 1``); a role started
+    from trained weights adds their identity (``init``), so re-training those re-trains this role."""
+    st = {
         "size": asdict(getattr(pcfg, role)),
         "steps": getattr(pcfg, f"{role}_steps"),
         "schedule": getattr(pcfg, f"{role}_schedule").value,
@@ -51,6 +77,10 @@ def role_settings(pcfg: PrepareConfig, role: str) -> dict:
         "warmup_steps": pcfg.warmup_steps,
         "threads": pcfg.threads,
     }
+    init = init_folder(pcfg, role)
+    if init is not None:  # only then: the keys of the roles trained from scratch are unchanged
+        st["init"] = weights_key(init)
+    return st
 
 
 def role_key(pcfg: PrepareConfig, task_cfg: ArithTaskConfig, role: str) -> str:
@@ -140,6 +170,16 @@ def build_role(pcfg: PrepareConfig, task_cfg: ArithTaskConfig, role: str, out_di
         task = build_task(task_cfg)
         torch.manual_seed(st["seed"])
         model = Qwen3ForCausalLM(qwen3_config(getattr(pcfg, role), tokenizer))
+        init = init_folder(pcfg, role)
+        if init is not None:
+            start = Qwen3ForCausalLM.from_pretrained(init, torch_dtype=torch.float32)
+            mismatch = {k: (v, getattr(start.config, k)) for k, v in asdict(getattr(pcfg, role)).items()
+                        if getattr(start.config, k) != v}
+            if mismatch or start.config.vocab_size != model.config.vocab_size:
+                raise ConfigError(f"model.prepare.{role}_init={getattr(pcfg, f'{role}_init')!r}: its shape differs "
+                                  f"from model.prepare.{role} (field: (size wanted, size there)): {mismatch}")
+            model.load_state_dict(start.state_dict())
+            del start
         losses = train_sft(model, tokenizer, task, st["steps"], pcfg.batch_size, pcfg.lr, pcfg.warmup_steps,
                            st["seed"], desc=f"prepare {role}", progress=progress, schedule=st["schedule"])
     finally:

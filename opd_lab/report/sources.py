@@ -137,7 +137,7 @@ def setting_of(cfg: dict, eval_only: bool) -> dict:
     U = (r.get("reuse") or 0) * batch // max(r.get("mini_batch_size") or 1, 1)
     pair = {k: v for k, v in flat.items() if not k.startswith(UNPAIRED)} | {"U": U}
     return {"loss": (cfg.get("loss") or {}).get("name"),
-            "gate": gate_name(gate=g) if kind else None, "tau": g.get("tau"), "U": U,
+            "gate": gate_name(g) if kind else None, "tau": g.get("tau"), "U": U,
             "reuse": r.get("reuse"), "staleness": r.get("staleness", 0), "lr": (cfg.get("trainer") or {}).get("lr"),
             "ungated": not eval_only and (kind == "none" or g.get("tau") == 0),
             "_pair_key": None if eval_only else json.dumps(pair, sort_keys=True, default=str)}

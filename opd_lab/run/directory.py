@@ -85,7 +85,7 @@ def run_label(cfg: Config) -> str:
         return cfg.variant
     if cfg.eval.only is not None:
         return f"eval-{cfg.eval.only.value}"
-    return f"{cfg.loss.name}-{gate_name(cfg)}"
+    return f"{cfg.loss.name}-{gate_name(cfg.gate)}"
 
 
 def format_table(rows: dict[str, dict[str, float]], ks: list[int]) -> str:

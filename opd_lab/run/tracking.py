@@ -113,7 +113,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 def run_tags(cfg: Config) -> list[str]:
     """wandb tags: the configured ones, then loss, gate, reuse, staleness, steps, engine, seed, the variant when
     set, and every override the sweep varies (``key=value`` of this job; wandb caps a tag at 64 characters)."""
-    tags = [f"loss={cfg.loss.name}", f"gate={gate_name(cfg)}", f"reuse={cfg.rollout.reuse}",
+    tags = [f"loss={cfg.loss.name}", f"gate={gate_name(cfg.gate)}", f"reuse={cfg.rollout.reuse}",
             f"staleness={cfg.rollout.staleness}", f"steps={cfg.trainer.steps}",
             f"engine={cfg.rollout.engine.value}", f"seed={cfg.trainer.seed}"]
     tags += [f"variant={cfg.variant}"] if cfg.variant else []
@@ -185,11 +185,10 @@ def hydra_overrides() -> list[str]:
     return list(hc.overrides.task) if hc is not None else []
 
 
-def gate_name(cfg: Config | None = None, gate: Any = None) -> str:
+def gate_name(g: Any) -> str:
     """``block64``, ``span``, a plugin's kind (``logblock``, or ``logblock4`` with a block size); a group statistic
-    other than the mean is appended (``block64-max_abs``). From the run's config, or from its ``gate`` section alone
-    (a ``GateConfig`` or the mapping of a ``config.yaml``; an older file has no ``reduce``: the mean)."""
-    g = cfg.gate if cfg is not None else gate
+    other than the mean is appended (``block64-max_abs``). From a run's ``gate`` section: a ``GateConfig`` or the
+    mapping of a ``config.yaml`` (an older file has no ``reduce``: the mean)."""
     get = g.get if isinstance(g, dict) else lambda k, d=None: getattr(g, k, d)
     kind, block_size, reduce = get("kind"), get("block_size"), get("reduce") or "mean"
     name = f"{kind}{block_size}" if block_size is not None else f"{kind}"

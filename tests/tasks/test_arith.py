@@ -52,3 +52,16 @@ def test_tokenizer_roundtrip_and_specials(tokenizer, tmp_path):
     prompt = again.apply_chat_template([{"role": "user", "content": "1+2"}], tokenize=False,
                                        add_generation_prompt=True)
     assert prompt == "<|im_start|>user\n1+2<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_long_task_responses_are_500_to_900_tokens(tokenizer):
+    """task=arith_long (9–13 operands of 2–3 digits, width 5 like the default): 8–12 pair blocks per response."""
+    from tests.conftest import compose
+
+    cfg = compose(["experiment=long"])
+    t = cfg.task
+    task = ArithmeticTask(t.min_operands, t.max_operands, t.min_digits, t.max_digits, t.n_eval, t.eval_seed)
+    assert task.width == ArithmeticTask().width == 5 and len(task.eval_problems()) == 256
+    lens = [len(tokenizer(reference_response(p) + "<|im_end|>")["input_ids"])
+            for p in task.train_problems(300, random.Random(1))]
+    assert 500 <= min(lens) and max(lens) <= 850 < cfg.rollout.max_tokens and 600 <= statistics.mean(lens) <= 700
