@@ -10,7 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from opd_lab.core.stats import mean_ci95
+from opd_lab.core.stats import mean_ci95, min_detectable_effect, seeds_needed
+
+# the published gain of blockwise gating (arXiv 2606.24084: sampled-token OPD, mean pass@8 0.4978 → 0.5160), which
+# every paired comparison's power is set beside
+PUBLISHED_GAIN = ("pass@8", 0.018)
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
@@ -38,7 +42,8 @@ def paired(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
     the same setting (``_pair_key``) and the same seed, mean and 95% CI over seeds (a paired t interval: seed-to-seed
     noise shared by both runs cancels). With ``baseline`` (a variant name): every other trained variant against
     that variant's run with the same seed instead, whatever else differs (the multi-teacher sweep: each routing
-    against the generalist)."""
+    against the generalist). ``delta_<k>_mde80``: the smallest true mean difference a two-sided 5% paired t test
+    of those pairs detects with 80% power, at the measured std of the differences (core.stats)."""
     done = runs[(runs["status"] == "completed") & runs["_pair_key"].notna()]
     done = done.assign(_pair_key=common_pair_keys(done["_pair_key"]))
     metrics = [c for c in done.columns if c.startswith("final/") and c.split("/")[-1].startswith("pass@")]
@@ -69,6 +74,8 @@ def paired(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
             name = m.removeprefix("final/")
             row[f"delta_{name}_mean"], row[f"delta_{name}_ci95"] = mean, ci
             row[f"delta_{name}_n"] = n  # the pairs in which both runs have the value (≤ n_pairs)
+            # power: the smallest true Δ that these n pairs, at their measured spread, detect 80% of the time
+            row[f"delta_{name}_std"], row[f"delta_{name}_mde80"] = std, min_detectable_effect(std, n)
         out.append(row)
     return pd.DataFrame(out)
 
@@ -98,7 +105,36 @@ def paired_markdown(pairs: pd.DataFrame, baseline: str | None = None) -> str:
         cells = [_fmt(r[f"delta_{k}_mean"], r[f"delta_{k}_ci95"], signed=True) + _n_note(r, f"delta_{k}_n",
                                                                                           r["n_pairs"]) for k in ks]
         lines.append(f"| {r['variant']} | {r['baseline']} | {r['n_pairs']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + power_markdown(pairs, ks)
+
+
+def power_markdown(pairs: pd.DataFrame, ks: list[str]) -> str:
+    """Per paired comparison: the smallest true Δ its pairs could detect (80% power, two-sided 5% paired t test, at
+    the measured spread of the differences) and, for the published gain's metric, the seeds that would detect it."""
+    ks = [k for k in ks if f"delta_{k}_mde80" in pairs]
+    if not ks:
+        return ""
+    metric, gain = PUBLISHED_GAIN
+    published = metric in ks
+    head = ["variant", "vs", "pairs", *[f"MDE Δ{k}" for k in ks]]
+    head += [f"seeds to detect {gain:+.3f} on {metric}"] if published else []
+    lines = ["", "### Power of the paired comparisons", "",
+             "The smallest true mean difference each comparison detects with 80% power (two-sided paired t test at "
+             "5%, noncentral t, at the measured seed-to-seed std of the differences). A null result with an MDE "
+             f"above the published gain of blockwise gating ({gain:+.3f} {metric}, arXiv 2606.24084) cannot rule "
+             "that gain out.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in pairs.iterrows():
+        cells = [_fmt_plain(r[f"delta_{k}_mde80"]) for k in ks]
+        if published:
+            std = r[f"delta_{metric}_std"]
+            need = seeds_needed(gain, std, max_n=10_000) if np.isfinite(std) else None
+            cells.append("–" if need is None else f"> {10_000:,}" if need > 10_000 else str(need))
+        lines.append(f"| {r['variant']} | {r['baseline']} | {r['n_pairs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _fmt_plain(x: float) -> str:
+    return "–" if not np.isfinite(x) else f"{x:.3f}"
 
 
 def by_tag_markdown(summary: pd.DataFrame, teachers: pd.DataFrame | None = None) -> str:

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from opd_lab.core.stats import betainc, mean_ci95, t_cdf, t_quantile, t_quantile_975
@@ -35,3 +36,35 @@ def test_mean_ci95_by_hand():
     mean, std, ci, n = mean_ci95([0.4, float("nan"), None])
     assert (mean, n) == (pytest.approx(0.4), 1) and math.isnan(ci)
     assert mean_ci95([])[3] == 0
+
+
+def test_paired_t_power_is_alpha_at_no_effect_and_matches_a_simulation():
+    from opd_lab.core.stats import paired_t_power
+
+    assert abs(paired_t_power(0.0, 1.0, 5) - 0.05) < 1e-6
+    assert abs(paired_t_power(0.0, 0.3, 12, alpha=0.1) - 0.1) < 1e-6
+    rng = np.random.default_rng(0)
+    for n, effect in ((3, 2.0), (5, 1.5), (10, 0.6)):  # Monte Carlo of the test itself: 200k experiments
+        x = rng.normal(effect, 1.0, (200_000, n))
+        t = x.mean(1) / (x.std(1, ddof=1) / np.sqrt(n))
+        simulated = float((np.abs(t) > t_quantile(0.975, n - 1)).mean())
+        assert abs(paired_t_power(effect, 1.0, n) - simulated) < 0.005, (n, effect, simulated)
+    assert paired_t_power(-1.5, 1.0, 5) == paired_t_power(1.5, 1.0, 5)  # two-sided
+    assert paired_t_power(0.1, 0.0, 5) == 1.0 and np.isnan(paired_t_power(0.1, 1.0, 1))
+
+
+def test_min_detectable_effect_and_seeds_needed():
+    from opd_lab.core.stats import min_detectable_effect, paired_t_power, seeds_needed
+
+    # tabulated paired-t sample sizes (α = 0.05 two-sided, 80% power): n = 5 detects d_z ≈ 1.68 (G*Power)
+    assert abs(min_detectable_effect(1.0, 5) - 1.68) < 0.01
+    assert abs(paired_t_power(min_detectable_effect(0.07, 5), 0.07, 5) - 0.8) < 1e-4
+    assert abs(min_detectable_effect(0.07, 5) / 0.07 - min_detectable_effect(1.0, 5)) < 1e-4  # scales with the std
+    # large n: the normal approximation (z_0.975 + z_0.8) s / √n
+    assert abs(min_detectable_effect(1.0, 2000) * np.sqrt(2000) - (1.959964 + 0.841621)) < 0.01
+    assert min_detectable_effect(0.0, 5) == 0.0 and np.isnan(min_detectable_effect(1.0, 1))
+    n = seeds_needed(0.018, 0.05)
+    assert paired_t_power(0.018, 0.05, n) >= 0.8 > paired_t_power(0.018, 0.05, n - 1)
+    assert seeds_needed(0.018, 0.05) == seeds_needed(-0.018, 0.05)
+    with pytest.raises(ValueError, match="zero effect"):
+        seeds_needed(0.0, 1.0)

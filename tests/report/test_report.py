@@ -74,6 +74,31 @@ def test_paired_differences_by_hand():
     assert "+0.057 ± " in paired_markdown(pairs.reset_index())
 
 
+def test_every_paired_comparison_states_its_power():
+    """Beside each Δ: the smallest true Δ its pairs detect with 80% power at their measured spread, and the seeds
+    that would detect the published +0.018 on pass@8."""
+    from opd_lab.core.stats import min_detectable_effect, seeds_needed
+
+    rows = []
+    values = {"none": [0.50, 0.40, 0.60, 0.45], "block": [0.55, 0.50, 0.62, 0.44]}
+    for gate, vals in values.items():
+        for seed, v in enumerate(vals):
+            rows.append({"variant": f"g={gate}", "seed": seed, "status": "completed", "final/pass@1": v / 2,
+                         "final/pass@8": v, **setting_of(_cfg(gate, seed=seed), False)})
+    pairs = paired(pd.DataFrame(rows)).set_index("variant")
+    d = [0.05, 0.10, 0.02, -0.01]
+    sd = math.sqrt(sum((x - sum(d) / 4) ** 2 for x in d) / 3)
+    assert pairs.loc["g=block", "delta_pass@8_std"] == pytest.approx(sd)
+    assert pairs.loc["g=block", "delta_pass@8_mde80"] == pytest.approx(min_detectable_effect(sd, 4))
+    assert pairs.loc["g=block", "delta_pass@1_mde80"] == pytest.approx(min_detectable_effect(sd / 2, 4))
+    md = paired_markdown(pairs.reset_index())
+    assert "### Power of the paired comparisons" in md and "seeds to detect +0.018 on pass@8" in md
+    row = next(line for line in md.splitlines()[md.splitlines().index("### Power of the paired comparisons"):]
+               if line.startswith("| g=block"))
+    assert row == (f"| g=block | g=none | 4 | {min_detectable_effect(sd / 2, 4):.3f} | "
+                   f"{min_detectable_effect(sd, 4):.3f} | {seeds_needed(0.018, sd)} |")
+
+
 def test_per_tag_counts_are_the_runs_that_have_the_values():
     """A legacy runs.csv has no per-tag columns: a per-tag cell (and its paired Δ) counts only the runs, or pairs,
     that have the value, never the variant's whole run count."""
