@@ -120,21 +120,24 @@ def power_markdown(pairs: pd.DataFrame, ks: list[str]) -> str:
     head += [f"seeds to detect {gain:+.3f} on {metric}"] if published else []
     lines = ["", "### Power of the paired comparisons", "",
              "The smallest true mean difference each comparison detects with 80% power (two-sided paired t test at "
-             "5%, noncentral t, at the measured seed-to-seed std of the differences). A null result with an MDE "
+             "5%, noncentral t, taking the measured seed-to-seed std s of the differences for the true one: with few "
+             "pairs s is itself uncertain, and equal differences (s = 0) measure no spread). A null result with an MDE "
              f"above the published gain of blockwise gating ({gain:+.3f} {metric}, arXiv 2606.24084) cannot rule "
              "that gain out.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in pairs.iterrows():
-        cells = [_fmt_plain(r[f"delta_{k}_mde80"]) for k in ks]
+        cells = [_fmt_mde(r[f"delta_{k}_mde80"], r[f"delta_{k}_std"]) for k in ks]
         if published:
             std = r[f"delta_{metric}_std"]
-            need = seeds_needed(gain, std, max_n=10_000) if np.isfinite(std) else None
+            need = seeds_needed(gain, std, max_n=10_000) if np.isfinite(std) and std > 0 else None
             cells.append("–" if need is None else f"> {10_000:,}" if need > 10_000 else str(need))
         lines.append(f"| {r['variant']} | {r['baseline']} | {r['n_pairs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _fmt_plain(x: float) -> str:
-    return "–" if not np.isfinite(x) else f"{x:.3f}"
+def _fmt_mde(mde: float, std: float) -> str:
+    if not np.isfinite(mde):
+        return "–"
+    return "– (no spread: s = 0)" if std == 0 else f"{mde:.3f}"
 
 
 def by_tag_markdown(summary: pd.DataFrame, teachers: pd.DataFrame | None = None) -> str:
