@@ -75,6 +75,7 @@ def paired(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
             row[f"delta_{name}_mean"], row[f"delta_{name}_ci95"] = mean, ci
             row[f"delta_{name}_n"] = n  # the pairs in which both runs have the value (≤ n_pairs)
             # power: the smallest true Δ that these n pairs, at their measured spread, detect 80% of the time
+            std = 0.0 if abs(std) < 1e-12 else std  # differences equal up to float noise: no spread
             row[f"delta_{name}_std"], row[f"delta_{name}_mde80"] = std, min_detectable_effect(std, n)
         out.append(row)
     return pd.DataFrame(out)
@@ -105,17 +106,18 @@ def paired_markdown(pairs: pd.DataFrame, baseline: str | None = None) -> str:
         cells = [_fmt(r[f"delta_{k}_mean"], r[f"delta_{k}_ci95"], signed=True) + _n_note(r, f"delta_{k}_n",
                                                                                           r["n_pairs"]) for k in ks]
         lines.append(f"| {r['variant']} | {r['baseline']} | {r['n_pairs']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n" + power_markdown(pairs, ks)
+    return "\n".join(lines) + "\n" + power_markdown(pairs, ks, published=baseline is None)
 
 
-def power_markdown(pairs: pd.DataFrame, ks: list[str]) -> str:
+def power_markdown(pairs: pd.DataFrame, ks: list[str], published: bool = True) -> str:
     """Per paired comparison: the smallest true Δ its pairs could detect (80% power, two-sided 5% paired t test, at
-    the measured spread of the differences) and, for the published gain's metric, the seeds that would detect it."""
+    the measured spread of the differences) and, for gated-vs-ungated pairs (``published``) with the published
+    gain's metric, the seeds that would detect that gain."""
     ks = [k for k in ks if f"delta_{k}_mde80" in pairs]
     if not ks:
         return ""
     metric, gain = PUBLISHED_GAIN
-    published = metric in ks
+    published = published and metric in ks
     head = ["variant", "vs", "pairs", *[f"MDE Δ{k}" for k in ks]]
     head += [f"seeds to detect {gain:+.3f} on {metric}"] if published else []
     lines = ["", "### Power of the paired comparisons", "",
@@ -125,7 +127,8 @@ def power_markdown(pairs: pd.DataFrame, ks: list[str]) -> str:
              f"above the published gain of blockwise gating ({gain:+.3f} {metric}, arXiv 2606.24084) cannot rule "
              "that gain out.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in pairs.iterrows():
-        cells = [_fmt_mde(r[f"delta_{k}_mde80"], r[f"delta_{k}_std"]) for k in ks]
+        cells = [_fmt_mde(r[f"delta_{k}_mde80"], r[f"delta_{k}_std"]) + _n_note(r, f"delta_{k}_n", r["n_pairs"])
+                 for k in ks]
         if published:
             std = r[f"delta_{metric}_std"]
             need = seeds_needed(gain, std, max_n=10_000) if np.isfinite(std) and std > 0 else None

@@ -49,8 +49,20 @@ def test_paired_t_power_is_alpha_at_no_effect_and_matches_a_simulation():
         t = x.mean(1) / (x.std(1, ddof=1) / np.sqrt(n))
         simulated = float((np.abs(t) > t_quantile(0.975, n - 1)).mean())
         assert abs(paired_t_power(effect, 1.0, n) - simulated) < 0.005, (n, effect, simulated)
-    assert paired_t_power(-1.5, 1.0, 5) == paired_t_power(1.5, 1.0, 5)  # two-sided
     assert paired_t_power(0.1, 0.0, 5) == 1.0 and np.isnan(paired_t_power(0.1, 1.0, 1))
+
+
+def test_paired_t_power_at_two_pairs_by_closed_form():
+    """n = 2 (ν = 1, U half-normal, where the density of U does not vanish at 0): at no effect the size is α, and
+    against a huge effect the power is P(|Z + λ| > t_c U) → 1; an independent simulation at a middle effect."""
+    from opd_lab.core.stats import paired_t_power
+
+    assert abs(paired_t_power(0.0, 1.0, 2) - 0.05) < 1e-5
+    assert paired_t_power(200.0, 1.0, 2) > 0.99
+    rng = np.random.default_rng(1)
+    x = rng.normal(5.0, 1.0, (400_000, 2))
+    t = x.mean(1) / (x.std(1, ddof=1) / np.sqrt(2))
+    assert abs(paired_t_power(5.0, 1.0, 2) - float((np.abs(t) > t_quantile(0.975, 1)).mean())) < 0.003
 
 
 def test_min_detectable_effect_and_seeds_needed():
@@ -68,3 +80,7 @@ def test_min_detectable_effect_and_seeds_needed():
     assert seeds_needed(0.018, 0.05) == seeds_needed(-0.018, 0.05)
     with pytest.raises(ValueError, match="zero effect"):
         seeds_needed(0.0, 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        seeds_needed(0.018, float("nan"))
+    assert seeds_needed(1.0, 1.0, max_n=8) == 9  # more than max_n: max_n + 1, never beyond
+    assert seeds_needed(1.0, 1.0) == 10

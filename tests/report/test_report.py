@@ -80,12 +80,17 @@ def test_every_paired_comparison_states_its_power():
     from opd_lab.core.stats import min_detectable_effect, seeds_needed
 
     rows = []
-    values = {"none": [0.50, 0.40, 0.60, 0.45], "block": [0.55, 0.50, 0.62, 0.44]}
+    values = {"none": [0.50, 0.40, 0.60, 0.45], "block": [0.55, 0.50, 0.62, 0.44],
+              "shift": [0.53, 0.43, 0.63, 0.48]}  # every difference +0.03 (up to float noise): no spread measured
     for gate, vals in values.items():
         for seed, v in enumerate(vals):
             rows.append({"variant": f"g={gate}", "seed": seed, "status": "completed", "final/pass@1": v / 2,
                          "final/pass@8": v, **setting_of(_cfg(gate, seed=seed), False)})
     pairs = paired(pd.DataFrame(rows)).set_index("variant")
+    assert pairs.loc["g=shift", "delta_pass@8_std"] == 0.0
+    shift = [line for line in paired_markdown(pairs.reset_index()).splitlines() if line.startswith("| g=shift")]
+    assert shift[-1] == "| g=shift | g=none | 4 | – (no spread: s = 0) | – (no spread: s = 0) | – |"
+    pairs = pairs.drop(index="g=shift")
     d = [0.05, 0.10, 0.02, -0.01]
     sd = math.sqrt(sum((x - sum(d) / 4) ** 2 for x in d) / 3)
     assert pairs.loc["g=block", "delta_pass@8_std"] == pytest.approx(sd)
@@ -97,6 +102,9 @@ def test_every_paired_comparison_states_its_power():
                if line.startswith("| g=block"))
     assert row == (f"| g=block | g=none | 4 | {min_detectable_effect(sd / 2, 4):.3f} | "
                    f"{min_detectable_effect(sd, 4):.3f} | {seeds_needed(0.018, sd)} |")
+    # against a named baseline variant (routing comparisons): MDEs, but no gating gain to set them beside
+    md = paired_markdown(paired(pd.DataFrame(rows), baseline="g=none").reset_index(), "g=none")
+    assert "### Power of the paired comparisons" in md and "seeds to detect" not in md
 
 
 def test_per_tag_counts_are_the_runs_that_have_the_values():
