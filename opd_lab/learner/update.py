@@ -184,11 +184,14 @@ def optimizer_update(cfg: Config, policy, optimizer, scored: ScoredBatch, idx: t
 
 def by_position(by_pos: dict[str, torch.Tensor], gated: bool, dist: Dist = SINGLE) -> dict[str, float]:
     """``drift/by_block/<b>`` (mean |δ_t|) and, for a gate, ``gate/by_block/<b>`` (mean normalised gate) over the
-    update's valid tokens at response positions [64b, 64(b+1)) of all ranks; blocks with no token are absent."""
+    update's valid tokens at response positions [64b, 64(b+1)) of all ranks, and ``tokens/by_block/<b>``, the share
+    of the update's valid tokens there (how much a block's mean weighs: a late block holds only the long responses);
+    blocks with no token are absent."""
     n = len(by_pos["n"])
     flat = dist.sum(*torch.cat([by_pos["drift"], by_pos["gate"], by_pos["n"]]).tolist())
     drift, gate, count = flat[:n], flat[n : 2 * n], flat[2 * n :]
     out = {f"drift/by_block/{b}": drift[b] / count[b] for b in range(n) if count[b] > 0}
+    out |= {f"tokens/by_block/{b}": count[b] / sum(count) for b in range(n) if count[b] > 0}
     if gated:
         out |= {f"gate/by_block/{b}": gate[b] / count[b] for b in range(n) if count[b] > 0}
     return out

@@ -187,7 +187,8 @@ def baselines_by_tag(runs: pd.DataFrame) -> pd.DataFrame:
 def by_position_markdown(runs: pd.DataFrame, block: int = 64) -> str:
     """Drift and the gate by response position: per variant and block of ``block`` tokens, the mean over seeds
     (± 95% t half-width) of each run's step-mean |δ| at the last update of a step and, for a gate, the gate there
-    (``drift/last_update/by_block/<b>``, ``gate/last_update/by_block/<b>``). Empty when no run logged them."""
+    (``drift/last_update/by_block/<b>``, ``gate/last_update/by_block/<b>``), and the share of the update's valid
+    tokens in the block (``tokens/…``: runs from 2026-12-07 on). Empty when no run logged them."""
     from opd_lab.report.sources import by_position_of
 
     per: dict[str, list[dict]] = {}
@@ -204,7 +205,8 @@ def by_position_markdown(runs: pd.DataFrame, block: int = 64) -> str:
              "Per run the mean over its steps at the last update of each step; mean ± 95% t half-width over seeds.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for variant, runs_ in per.items():
-        for what, label in (("drift/last_update", "mean abs δ"), ("gate/last_update", "gate")):
+        for what, label in (("drift/last_update", "mean abs δ"), ("gate/last_update", "gate"),
+                            ("tokens/last_update", "token share")):
             if not any(what in r for r in runs_):
                 continue
             cells = []

@@ -352,6 +352,7 @@ def check_plot_data(out: Path, summary: pd.DataFrame) -> None:
     table = md.split("## Drift and gate by response position (tokens 0–63, blocks of 64)")[1]
     assert "| lsm_block64 | mean abs δ | 2 | " in table and "| lsm_block64 | gate | 2 | " in table
     assert "| sampled_token | gate |" not in table  # no gate, no gate row
+    assert "| sampled_token | token share | 2 | 1 ± 0 |" in table  # one block: it holds every token
     steps = pd.read_csv(out / "plot_data" / "pass_at_k_over_steps.csv")
     assert sorted(steps.loc[steps["series"] == "lsm_block64", "x"].dropna().unique()) == [1, 2]
 

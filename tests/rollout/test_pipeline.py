@@ -58,6 +58,11 @@ def test_staleness_drifts_from_the_first_update_and_pi_old_is_the_sampler(cache,
             else:  # stale: the first update already sees the drift of the updates made since
                 assert r["drift/first_update_mean_abs_delta"] > 1e-4 and min(first) > 0
             assert min(last) > 0  # after an update every block has drifted
+            for when in ("first_update", "last_update"):  # token shares: the blocks' means recombine to the update's
+                share = {key.split("/")[-1]: v for key, v in r.items() if key.startswith(f"tokens/{when}/by_block/")}
+                assert sum(share.values()) == pytest.approx(1.0)
+                whole = sum(v * r[f"drift/{when}/by_block/{b}"] for b, v in share.items())
+                assert whole == pytest.approx(r[f"drift/{when}_mean_abs_delta"], rel=1e-4, abs=1e-9)
             # π_old is the policy that sampled the batch (its snapshot), not the current one: at top-p 1 the
             # sampler's log-probs equal π_old's up to float rounding
             assert r["mismatch/sampler_old_abs"] < 1e-4
