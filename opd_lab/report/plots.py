@@ -342,7 +342,9 @@ def plot_drift_by_position(runs: pd.DataFrame, path: Path, title: str, block: in
             rows += [{"panel": label, "series": variant, "x": b, "y": mean[b], "lo": lo[b], "hi": hi[b]}
                      for b in mean.index]
         ticks = sorted({b for blocks in per[w].values() for r in blocks for b in r})
-        ax.set_xticks(ticks, [f"{b * block}–{(b + 1) * block - 1}" for b in ticks], fontsize=7)
+        slanted = len(ticks) > 6  # long responses: 14 blocks of 64 tokens at 896 tokens would overlap flat
+        ax.set_xticks(ticks, [f"{b * block}–{(b + 1) * block - 1}" for b in ticks], fontsize=7,
+                      rotation=45 if slanted else 0, ha="right" if slanted else "center")
         if w.startswith("drift/"):  # |δ| spans decades between a healthy and a collapsed run
             ax.set_yscale("log", nonpositive="mask")
         ax.set_title(label + (" (log scale)" if w.startswith("drift/") else ""), fontsize=9)
