@@ -191,7 +191,8 @@ def by_position(by_pos: dict[str, torch.Tensor], gated: bool, dist: Dist = SINGL
     flat = dist.sum(*torch.cat([by_pos["drift"], by_pos["gate"], by_pos["n"]]).tolist())
     drift, gate, count = flat[:n], flat[n : 2 * n], flat[2 * n :]
     out = {f"drift/by_block/{b}": drift[b] / count[b] for b in range(n) if count[b] > 0}
-    out |= {f"tokens/by_block/{b}": count[b] / sum(count) for b in range(n) if count[b] > 0}
+    total = sum(count)
+    out |= {f"tokens/by_block/{b}": count[b] / total for b in range(n) if count[b] > 0}
     if gated:
         out |= {f"gate/by_block/{b}": gate[b] / count[b] for b in range(n) if count[b] > 0}
     return out

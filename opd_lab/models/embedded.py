@@ -173,9 +173,9 @@ def build_role(pcfg: PrepareConfig, task_cfg: ArithTaskConfig, role: str, out_di
         init = init_folder(pcfg, role)
         if init is not None:
             start = Qwen3ForCausalLM.from_pretrained(init, torch_dtype=torch.float32)
-            mismatch = {k: (v, getattr(start.config, k)) for k, v in asdict(getattr(pcfg, role)).items()
-                        if getattr(start.config, k) != v}
-            if mismatch or start.config.vocab_size != model.config.vocab_size:
+            wanted = asdict(getattr(pcfg, role)) | {"vocab_size": model.config.vocab_size}
+            mismatch = {k: (v, getattr(start.config, k)) for k, v in wanted.items() if getattr(start.config, k) != v}
+            if mismatch:
                 raise ConfigError(f"model.prepare.{role}_init={getattr(pcfg, f'{role}_init')!r}: its shape differs "
                                   f"from model.prepare.{role} (field: (size wanted, size there)): {mismatch}")
             model.load_state_dict(start.state_dict())
