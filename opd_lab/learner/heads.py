@@ -29,21 +29,41 @@ from opd_lab.core.losses import at_least_f32
 from opd_lab.rollout.base import RolloutBatch
 
 
-def _causal_inputs(model: torch.nn.Module, batch: RolloutBatch) -> tuple[dict[str, torch.Tensor], int]:
-    """Model inputs for prompt + response minus the last token, and T: the last T positions (P−1 .. L−2)
-    predict response tokens 0 .. T−1. Positions count from each row's first real token (left padding)."""
+def _causal_inputs(model: torch.nn.Module, batch: RolloutBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Model inputs for prompt + response minus the last token, packed to the left, and ``at_B_T``: the input
+    positions whose outputs predict response tokens 0 .. T−1.
+
+    A batch stores rows as [left padding, prompt, response, right padding] (:func:`~opd_lab.rollout.base.pad_prompts`).
+    Here each row is shifted left by its padding, so its p_b real prompt tokens sit at positions 0 .. p_b − 1 and
+    response token t at p_b + t, and everything that follows a row's real tokens is at its end. A causal model's
+    output at a position depends only on the positions before it, so no attention mask is needed: the attention
+    runs as plain causal attention (which skips the masked half of every score matrix) instead of with a
+    ``[B, L, L]`` padding mask. Position ids count from each row's first real token, as with the mask; the outputs at
+    real positions are the same function of the same tokens (only the kernel's summation order differs:
+    tests/learner/test_heads.py bounds it)."""
     device = next(model.parameters()).device
     ids = batch.input_ids_B_L.to(device)
-    att = batch.attention_mask_B_L.to(device)
-    pos = (att.cumsum(-1) - 1).clamp(min=0)
-    inputs = {"input_ids": ids[:, :-1], "attention_mask": att[:, :-1], "position_ids": pos[:, :-1]}
-    return inputs, ids.shape[1] - batch.prompt_len
+    P, L = batch.prompt_len, ids.shape[1]
+    T = L - P
+    p_B = batch.attention_mask_B_L[:, :P].sum(-1).to(device)  # real prompt tokens per row (left padding)
+    n = int(p_B.max()) + T - 1  # packed input length: the longest prompt + response, minus the last token
+    col_B_N = (P - p_B)[:, None] + torch.arange(n, device=device)
+    packed = ids.gather(1, col_B_N.clamp(max=L - 1))  # past a row's end: tokens no real position attends to
+    pos = torch.arange(n, device=device).expand(ids.shape[0], n)
+    at_B_T = (p_B - 1)[:, None] + torch.arange(T, device=device)
+    return {"input_ids": packed, "position_ids": pos}, at_B_T
+
+
+def _at(x_B_N_D: torch.Tensor, at_B_T: torch.Tensor) -> torch.Tensor:
+    """``x[b, at[b, t]]`` → ``[B, T, D]``."""
+    return x_B_N_D.gather(1, at_B_T[..., None].expand(-1, -1, x_B_N_D.shape[-1]))
 
 
 def response_logits(model: torch.nn.Module, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
     """Logits ``[B, T, V]`` (model dtype) predicting each response token, divided by ``temperature``."""
-    inputs, T = _causal_inputs(model, batch)
-    logits = model(**inputs, logits_to_keep=T).logits
+    inputs, at_B_T = _causal_inputs(model, batch)
+    first = int(at_B_T[:, 0].min())  # the model's head runs only from the earliest response-predicting position
+    logits = _at(model(**inputs, logits_to_keep=inputs["input_ids"].shape[1] - first).logits, at_B_T - first)
     if temperature != 1.0:
         logits = logits / temperature
     return logits
@@ -51,8 +71,8 @@ def response_logits(model: torch.nn.Module, batch: RolloutBatch, temperature: fl
 
 def response_hidden(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
     """Final hidden states ``[B, T, H]`` at the positions that predict each response token."""
-    inputs, T = _causal_inputs(model, batch)
-    return model.base_model(**inputs).last_hidden_state[:, -T:]
+    inputs, at_B_T = _causal_inputs(model, batch)
+    return _at(model.base_model(**inputs).last_hidden_state, at_B_T)
 
 
 def head_logits(h_B_C_H: torch.Tensor, w_V_H: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -87,17 +107,25 @@ def softmax_from_lse(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return y.exp_()
 
 
+# The sparse backward gathers [B, C, K, H] rows of W and index-adds [B·C·K, H] rows (memory-bound, ~47 ms per
+# 16 × 256 positions at K = 33, H = 128 on this project's 2-core CPU, whatever V); the dense one scatters into
+# [B, C, V] and runs two matmuls (1.2 ms at V = 101, 12 ms at 1,000, 60 ms at 4,000). Crossover near V ≈ 100 K.
+SPARSE_MIN_VOCAB_PER_ID = 64
+
+
 class _ChunkedHead(torch.autograd.Function):
     """(lse, z) = (log Σ_V exp(h W^T / T_s), (h W^T / T_s)[ids]) over position chunks, with a fused backward.
 
     Forward keeps only h, W, ids and lse. Backward recomputes each chunk's logits: when lse receives a
     gradient the chunk's dense logit gradient softmax·g_lse + scatter(g_z) goes through the two head matmuls;
     when it does not (renormalised LSM: the loss sees only the K support logits) the backward is sparse,
-    O(B·T·K·H) instead of O(B·T·V·H): ∂h = Σ_k g_z,k W[id_k] / T_s and ∂W[id_k] += g_z,k h / T_s.
+    O(B·T·K·H) instead of O(B·T·V·H): ∂h = Σ_k g_z,k W[id_k] / T_s and ∂W[id_k] += g_z,k h / T_s, for a vocabulary
+    larger than :data:`SPARSE_MIN_VOCAB_PER_ID` × K; below that the dense scatter and two matmuls are faster (the
+    same gradient, summed in another order).
     """
 
     @staticmethod
-    def forward(ctx, h_B_T_H, w_V_H, ids_B_T_K, temperature, chunk_size):
+    def forward(ctx, h_B_T_H, w_V_H, ids_B_T_K, temperature, chunk_size, sparse_min=SPARSE_MIN_VOCAB_PER_ID):
         ctx.set_materialize_grads(False)
         device_type = h_B_T_H.device.type  # the backward recomputes the logits under the forward's autocast
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
@@ -109,7 +137,7 @@ class _ChunkedHead(torch.autograd.Function):
                 lse.append(logsumexp_last(at_least_f32(logits), inplace=True))
         lse_B_T, z_B_T_K = torch.cat(lse, 1), torch.cat(z, 1)
         ctx.save_for_backward(h_B_T_H, w_V_H, ids_B_T_K, lse_B_T)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.temperature, ctx.chunk_size, ctx.sparse_min = temperature, chunk_size, sparse_min
         return lse_B_T, z_B_T_K
 
     @staticmethod
@@ -127,24 +155,28 @@ class _ChunkedHead(torch.autograd.Function):
         grad_w = torch.zeros_like(w) if need_w else None
         if g_z_B_T_K is None:
             g_z_B_T_K = torch.zeros(ids.shape, dtype=lse.dtype, device=h.device)
+        sparse = g_lse_B_T is None and w.shape[0] > ctx.sparse_min * ids.shape[-1]
         for s in range(0, h.shape[1], C):
             h_c, ids_c, g_z = h[:, s : s + C], ids[:, s : s + C], at_least_f32(g_z_B_T_K[:, s : s + C]) / T_s
-            if g_lse_B_T is None:  # sparse: only the K chosen columns carry gradient
+            if sparse:  # only the K chosen columns carry gradient
                 if need_h:
                     grad_h[:, s : s + C] = torch.einsum("bck,bckh->bch", g_z, at_least_f32(w[ids_c])).to(h.dtype)
                 if need_w:
                     rows = (g_z.unsqueeze(-1) * at_least_f32(h_c).unsqueeze(-2)).reshape(-1, h.shape[-1])
                     grad_w.index_add_(0, ids_c.reshape(-1), rows.to(w.dtype))
                 continue
-            logits = at_least_f32(head_logits(h_c, w, T_s))
-            g = softmax_from_lse(logits, lse[:, s : s + C]) * (at_least_f32(g_lse_B_T[:, s : s + C, None]) / T_s)
+            if g_lse_B_T is None:  # the K chosen columns only, as a dense [B, C, V] gradient
+                g = torch.zeros((*ids_c.shape[:2], w.shape[0]), dtype=g_z.dtype, device=h.device)
+            else:
+                logits = at_least_f32(head_logits(h_c, w, T_s))
+                g = softmax_from_lse(logits, lse[:, s : s + C]) * (at_least_f32(g_lse_B_T[:, s : s + C, None]) / T_s)
             g.scatter_add_(-1, ids_c, g_z)
             g = g.to(h.dtype)
             if need_h:
                 grad_h[:, s : s + C] = g @ w
             if need_w:
                 grad_w += g.reshape(-1, g.shape[-1]).t() @ h_c.reshape(-1, h.shape[-1])
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def head_stats_chunked(
@@ -153,13 +185,15 @@ def head_stats_chunked(
     ids_B_T_K: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int = 256,
+    sparse_min: float = SPARSE_MIN_VOCAB_PER_ID,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lse_B_T, z_B_T_K)`` in float32 from hidden states, ``chunk_size`` positions of logits at a time.
 
     At most one chunk of ``[B, chunk, V]`` logits (and its float32 copy) exists, in the forward pass and in the
-    fused backward (:class:`_ChunkedHead`), which recomputes them.
+    fused backward (:class:`_ChunkedHead`), which recomputes them. ``sparse_min``: the backward without a
+    log-sum-exp gradient takes the sparse path when V > ``sparse_min`` · K (0: always; ``inf``: never).
     """
-    return _ChunkedHead.apply(hidden_B_T_H, head_weight_V_H, ids_B_T_K, temperature, chunk_size)
+    return _ChunkedHead.apply(hidden_B_T_H, head_weight_V_H, ids_B_T_K, temperature, chunk_size, sparse_min)
 
 
 class _PlainHead(torch.autograd.Function):

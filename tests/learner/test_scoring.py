@@ -1,9 +1,10 @@
+import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from opd_lab.learner.heads import logsumexp_chunked, response_logits
+from opd_lab.learner.heads import logsumexp_chunked, response_hidden, response_logits
 from opd_lab.learner.scoring import dedup_mask, routing_by_tag, score_teacher
 from opd_lab.rollout.base import assemble_batch
 from tests.conftest import tiny_model
@@ -70,12 +71,13 @@ def test_fused_heads_match_autograd_reference():
     h, w, ids = _head_case()
     g = torch.Generator().manual_seed(9)
     a, b = torch.randn(2, 5, generator=g, dtype=torch.float64), torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
-    for use_lse in (True, False):  # dense and sparse backward
+    # dense backward; without an lse gradient the sparse one (sparse_min 0) and the dense scatter (inf)
+    for use_lse, sparse_min in ((True, 64), (False, 0), (False, math.inf)):
         def objective(lse, z, use_lse=use_lse):
             return ((lse * a).sum() if use_lse else 0) + (z * b).sum()
 
         ref = torch.autograd.grad(objective(*_reference(h, w, ids, 0.7)), (h, w))
-        got = torch.autograd.grad(objective(*head_stats_chunked(h, w, ids, 0.7, chunk_size=2)), (h, w))
+        got = torch.autograd.grad(objective(*head_stats_chunked(h, w, ids, 0.7, 2, sparse_min)), (h, w))
         for x, y in zip(got, ref, strict=True):
             assert torch.allclose(x, y, atol=1e-10)
         logits = (h @ w.t() / 0.7).detach().requires_grad_(True)
@@ -89,7 +91,23 @@ def test_fused_heads_gradcheck():
 
     h, w, ids = _head_case(seed=1, T=4)
     assert torch.autograd.gradcheck(lambda x, y: head_stats_chunked(x, y, ids, 1.3, 3), (h, w))
-    assert torch.autograd.gradcheck(lambda x, y: head_stats_chunked(x, y, ids, 1.0, 3)[1], (h, w))  # sparse
+    for sparse_min in (0, math.inf):  # z only: the sparse backward, and the dense scatter
+        assert torch.autograd.gradcheck(lambda x, y, s=sparse_min: head_stats_chunked(x, y, ids, 1.0, 3, s)[1], (h, w))
+
+
+def test_sparse_backward_only_where_the_vocabulary_is_large_against_the_support(monkeypatch):
+    """The z-only backward scatters densely into [B, C, V] when V ≤ SPARSE_MIN_VOCAB_PER_ID · K (a small
+    vocabulary, as the embedded models' 101), and index-adds rows of W only above it (a real model's)."""
+    from opd_lab.learner import heads
+
+    calls = []
+    index_add = torch.Tensor.index_add_
+    monkeypatch.setattr(torch.Tensor, "index_add_", lambda self, *a: calls.append(1) or index_add(self, *a))
+    for V, sparse in ((heads.SPARSE_MIN_VOCAB_PER_ID * 3, False), (heads.SPARSE_MIN_VOCAB_PER_ID * 3 + 1, True)):
+        h, w, ids = _head_case(V=V, K=3)
+        calls.clear()
+        heads.head_stats_chunked(h, w, ids, 1.0, 2)[1].sum().backward()
+        assert bool(calls) == sparse, V
 
 
 def test_float64_teacher_keeps_float64_topk(tokenizer):
@@ -166,3 +184,33 @@ def test_teacher_bf16_autocast_stays_close_to_float32():
     d = (full.logp_B_T - half.logp_B_T)[m].abs()
     assert half.logp_B_T.dtype == torch.float32 and half.topk_logp_B_T_K.dtype == torch.float32
     assert 0 < d.max() and d.mean() < 5e-3 and torch.quantile(d, 0.99) < 1e-2
+
+
+def test_response_forward_is_unmasked_causal_attention_and_ignores_padding_content(tokenizer, monkeypatch):
+    """Rows are packed to the left, so the model runs plain causal attention (no [B, L, L] mask); what the padding
+    cells hold changes nothing at real positions, and the hidden states match each row's own unpadded forward."""
+    model = tiny_model(tokenizer, 32, 2, seed=6)
+    prompts = [[1, 10, 11, 12, 13, 14, 15], [1, 20], [1, 21, 22, 23]]
+    responses = [[30, 31], [40, 41, 42, 43, 44, 2], [50, 51, 52, 2]]
+    batch = assemble_batch(prompts, responses, [[0.0] * len(r) for r in responses], [True, False, False], 1, 0,
+                           [""] * 3)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        h = response_hidden(model, batch)
+        assert calls and all(mask is None and causal for mask, causal in calls)
+        noisy = batch.select(torch.arange(3))
+        pad = torch.cat([1 - noisy.attention_mask_B_L[:, : noisy.prompt_len], 1 - noisy.response_mask_B_T], 1).bool()
+        noisy.input_ids_B_L = torch.where(pad, torch.randint(3, 60, pad.shape), noisy.input_ids_B_L)
+        h_noisy = response_hidden(model, noisy)
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            alone = model.base_model(input_ids=torch.tensor([p + r])).last_hidden_state[0]
+            ref = alone[len(p) - 1 : len(p) + len(r) - 1]
+            assert torch.allclose(h[i, : len(r)], ref, atol=1e-5)
+            assert torch.equal(h[i, : len(r)], h_noisy[i, : len(r)])
