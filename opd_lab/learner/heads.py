@@ -29,6 +29,15 @@ from opd_lab.core.losses import at_least_f32
 from opd_lab.rollout.base import RolloutBatch
 
 
+def _prompt_lengths(batch: RolloutBatch) -> torch.Tensor:
+    """p_b, the real (left-padded) prompt tokens of each row, on the CPU; every row needs one."""
+    p_B = batch.attention_mask_B_L[:, : batch.prompt_len].sum(-1).cpu()
+    if p_B.numel() and int(p_B.min()) < 1:
+        raise ValueError("every row of a rollout batch needs at least one prompt token (the first response token "
+                         "is predicted from the last prompt position)")
+    return p_B
+
+
 def _causal_inputs(model: torch.nn.Module, batch: RolloutBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Model inputs for prompt + response minus the last token, packed to the left, and ``at_B_T``: the input
     positions whose outputs predict response tokens 0 .. T−1.
@@ -40,17 +49,17 @@ def _causal_inputs(model: torch.nn.Module, batch: RolloutBatch) -> tuple[dict[st
     runs as plain causal attention (which skips the masked half of every score matrix) instead of with a
     ``[B, L, L]`` padding mask. Position ids count from each row's first real token, as with the mask; the outputs at
     real positions are the same function of the same tokens (only the kernel's summation order differs:
-    tests/learner/test_heads.py bounds it)."""
+    tests/learner/test_scoring.py bounds it)."""
     device = next(model.parameters()).device
-    ids = batch.input_ids_B_L.to(device)
-    P, L = batch.prompt_len, ids.shape[1]
+    P, L = batch.prompt_len, batch.input_ids_B_L.shape[1]
     T = L - P
-    p_B = batch.attention_mask_B_L[:, :P].sum(-1).to(device)  # real prompt tokens per row (left padding)
+    p_B = _prompt_lengths(batch)
     n = int(p_B.max()) + T - 1  # packed input length: the longest prompt + response, minus the last token
-    col_B_N = (P - p_B)[:, None] + torch.arange(n, device=device)
-    packed = ids.gather(1, col_B_N.clamp(max=L - 1))  # past a row's end: tokens no real position attends to
-    pos = torch.arange(n, device=device).expand(ids.shape[0], n)
-    at_B_T = (p_B - 1)[:, None] + torch.arange(T, device=device)
+    col_B_N = ((P - p_B)[:, None] + torch.arange(n)).clamp_(max=L - 1)  # past a row's end: no real position reads it
+    ids = batch.input_ids_B_L
+    packed = ids.gather(1, col_B_N.to(ids.device)).to(device)
+    pos = torch.arange(n, device=device).expand(packed.shape[0], n)
+    at_B_T = ((p_B - 1)[:, None] + torch.arange(T)).to(device)
     return {"input_ids": packed, "position_ids": pos}, at_B_T
 
 
@@ -60,9 +69,12 @@ def _at(x_B_N_D: torch.Tensor, at_B_T: torch.Tensor) -> torch.Tensor:
 
 
 def response_logits(model: torch.nn.Module, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
-    """Logits ``[B, T, V]`` (model dtype) predicting each response token, divided by ``temperature``."""
+    """Logits ``[B, T, V]`` (model dtype) predicting each response token, divided by ``temperature``.
+
+    The model's own head (whatever it does to the logits) runs from the earliest response-predicting position of
+    the batch: T + max p_b − min p_b positions per row, the spread of prompt lengths more than T."""
     inputs, at_B_T = _causal_inputs(model, batch)
-    first = int(at_B_T[:, 0].min())  # the model's head runs only from the earliest response-predicting position
+    first = int(_prompt_lengths(batch).min()) - 1
     logits = _at(model(**inputs, logits_to_keep=inputs["input_ids"].shape[1] - first).logits, at_B_T - first)
     if temperature != 1.0:
         logits = logits / temperature
@@ -109,7 +121,7 @@ def softmax_from_lse(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 
 # The sparse backward gathers [B, C, K, H] rows of W and index-adds [B·C·K, H] rows (memory-bound, ~47 ms per
 # 16 × 256 positions at K = 33, H = 128 on this project's 2-core CPU, whatever V); the dense one scatters into
-# [B, C, V] and runs two matmuls (1.2 ms at V = 101, 12 ms at 1,000, 60 ms at 4,000). Crossover near V ≈ 100 K.
+# [B, C, V] and runs two matmuls (1.2 ms at V = 101, 12 ms at 1,000, 60 ms at 4,000): crossover near V ≈ 100·K.
 SPARSE_MIN_VOCAB_PER_ID = 64
 
 
@@ -120,8 +132,8 @@ class _ChunkedHead(torch.autograd.Function):
     gradient the chunk's dense logit gradient softmax·g_lse + scatter(g_z) goes through the two head matmuls;
     when it does not (renormalised LSM: the loss sees only the K support logits) the backward is sparse,
     O(B·T·K·H) instead of O(B·T·V·H): ∂h = Σ_k g_z,k W[id_k] / T_s and ∂W[id_k] += g_z,k h / T_s, for a vocabulary
-    larger than :data:`SPARSE_MIN_VOCAB_PER_ID` × K; below that the dense scatter and two matmuls are faster (the
-    same gradient, summed in another order).
+    larger than :data:`SPARSE_MIN_VOCAB_PER_ID` × K; up to that a dense float32 scatter and two float32 matmuls
+    are faster (the same gradient, summed in another order, at the sparse path's precision under autocast too).
     """
 
     @staticmethod
@@ -165,11 +177,18 @@ class _ChunkedHead(torch.autograd.Function):
                     rows = (g_z.unsqueeze(-1) * at_least_f32(h_c).unsqueeze(-2)).reshape(-1, h.shape[-1])
                     grad_w.index_add_(0, ids_c.reshape(-1), rows.to(w.dtype))
                 continue
-            if g_lse_B_T is None:  # the K chosen columns only, as a dense [B, C, V] gradient
+            if g_lse_B_T is None:  # the K chosen columns as a dense [B, C, V] gradient, in float32 like the sparse path
                 g = torch.zeros((*ids_c.shape[:2], w.shape[0]), dtype=g_z.dtype, device=h.device)
-            else:
-                logits = at_least_f32(head_logits(h_c, w, T_s))
-                g = softmax_from_lse(logits, lse[:, s : s + C]) * (at_least_f32(g_lse_B_T[:, s : s + C, None]) / T_s)
+                g.scatter_add_(-1, ids_c, g_z)
+                with torch.autocast(h.device.type, enabled=False):
+                    if need_h:
+                        grad_h[:, s : s + C] = (g @ at_least_f32(w)).to(h.dtype)
+                    if need_w:
+                        grad_w += (g.reshape(-1, g.shape[-1]).t() @ at_least_f32(h_c).reshape(-1, h.shape[-1])).to(
+                            w.dtype)
+                continue
+            logits = at_least_f32(head_logits(h_c, w, T_s))
+            g = softmax_from_lse(logits, lse[:, s : s + C]) * (at_least_f32(g_lse_B_T[:, s : s + C, None]) / T_s)
             g.scatter_add_(-1, ids_c, g_z)
             g = g.to(h.dtype)
             if need_h:

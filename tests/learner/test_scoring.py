@@ -214,3 +214,30 @@ def test_response_forward_is_unmasked_causal_attention_and_ignores_padding_conte
             ref = alone[len(p) - 1 : len(p) + len(r) - 1]
             assert torch.allclose(h[i, : len(r)], ref, atol=1e-5)
             assert torch.equal(h[i, : len(r)], h_noisy[i, : len(r)])
+
+
+def test_dense_support_backward_keeps_float32_precision_under_bf16_autocast():
+    """Under bf16 autocast the z-only backward's dense path (small V) gives the sparse path's float32 gradients."""
+    from opd_lab.learner.heads import head_stats_chunked
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 6, 16, generator=g).bfloat16().requires_grad_(True)
+    w = torch.randn(40, 16, generator=g, requires_grad=True)
+    ids, b = torch.randint(0, 40, (2, 6, 5), generator=g), torch.randn(2, 6, 5, generator=g)
+    grads = []
+    for sparse_min in (0, math.inf):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = head_stats_chunked(h, w, ids, 0.9, 4, sparse_min)[1]
+        grads.append(torch.autograd.grad((z * b).sum(), (h, w)))
+    (gh_sparse, gw_sparse), (gh_dense, gw_dense) = grads
+    assert gw_dense.dtype == gw_sparse.dtype == torch.float32
+    assert torch.allclose(gw_dense, gw_sparse, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(gh_dense.float(), gh_sparse.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_row_without_prompt_tokens_is_refused(tokenizer):
+    model = tiny_model(tokenizer, 32, 1, seed=7)
+    batch = assemble_batch([[1, 5], [1]], [[8, 9], [10]], [[0.0] * 2, [0.0]], [False, False], 1, 0, ["", ""])
+    batch.attention_mask_B_L[1, :2] = 0
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        response_hidden(model, batch)
