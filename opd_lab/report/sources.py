@@ -104,18 +104,43 @@ def read_run(run_dir: Path) -> dict:
     return row
 
 
+def final_per_problem(run_dir: Path) -> pd.DataFrame | None:
+    """The trained student's final evaluation, one row per problem: the last step's ``student`` rows of
+    ``eval_per_problem.csv`` (which ``--keep-runs`` keeps), else the last ``evals/student_step_*.csv``; ``None``
+    when the run has neither (an evaluation-only run)."""
+    dtype = {"question": str, "answer": str, "tag": str}
+    path = run_dir / "eval_per_problem.csv"
+    if path.exists():
+        df = pd.read_csv(path, dtype=dtype)
+        if {"model", "step"} <= set(df.columns):
+            df = df[df["model"] == "student"]
+            if len(df):
+                return df[df["step"] == df["step"].max()]
+    files = sorted((run_dir / "evals").glob("student_step_*.csv"))
+    return pd.read_csv(files[-1], dtype=dtype) if files else None
+
+
 def final_by_tag(run_dir: Path) -> dict[str, float]:
     """``final/<tag>/pass@k``: the final evaluation's pass@k over the problems of each tag (``Problem.tag``: the
-    embedded task's operand count ``ops<n>``, a math benchmark's ``tag_field``), from the last
-    ``evals/student_step_*.csv``; empty when the problems have fewer than two tags."""
-    files = sorted((run_dir / "evals").glob("student_step_*.csv"))
-    if not files:
-        return {}
-    df = pd.read_csv(files[-1], dtype={"question": str, "answer": str, "tag": str})
-    if "tag" not in df or df["tag"].nunique() < 2:
+    embedded task's operand count ``ops<n>``, a math benchmark's ``tag_field``), from :func:`final_per_problem`;
+    empty when the problems have fewer than two tags."""
+    df = final_per_problem(run_dir)
+    if df is None or "tag" not in df or df["tag"].nunique() < 2:
         return {}
     ks = [c for c in df.columns if c.startswith("pass@")]
     return {f"final/{tag}/{k}": float(g[k].mean()) for tag, g in df.groupby("tag", sort=True) for k in ks}
+
+
+def paired_eval_se(run_dir: Path, ref_dir: Path, ks: list[str]) -> dict[str, float]:
+    """The evaluation's own standard error of one pair's Δpass@k: both runs evaluate the same problems, so it is
+    the std over problems of the per-problem difference of pass@k divided by √P (a paired standard error over
+    questions; nan where a run has no per-problem evaluation)."""
+    a, b = final_per_problem(Path(run_dir)), final_per_problem(Path(ref_dir))
+    if a is None or b is None:
+        return dict.fromkeys(ks, math.nan)
+    both = a.merge(b, on=["benchmark", "question", "answer"], suffixes=("", "_ref"))
+    return {k: float((both[k] - both[f"{k}_ref"]).std(ddof=1) / math.sqrt(len(both)))
+            if k in a and k in b and len(both) >= 2 else math.nan for k in ks}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -5,12 +5,14 @@ untrained models' baselines, and the paired differences of every gated variant t
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from opd_lab.core.stats import mean_ci95, min_detectable_effect, seeds_needed
+from opd_lab.report.sources import paired_eval_se
 
 # the published gain of blockwise gating (arXiv 2606.24084: sampled-token OPD, mean pass@8 0.4978 → 0.5160), which
 # every paired comparison's power is set beside
@@ -43,7 +45,10 @@ def paired(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
     noise shared by both runs cancels). With ``baseline`` (a variant name): every other trained variant against
     that variant's run with the same seed instead, whatever else differs (the multi-teacher sweep: each routing
     against the generalist). ``delta_<k>_mde80``: the smallest true mean difference a two-sided 5% paired t test
-    of those pairs detects with 80% power, at the measured std of the differences (core.stats)."""
+    of those pairs detects with 80% power, at the measured std of the differences (core.stats).
+    ``delta_<k>_eval_se`` (overall pass@k, runs with a directory): the root mean square over the pairs of each pair's
+    evaluation standard error (:func:`~opd_lab.report.sources.paired_eval_se`), the part of a pair's Δ that a
+    finite evaluation adds, to set beside the seed-to-seed std of the differences."""
     done = runs[(runs["status"] == "completed") & runs["_pair_key"].notna()]
     done = done.assign(_pair_key=common_pair_keys(done["_pair_key"]))
     metrics = [c for c in done.columns if c.startswith("final/") and c.split("/")[-1].startswith("pass@")]
@@ -67,8 +72,17 @@ def paired(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
             raise ValueError(f"{variant}: more than one reference run with the same seed and setting "
                              f"({', '.join(dict.fromkeys(ref.loc[twice, 'variant']))}); pairing cannot choose")
         row = {"variant": variant, "baseline": ", ".join(dict.fromkeys(ref["variant"]))}
-        merged = g.merge(ref[[*on, *metrics, "variant"]], on=on, suffixes=("", "_base"))
+        has_dirs = "run_dir" in g and "run_dir" in ref
+        merged = g.merge(ref[[*on, *metrics, "variant", *(["run_dir"] if has_dirs else [])]], on=on,
+                         suffixes=("", "_base"))
         row["n_pairs"] = len(merged)
+        overall = [m.removeprefix("final/") for m in metrics if m.count("/") == 1]
+        if has_dirs and len(merged):
+            se = [paired_eval_se(Path(a), Path(b), overall) for a, b in zip(merged["run_dir"], merged["run_dir_base"],
+                                                                             strict=True) if a and b]
+            for k in overall:
+                vals = [x[k] for x in se if np.isfinite(x[k])]
+                row[f"delta_{k}_eval_se"] = float(np.sqrt(np.mean(np.square(vals)))) if vals else math.nan
         for m in metrics:
             mean, std, ci, n = mean_ci95((merged[m] - merged[f"{m}_base"]).dropna().tolist())
             name = m.removeprefix("final/")
@@ -106,7 +120,39 @@ def paired_markdown(pairs: pd.DataFrame, baseline: str | None = None) -> str:
         cells = [_fmt(r[f"delta_{k}_mean"], r[f"delta_{k}_ci95"], signed=True) + _n_note(r, f"delta_{k}_n",
                                                                                           r["n_pairs"]) for k in ks]
         lines.append(f"| {r['variant']} | {r['baseline']} | {r['n_pairs']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n" + power_markdown(pairs, ks, published=baseline is None)
+    return "\n".join(lines) + "\n" + power_markdown(pairs, ks, published=baseline is None) + noise_markdown(pairs)
+
+
+def noise_markdown(pairs: pd.DataFrame) -> str:
+    """Per paired comparison and overall pass@k: the seed-to-seed std s of the differences beside the evaluation's
+    own standard error of one pair's Δ (``delta_<k>_eval_se``) and their ratio; empty when no comparison has
+    per-problem evaluations."""
+    ks = [c.removeprefix("delta_").removesuffix("_eval_se") for c in pairs.columns if c.endswith("_eval_se")]
+    ks = [k for k in ks if pairs[f"delta_{k}_eval_se"].notna().any()]
+    if not ks:
+        return ""
+    lines = ["", "### Evaluation noise against seed noise", "",
+             "Per comparison: s, the std over seeds of the paired differences (what the intervals above are made "
+             "of) / eval SE, the standard error of one pair's Δ from its evaluation alone (std over the problems of "
+             "the per-problem difference / √problems, root mean square over the pairs: how far another draw of "
+             "problems and samples would move one seed's Δ), and (in brackets) eval SE / s. Well below 1: the "
+             "spread is seed-to-seed (training) noise. Near or above 1: the finite evaluation is as large a noise "
+             "source as training, and as every seed is evaluated on the same problems, their draw does not average "
+             "out over seeds: the intervals above are about these problems more than about the task.", "",
+             "| variant | vs | pairs | " + " | ".join(f"s / eval SE Δ{k}" for k in ks) + " |",
+             "|" + "---|" * (len(ks) + 3)]
+    for _, r in pairs.iterrows():
+        cells = []
+        for k in ks:
+            std, se = r[f"delta_{k}_std"], r[f"delta_{k}_eval_se"]
+            if not np.isfinite(se):
+                cells.append("–")
+            elif not np.isfinite(std):
+                cells.append(f"– / {se:.3f}")
+            else:
+                cells.append(f"{std:.3f} / {se:.3f}" + (f" ({se / std:.1f})" if std > 0 else " (s = 0)"))
+        lines.append(f"| {r['variant']} | {r['baseline']} | {r['n_pairs']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def power_markdown(pairs: pd.DataFrame, ks: list[str], published: bool = True) -> str:

@@ -567,3 +567,54 @@ def test_the_report_never_overwrites_a_folder_that_holds_files(tmp_path):
     assert main([str(sweep), "--out", str(tmp_path / "new")]) == 0 and (tmp_path / "new" / "runs.csv").exists()
     assert main([str(sweep), "--out", str(kept), "--force"]) == 0
     assert (kept / "summary.md").read_text() != "committed\n"
+
+
+def test_final_per_problem_is_read_from_the_kept_per_problem_file(tmp_path):
+    """A kept run (``--keep-runs``) has no ``evals/``: its final per-problem evaluation, and so its per-tag pass@k,
+    come from the last step's student rows of ``eval_per_problem.csv``."""
+    from opd_lab.report.sources import final_by_tag, final_per_problem
+
+    rows = [("ops3", 0.5, 1.0), ("ops4", 0.25, 0.5)]
+    _evals(tmp_path, "a.csv", rows, model="student", step=40)
+    _evals(tmp_path, "b.csv", [("ops3", 0.0, 0.0), ("ops4", 0.0, 0.0)], model="student", step=20)
+    _evals(tmp_path, "c.csv", [("ops3", 0.9, 0.9), ("ops4", 0.9, 0.9)], model="base_student", step=0)
+    pd.concat([pd.read_csv(tmp_path / f) for f in ("c.csv", "b.csv", "a.csv")]).to_csv(
+        tmp_path / "eval_per_problem.csv", index=False)
+    assert final_per_problem(tmp_path)["pass@1"].tolist() == [0.5, 0.25]
+    assert final_by_tag(tmp_path) == {"final/ops3/pass@1": 0.5, "final/ops3/pass@8": 1.0,
+                                      "final/ops4/pass@1": 0.25, "final/ops4/pass@8": 0.5}
+    assert final_per_problem(tmp_path / "nothing") is None
+
+
+def test_every_paired_comparison_sets_evaluation_noise_beside_seed_noise(tmp_path):
+    """Each pair's evaluation standard error is the std over problems of its per-problem Δpass@k / √problems; a
+    comparison reports their root mean square beside the seed-to-seed std of the differences."""
+    per_problem = {  # (gate, seed) → pass@8 on 4 problems
+        ("none", 0): [0.0, 0.5, 1.0, 0.5], ("block", 0): [0.5, 0.5, 1.0, 1.0],
+        ("none", 1): [1.0, 0.0, 0.5, 0.5], ("block", 1): [1.0, 0.0, 0.0, 0.5],
+        ("none", 2): [0.5, 0.5, 0.5, 0.5], ("block", 2): [1.0, 0.5, 0.5, 1.0]}
+    rows = []
+    for (gate, seed), p8 in per_problem.items():
+        d = tmp_path / f"{gate}{seed}"
+        _evals(d, "eval_per_problem.csv", [("ops3", v / 2, v) for v in p8], model="student", step=10)
+        rows.append({"variant": f"g={gate}", "seed": seed, "status": "completed", "run_dir": str(d),
+                     "final/pass@1": sum(p8) / 8, "final/pass@8": sum(p8) / 4, **setting_of(_cfg(gate, seed=seed),
+                                                                                             False)})
+    pairs = paired(pd.DataFrame(rows)).set_index("variant")
+    se = []
+    for seed in range(3):
+        d = [b - a for a, b in zip(per_problem[("none", seed)], per_problem[("block", seed)], strict=True)]
+        mean = sum(d) / 4
+        se.append(math.sqrt(sum((x - mean) ** 2 for x in d) / 3) / 2)
+    rms = math.sqrt(sum(x * x for x in se) / 3)
+    assert pairs.loc["g=block", "delta_pass@8_eval_se"] == pytest.approx(rms)
+    assert pairs.loc["g=block", "delta_pass@1_eval_se"] == pytest.approx(rms / 2)
+    md = paired_markdown(pairs.reset_index())
+    std = pairs.loc["g=block", "delta_pass@8_std"]
+    row = next(line for line in md.splitlines()[md.splitlines().index("### Evaluation noise against seed noise"):]
+               if line.startswith("| g=block"))
+    assert row == (f"| g=block | g=none | 3 | {std / 2:.3f} / {rms / 2:.3f} ({rms / std:.1f}) | "
+                   f"{std:.3f} / {rms:.3f} ({rms / std:.1f}) |")
+    # without run directories (a legacy runs.csv) there is nothing to measure, and no table
+    no_dirs = paired(pd.DataFrame(rows).drop(columns="run_dir"))
+    assert "delta_pass@8_eval_se" not in no_dirs and "Evaluation noise" not in paired_markdown(no_dirs)
