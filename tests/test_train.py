@@ -57,7 +57,10 @@ def test_eval_cache_key_covers_precision_and_prompts(tmp_path, tokenizer):
     assert run([], stop=(2, 3)) == 6
     assert run(["trainer.device=cuda"]) == 7
     assert run(["model.prepare.student_steps=7"]) == 7  # how the embedded pair is built is in the weights' files
-    assert CountingEngine.calls == 7
+    # an evaluation-only variant and a trained run's baselines (evaluated every N steps or not) share the entry
+    assert run(["eval.only=teacher"]) == 7 and run(["eval.baselines=false", "eval.every=5"]) == 7
+    assert run(["eval.limit=2"]) == 8  # fewer problems: another evaluation
+    assert CountingEngine.calls == 8
 
 
 def test_stop_set_from_tokenizer_and_generation_config(tmp_path, tokenizer):

@@ -135,6 +135,9 @@ def cached_eval(cfg: Config, path: str, build_engine, tokenizer, task, stop_ids:
     return res
 
 
+_NOT_IN_EVAL_KEY = ("only", "baselines", "every")
+
+
 def eval_key(cfg: Config, path: str, prompts: list[list[int]], stop_ids: tuple[int, ...]) -> str:
     """The cache key of an untrained model's evaluation: everything that changes its prompts or responses.
 
@@ -146,8 +149,11 @@ def eval_key(cfg: Config, path: str, prompts: list[list[int]], stop_ids: tuple[i
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
     stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     model = {k: v for k, v in as_flat_dict(cfg.model).items() if not k.startswith(("prepare.", "teachers"))}
+    # what a run does with its evaluation (an evaluation-only run, the baselines of a trained one, how often it
+    # evaluates the student) is not part of it: an eval-only variant and a trained run share the baselines' entries
+    evaluation = {k: v for k, v in as_flat_dict(cfg.eval).items() if k not in _NOT_IN_EVAL_KEY}
     blob = json.dumps({"path": str(Path(path).resolve()) if files else path, "files": stamp,
-                       "eval": as_flat_dict(cfg.eval), "task": as_flat_dict(cfg.task), "model": model,
+                       "eval": evaluation, "task": as_flat_dict(cfg.task), "model": model,
                        "engine": cfg.rollout.engine.value, "vllm": as_flat_dict(cfg.rollout.vllm),
                        "device": cfg.trainer.device, "autocast_bf16": cfg.trainer.autocast_bf16,
                        "stop": list(stop_ids),
