@@ -93,7 +93,7 @@ def evaluate_baselines(cfg: Config, setup: components.Setup, student: torch.nn.M
             try:
                 res: EvalResult = cached_eval(
                     cfg, path, lambda m=model, p=path, s=stop: components.make_engine(cfg, m, setup.tokenizer, p, s),
-                    setup.tokenizer, setup.task, stop)
+                    setup.tokenizer, setup.task, stop, device)
             finally:
                 if moved:
                     model.to("cpu")

@@ -40,10 +40,10 @@ def test_eval_cache_key_covers_precision_and_prompts(tmp_path, tokenizer):
     base = [f"cache_dir={tmp_path / 'cache'}", "task.n_eval=3", "eval.n_samples=2", "eval.ks=[1,2]"]
     CountingEngine.calls = 0
 
-    def run(overrides, stop=(2,)):
+    def run(overrides, stop=(2,), device=None):
         cfg = compose(base + overrides)
         res = cached_eval(cfg, str(model_dir), lambda: CountingEngine(tokenizer), tokenizer, build_task(cfg.task),
-                          stop)
+                          stop, device)
         assert isinstance(res, EvalResult)
         return len(list((tmp_path / "cache" / "evals").iterdir()))
 
@@ -59,8 +59,10 @@ def test_eval_cache_key_covers_precision_and_prompts(tmp_path, tokenizer):
     assert run(["model.prepare.student_steps=7"]) == 7  # how the embedded pair is built is in the weights' files
     # an evaluation-only variant and a trained run's baselines (evaluated every N steps or not) share the entry
     assert run(["eval.only=teacher"]) == 7 and run(["eval.baselines=false", "eval.every=5"]) == 7
-    assert run(["eval.limit=2"]) == 8  # fewer problems: another evaluation
-    assert CountingEngine.calls == 8
+    assert run(["eval.temperature=0.5"]) == 8  # another evaluation setting: another evaluation
+    # a teacher evaluated on its own device (rollout.teacher_device) is another evaluation than on trainer.device
+    assert run([], device="cpu") == 8 and CountingEngine.calls == 8 and run([], device="cuda:1") == 9
+    assert CountingEngine.calls == 9
 
 
 def test_stop_set_from_tokenizer_and_generation_config(tmp_path, tokenizer):

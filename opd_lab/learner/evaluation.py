@@ -116,11 +116,12 @@ def run_eval(cfg: Config, engine, tokenizer, task) -> EvalResult:
                     e.max_tokens, e.seed, encode=prompt_encoder(cfg))
 
 
-def cached_eval(cfg: Config, path: str, build_engine, tokenizer, task, stop_ids: tuple[int, ...]) -> EvalResult:
-    """Evaluate an untrained model once per :func:`eval_key` (weights, prompts, precision, engine …); reuse the
-    cached result."""
+def cached_eval(cfg: Config, path: str, build_engine, tokenizer, task, stop_ids: tuple[int, ...],
+                device: str | None = None) -> EvalResult:
+    """Evaluate an untrained model once per :func:`eval_key` (weights, prompts, precision, engine, the device it
+    runs on: ``device``, else ``trainer.device`` …); reuse the cached result."""
     prompts = prompt_encoder(cfg)(tokenizer, eval_set(cfg, task))
-    cache = Path(cfg.cache_dir) / "evals" / f"{eval_key(cfg, path, prompts, stop_ids)}"
+    cache = Path(cfg.cache_dir) / "evals" / f"{eval_key(cfg, path, prompts, stop_ids, device)}"
     if (cache / "metrics.json").exists():
         return EvalResult(pd.read_csv(cache / "per_problem.csv", dtype={"question": str, "answer": str}),
                           json.loads((cache / "metrics.json").read_text()))
@@ -138,13 +139,14 @@ def cached_eval(cfg: Config, path: str, build_engine, tokenizer, task, stop_ids:
 _NOT_IN_EVAL_KEY = ("only", "baselines", "every")
 
 
-def eval_key(cfg: Config, path: str, prompts: list[list[int]], stop_ids: tuple[int, ...]) -> str:
+def eval_key(cfg: Config, path: str, prompts: list[list[int]], stop_ids: tuple[int, ...],
+             device: str | None = None) -> str:
     """The cache key of an untrained model's evaluation: everything that changes its prompts or responses.
 
     The weight files; the evaluation settings and the task; the rendered prompts themselves (tokenizer, chat
     template, thinking mode, system prompt); the stop set; the model group except how the embedded pair is
     built (dtype, special tokens …); the engine and its vLLM settings (``max_model_len`` caps responses); the
-    device and the autocast precision.
+    device the model runs on (``device``: a teacher's own, else ``trainer.device``) and the autocast precision.
     """
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
     stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
@@ -155,7 +157,7 @@ def eval_key(cfg: Config, path: str, prompts: list[list[int]], stop_ids: tuple[i
     blob = json.dumps({"path": str(Path(path).resolve()) if files else path, "files": stamp,
                        "eval": evaluation, "task": as_flat_dict(cfg.task), "model": model,
                        "engine": cfg.rollout.engine.value, "vllm": as_flat_dict(cfg.rollout.vllm),
-                       "device": cfg.trainer.device, "autocast_bf16": cfg.trainer.autocast_bf16,
+                       "device": device or cfg.trainer.device, "autocast_bf16": cfg.trainer.autocast_bf16,
                        "stop": list(stop_ids),
                        "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()},
                       sort_keys=True, default=str)
