@@ -131,16 +131,42 @@ def final_by_tag(run_dir: Path) -> dict[str, float]:
     return {f"final/{tag}/{k}": float(g[k].mean()) for tag, g in df.groupby("tag", sort=True) for k in ks}
 
 
-def paired_eval_se(run_dir: Path, ref_dir: Path, ks: list[str]) -> dict[str, float]:
-    """The evaluation's own standard error of one pair's Δpass@k: both runs evaluate the same problems, so it is
-    the std over problems of the per-problem difference of pass@k divided by √P (a paired standard error over
-    questions; nan where a run has no per-problem evaluation)."""
+PROBLEM_KEY = ["benchmark", "question", "answer"]
+
+
+def per_problem_differences(run_dir: Path, ref_dir: Path, ks: list[str]) -> pd.DataFrame | None:
+    """Per evaluation problem (``PROBLEM_KEY``), the difference of each final pass@k between a run and its reference
+    (the same seed): ``None`` where a run has no per-problem evaluation or the two did not answer exactly the same
+    problems, each once."""
     a, b = final_per_problem(Path(run_dir)), final_per_problem(Path(ref_dir))
-    if a is None or b is None:
+    if a is None or b is None or not all(k in a and k in b for k in ks):
+        return None
+    try:
+        both = a[PROBLEM_KEY + ks].merge(b[PROBLEM_KEY + ks], on=PROBLEM_KEY, suffixes=("", "_ref"),
+                                         validate="one_to_one")
+    except pd.errors.MergeError:  # a problem twice in one evaluation
+        return None
+    if not len(a) == len(b) == len(both):
+        return None
+    return both[PROBLEM_KEY].assign(**{k: both[k] - both[f"{k}_ref"] for k in ks})
+
+
+def problem_se(diffs: list[pd.DataFrame], ks: list[str]) -> dict[str, float]:
+    """The standard error, over evaluation problems, of a comparison's mean Δpass@k: each problem's difference
+    averaged over the pairs (``diffs``, one frame per pair from :func:`per_problem_differences`; problems answered
+    in every pair), then per benchmark std/√problems, combined as the macro mean over benchmarks is,
+    √(Σ_b SE_b²)/B. How far the mean Δ would move on another draw of problems; nan with fewer than 2 problems in
+    a benchmark."""
+    if not diffs:
         return dict.fromkeys(ks, math.nan)
-    both = a.merge(b, on=["benchmark", "question", "answer"], suffixes=("", "_ref"))
-    return {k: float((both[k] - both[f"{k}_ref"]).std(ddof=1) / math.sqrt(len(both)))
-            if k in a and k in b and len(both) >= 2 else math.nan for k in ks}
+    allp = pd.concat(diffs).groupby(PROBLEM_KEY, sort=False)[ks].agg(["mean", "count"])
+    out = {}
+    for k in ks:
+        per = allp[allp[(k, "count")] == len(diffs)][(k, "mean")]
+        by = per.groupby(level="benchmark", sort=False)
+        se_b = [g.std(ddof=1) / math.sqrt(len(g)) if len(g) >= 2 else math.nan for _, g in by]
+        out[k] = float(math.sqrt(sum(x * x for x in se_b)) / len(se_b)) if se_b else math.nan
+    return out
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from opd_lab.core.stats import mean_ci95, min_detectable_effect, seeds_needed
-from opd_lab.report.sources import paired_eval_se
+from opd_lab.report.sources import per_problem_differences, problem_se
 
 # the published gain of blockwise gating (arXiv 2606.24084: sampled-token OPD, mean pass@8 0.4978 → 0.5160), which
 # every paired comparison's power is set beside
@@ -46,9 +46,9 @@ def paired(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
     that variant's run with the same seed instead, whatever else differs (the multi-teacher sweep: each routing
     against the generalist). ``delta_<k>_mde80``: the smallest true mean difference a two-sided 5% paired t test
     of those pairs detects with 80% power, at the measured std of the differences (core.stats).
-    ``delta_<k>_eval_se`` (overall pass@k, runs with a directory): the root mean square over the pairs of each pair's
-    evaluation standard error (:func:`~opd_lab.report.sources.paired_eval_se`), the part of a pair's Δ that a
-    finite evaluation adds, to set beside the seed-to-seed std of the differences."""
+    ``delta_<k>_problem_se`` (overall pass@k, when every pair's runs have per-problem evaluations): the standard
+    error of the mean Δ over the evaluation problems (:func:`~opd_lab.report.sources.problem_se`), to set beside
+    its standard error over seeds, std/√n."""
     done = runs[(runs["status"] == "completed") & runs["_pair_key"].notna()]
     done = done.assign(_pair_key=common_pair_keys(done["_pair_key"]))
     metrics = [c for c in done.columns if c.startswith("final/") and c.split("/")[-1].startswith("pass@")]
@@ -78,11 +78,11 @@ def paired(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
         row["n_pairs"] = len(merged)
         overall = [m.removeprefix("final/") for m in metrics if m.count("/") == 1]
         if has_dirs and len(merged):
-            se = [paired_eval_se(Path(a), Path(b), overall) for a, b in zip(merged["run_dir"], merged["run_dir_base"],
-                                                                             strict=True) if a and b]
+            diffs = [per_problem_differences(Path(a), Path(b), overall) if isinstance(a, str) and isinstance(b, str)
+                     and a and b else None for a, b in zip(merged["run_dir"], merged["run_dir_base"], strict=True)]
+            se = problem_se(diffs, overall) if all(d is not None for d in diffs) else {}
             for k in overall:
-                vals = [x[k] for x in se if np.isfinite(x[k])]
-                row[f"delta_{k}_eval_se"] = float(np.sqrt(np.mean(np.square(vals)))) if vals else math.nan
+                row[f"delta_{k}_problem_se"] = se.get(k, math.nan)
         for m in metrics:
             mean, std, ci, n = mean_ci95((merged[m] - merged[f"{m}_base"]).dropna().tolist())
             name = m.removeprefix("final/")
@@ -124,33 +124,35 @@ def paired_markdown(pairs: pd.DataFrame, baseline: str | None = None) -> str:
 
 
 def noise_markdown(pairs: pd.DataFrame) -> str:
-    """Per paired comparison and overall pass@k: the seed-to-seed std s of the differences beside the evaluation's
-    own standard error of one pair's Δ (``delta_<k>_eval_se``) and their ratio; empty when no comparison has
-    per-problem evaluations."""
-    ks = [c.removeprefix("delta_").removesuffix("_eval_se") for c in pairs.columns if c.endswith("_eval_se")]
-    ks = [k for k in ks if pairs[f"delta_{k}_eval_se"].notna().any()]
+    """Per paired comparison and overall pass@k: the standard error of the mean Δ over seeds (s/√n) beside its
+    standard error over the evaluation problems (``delta_<k>_problem_se``) and their ratio; empty when no
+    comparison has per-problem evaluations."""
+    ks = [c.removeprefix("delta_").removesuffix("_problem_se") for c in pairs.columns if c.endswith("_problem_se")]
+    ks = [k for k in ks if pairs[f"delta_{k}_problem_se"].notna().any()]
     if not ks:
         return ""
-    lines = ["", "### Evaluation noise against seed noise", "",
-             "Per comparison: s, the std over seeds of the paired differences (what the intervals above are made "
-             "of) / eval SE, the standard error of one pair's Δ from its evaluation alone (std over the problems of "
-             "the per-problem difference / √problems, root mean square over the pairs: how far another draw of "
-             "problems and samples would move one seed's Δ), and (in brackets) eval SE / s. Well below 1: the "
-             "spread is seed-to-seed (training) noise. Near or above 1: the finite evaluation is as large a noise "
-             "source as training, and as every seed is evaluated on the same problems, their draw does not average "
-             "out over seeds: the intervals above are about these problems more than about the task.", "",
-             "| variant | vs | pairs | " + " | ".join(f"s / eval SE Δ{k}" for k in ks) + " |",
+    lines = ["", "### Seeds against evaluation problems", "",
+             "Two standard errors of each comparison's mean Δ: over seeds, s/√n (the intervals above; each seed's "
+             "own evaluation samples are in it, as eval.seed follows the seed) / over problems, the per-problem Δ "
+             "averaged over the pairs, its std over the problems / √problems (per benchmark, combined as the macro "
+             "mean is): how far the mean Δ would move on another draw of problems from the task, which more seeds "
+             "cannot reduce, since every seed answers the same problems (it also carries the per-problem noise of "
+             "the n seeds, so it overstates the problem draw when n is small). In brackets, problems / seeds: well "
+             "below 1, seed noise dominates; near or above 1, the draw of problems matters as much, and the "
+             "intervals above are about these problems more than about the task.", "",
+             "| variant | vs | pairs | " + " | ".join(f"SE seeds / problems Δ{k}" for k in ks) + " |",
              "|" + "---|" * (len(ks) + 3)]
     for _, r in pairs.iterrows():
         cells = []
         for k in ks:
-            std, se = r[f"delta_{k}_std"], r[f"delta_{k}_eval_se"]
+            std, n, se = r[f"delta_{k}_std"], r[f"delta_{k}_n"], r[f"delta_{k}_problem_se"]
+            seeds = std / math.sqrt(n) if np.isfinite(std) and n >= 2 else math.nan
             if not np.isfinite(se):
                 cells.append("–")
-            elif not np.isfinite(std):
+            elif not np.isfinite(seeds):
                 cells.append(f"– / {se:.3f}")
             else:
-                cells.append(f"{std:.3f} / {se:.3f}" + (f" ({se / std:.1f})" if std > 0 else " (s = 0)"))
+                cells.append(f"{seeds:.3f} / {se:.3f}" + (f" ({se / seeds:.1f})" if seeds > 0 else " (s = 0)"))
         lines.append(f"| {r['variant']} | {r['baseline']} | {r['n_pairs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

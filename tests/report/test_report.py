@@ -586,35 +586,56 @@ def test_final_per_problem_is_read_from_the_kept_per_problem_file(tmp_path):
     assert final_per_problem(tmp_path / "nothing") is None
 
 
-def test_every_paired_comparison_sets_evaluation_noise_beside_seed_noise(tmp_path):
-    """Each pair's evaluation standard error is the std over problems of its per-problem Δpass@k / √problems; a
-    comparison reports their root mean square beside the seed-to-seed std of the differences."""
-    per_problem = {  # (gate, seed) → pass@8 on 4 problems
-        ("none", 0): [0.0, 0.5, 1.0, 0.5], ("block", 0): [0.5, 0.5, 1.0, 1.0],
-        ("none", 1): [1.0, 0.0, 0.5, 0.5], ("block", 1): [1.0, 0.0, 0.0, 0.5],
-        ("none", 2): [0.5, 0.5, 0.5, 0.5], ("block", 2): [1.0, 0.5, 0.5, 1.0]}
+def test_every_paired_comparison_sets_the_problems_standard_error_beside_the_seeds(tmp_path):
+    """The standard error of a comparison's mean Δ over evaluation problems: each problem's Δpass@k averaged over the
+    pairs, std over the problems / √problems per benchmark, combined as the macro mean, √(Σ SE_b²)/B; beside it the
+    standard error over seeds, s/√n."""
+    from opd_lab.report.sources import per_problem_differences
+
+    per_problem = {  # (gate, seed) → pass@8 on 4 problems of benchmark "arith" and 3 of "other"
+        ("none", 0): [0.0, 0.5, 1.0, 0.5, 0.0, 1.0, 0.5], ("block", 0): [0.5, 0.5, 1.0, 1.0, 0.5, 1.0, 0.0],
+        ("none", 1): [1.0, 0.0, 0.5, 0.5, 0.5, 0.5, 0.5], ("block", 1): [1.0, 0.0, 0.0, 0.5, 1.0, 0.5, 0.5],
+        ("none", 2): [0.5, 0.5, 0.5, 0.5, 1.0, 0.0, 0.0], ("block", 2): [1.0, 0.5, 0.5, 1.0, 0.5, 0.5, 1.0]}
     rows = []
     for (gate, seed), p8 in per_problem.items():
         d = tmp_path / f"{gate}{seed}"
-        _evals(d, "eval_per_problem.csv", [("ops3", v / 2, v) for v in p8], model="student", step=10)
+        d.mkdir()
+        frame = pd.DataFrame([{"benchmark": "arith" if i < 4 else "other", "tag": "ops3", "question": f"q{i}",
+                               "answer": "1", "pass@1": v / 2, "pass@8": v} for i, v in enumerate(p8)])
+        pd.concat([frame.assign(model="base_student", step=10), frame.assign(model="student", step=10)]).assign(
+            **{"pass@1": lambda f: f["pass@1"].where(f["model"] == "student", 0.9)}).to_csv(
+            d / "eval_per_problem.csv", index=False)  # a same-step row of another model is not the student's
         rows.append({"variant": f"g={gate}", "seed": seed, "status": "completed", "run_dir": str(d),
-                     "final/pass@1": sum(p8) / 8, "final/pass@8": sum(p8) / 4, **setting_of(_cfg(gate, seed=seed),
-                                                                                             False)})
+                     "final/pass@1": sum(p8) / 14, "final/pass@8": sum(p8) / 7,
+                     **setting_of(_cfg(gate, seed=seed), False)})
     pairs = paired(pd.DataFrame(rows)).set_index("variant")
-    se = []
-    for seed in range(3):
-        d = [b - a for a, b in zip(per_problem[("none", seed)], per_problem[("block", seed)], strict=True)]
-        mean = sum(d) / 4
-        se.append(math.sqrt(sum((x - mean) ** 2 for x in d) / 3) / 2)
-    rms = math.sqrt(sum(x * x for x in se) / 3)
-    assert pairs.loc["g=block", "delta_pass@8_eval_se"] == pytest.approx(rms)
-    assert pairs.loc["g=block", "delta_pass@1_eval_se"] == pytest.approx(rms / 2)
+    mean_d = [sum(per_problem[("block", s)][i] - per_problem[("none", s)][i] for s in range(3)) / 3 for i in range(7)]
+
+    def se(xs):
+        m = sum(xs) / len(xs)
+        return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+    want = math.sqrt(se(mean_d[:4]) ** 2 + se(mean_d[4:]) ** 2) / 2
+    assert pairs.loc["g=block", "delta_pass@8_problem_se"] == pytest.approx(want)
+    assert pairs.loc["g=block", "delta_pass@1_problem_se"] == pytest.approx(want / 2)
     md = paired_markdown(pairs.reset_index())
-    std = pairs.loc["g=block", "delta_pass@8_std"]
-    row = next(line for line in md.splitlines()[md.splitlines().index("### Evaluation noise against seed noise"):]
+    seeds = pairs.loc["g=block", "delta_pass@8_std"] / math.sqrt(3)
+    row = next(line for line in md.splitlines()[md.splitlines().index("### Seeds against evaluation problems"):]
                if line.startswith("| g=block"))
-    assert row == (f"| g=block | g=none | 3 | {std / 2:.3f} / {rms / 2:.3f} ({rms / std:.1f}) | "
-                   f"{std:.3f} / {rms:.3f} ({rms / std:.1f}) |")
+    assert row == (f"| g=block | g=none | 3 | {seeds / 2:.3f} / {want / 2:.3f} ({want / seeds:.1f}) | "
+                   f"{seeds:.3f} / {want:.3f} ({want / seeds:.1f}) |")
+    # a problem answered twice, or another set of problems: no per-problem difference, and no standard error
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    f = pd.read_csv(tmp_path / "block0" / "eval_per_problem.csv")
+    pd.concat([f, f[f["question"] == "q0"]]).to_csv(dup / "eval_per_problem.csv", index=False)
+    assert per_problem_differences(dup, tmp_path / "none0", ["pass@8"]) is None
+    f[f["question"] != "q6"].to_csv(dup / "eval_per_problem.csv", index=False)
+    assert per_problem_differences(dup, tmp_path / "none0", ["pass@8"]) is None
+    runs = pd.DataFrame(rows)
+    runs.loc[1, "run_dir"] = str(dup)  # g=block seed 0
+    assert math.isnan(paired(runs).set_index("variant").loc["g=block", "delta_pass@8_problem_se"])
     # without run directories (a legacy runs.csv) there is nothing to measure, and no table
     no_dirs = paired(pd.DataFrame(rows).drop(columns="run_dir"))
-    assert "delta_pass@8_eval_se" not in no_dirs and "Evaluation noise" not in paired_markdown(no_dirs)
+    assert "delta_pass@8_problem_se" not in no_dirs and "Seeds against evaluation problems" not in paired_markdown(
+        no_dirs)
