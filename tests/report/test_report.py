@@ -569,9 +569,9 @@ def test_the_report_never_overwrites_a_folder_that_holds_files(tmp_path):
     assert (kept / "summary.md").read_text() != "committed\n"
 
 
-def test_final_per_problem_is_read_from_the_kept_per_problem_file(tmp_path):
-    """A kept run (``--keep-runs``) has no ``evals/``: its final per-problem evaluation, and so its per-tag pass@k,
-    come from the last step's student rows of ``eval_per_problem.csv``."""
+def test_final_per_problem_is_the_last_student_evaluation(tmp_path):
+    """A run's final per-problem evaluation, and so its per-tag pass@k, are the last step's student rows of
+    ``eval_per_problem.csv`` (the baselines' rows and earlier evaluations are not), ``evals/`` only without it."""
     from opd_lab.report.sources import final_by_tag, final_per_problem
 
     rows = [("ops3", 0.5, 1.0), ("ops4", 0.25, 0.5)]
