@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -105,14 +106,17 @@ def read_run(run_dir: Path) -> dict:
 
 
 def final_per_problem(run_dir: Path) -> pd.DataFrame | None:
-    """The trained student's final evaluation, one row per problem: the last step's ``student`` rows of
-    ``eval_per_problem.csv`` (which ``--keep-runs`` keeps), else the last ``evals/student_step_*.csv``; ``None``
-    when the run has neither (an evaluation-only run)."""
+    """The run's final evaluation, one row per problem: the last step's ``student`` rows of
+    ``eval_per_problem.csv`` (which ``--keep-runs`` keeps); in an evaluation-only run (a file that holds one model
+    only: ``base_student``, ``teacher`` or ``checkpoint``) that model's rows; else the last
+    ``evals/student_step_*.csv``; ``None`` when the run has none of them."""
     dtype = {"question": str, "answer": str, "tag": str}
     path = run_dir / "eval_per_problem.csv"
     if path.exists():
         df = pd.read_csv(path, dtype=dtype)
         if {"model", "step"} <= set(df.columns):
+            if df["model"].nunique() == 1:  # an evaluation-only run: the one model it evaluated
+                return df[df["step"] == df["step"].max()]
             df = df[df["model"] == "student"]
             if len(df):
                 return df[df["step"] == df["step"].max()]
@@ -122,13 +126,19 @@ def final_per_problem(run_dir: Path) -> pd.DataFrame | None:
 
 def final_by_tag(run_dir: Path) -> dict[str, float]:
     """``final/<tag>/pass@k``: the final evaluation's pass@k over the problems of each tag (``Problem.tag``: the
-    embedded task's operand count ``ops<n>``, a math benchmark's ``tag_field``), from :func:`final_per_problem`;
-    empty when the problems have fewer than two tags."""
+    embedded task's operand count ``ops<n>``, a math benchmark's ``tag_field``; in :func:`natural_key` order), from
+    :func:`final_per_problem`; empty when the problems have fewer than two tags."""
     df = final_per_problem(run_dir)
     if df is None or "tag" not in df or df["tag"].nunique() < 2:
         return {}
     ks = [c for c in df.columns if c.startswith("pass@")]
-    return {f"final/{tag}/{k}": float(g[k].mean()) for tag, g in df.groupby("tag", sort=True) for k in ks}
+    groups = sorted(df.groupby("tag"), key=lambda tg: natural_key(tg[0]))
+    return {f"final/{tag}/{k}": float(g[k].mean()) for tag, g in groups for k in ks}
+
+
+def natural_key(text: str) -> tuple:
+    """Sorts ``ops9`` before ``ops10`` (digit runs compare as numbers)."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
 
 
 PROBLEM_KEY = ["benchmark", "question", "answer"]

@@ -193,7 +193,9 @@ def _fmt_mde(mde: float, std: float) -> str:
 
 def by_tag_markdown(summary: pd.DataFrame, teachers: pd.DataFrame | None = None) -> str:
     """Per tag (``final/<tag>/pass@k``): each variant's mean ± 95% CI and, when known, each baseline model's
-    pass@k on the same problems (``teachers``: one row per model and tag, from a run's ``eval_per_problem.csv``)."""
+    pass@k on the same problems (``teachers``: one row per model and tag, from a run's ``eval_per_problem.csv``);
+    a model that is also an evaluation-only variant with per-tag values (``base_student``, ``teacher``) is shown
+    once, as that variant."""
     cols = [c.removesuffix("_mean") for c in summary.columns if c.endswith("_mean") and "/" in c
             and c.split("/")[-1].startswith("pass@")]
     if not cols:
@@ -206,7 +208,10 @@ def by_tag_markdown(summary: pd.DataFrame, teachers: pd.DataFrame | None = None)
         cells = [_fmt(r[f"{c}_mean"], r[f"{c}_ci95"]) + _n_note(r, f"{c}_n", n) for c in cols]
         lines.append(f"| {r['variant']} | {n} | " + " | ".join(cells) + " |")
     if teachers is not None and len(teachers):
+        shown = {r["variant"] for _, r in summary.iterrows() if any(r[f"{c}_n"] > 0 for c in cols if f"{c}_n" in r)}
         for model, g in teachers.groupby("model", sort=False):
+            if model in shown:  # an evaluation-only variant of that name already has these numbers above
+                continue
             vals = {f"{t}/{k}": v for t, k, v in zip(g["tag"], g["k"], g["value"], strict=True)}
             cells = [f"{vals[c]:.3f}" if c in vals else "–" for c in cols]
             lines.append(f"| {model} (baseline, not trained) | – | " + " | ".join(cells) + " |")

@@ -293,6 +293,11 @@ def test_final_pass_at_k_per_tag_from_the_last_evaluation(tmp_path):
     assert "| a | 2 | 0.800 ± " in md and "ops4/pass@8" in md
     assert "| teacher_ops3 (baseline, not trained) | – | 0.900 | 1.000 | 0.100 | 0.400 |" in md
     assert "| teacher_ops4 (baseline, not trained) | – | 0.200 | 0.300 | 0.800 | 1.000 |" in md
+    # an evaluation-only variant named like a baseline model has its own row; that model's baseline row goes
+    only = runs.iloc[:1].assign(variant="teacher_ops3", seed=0, **{k: v for k, v in f.items()})
+    md = by_tag_markdown(summarise(pd.concat([runs, only])), teachers)
+    assert "| teacher_ops3 | 1 | 0.750 | 1.000 | 0.250 | 0.500 |" in md
+    assert "teacher_ops3 (baseline" not in md and "| teacher_ops4 (baseline, not trained) |" in md
 
 
 def test_multi_teacher_runs_get_routing_columns_a_routing_plot_and_per_tag_tables(tmp_path):
@@ -584,6 +589,16 @@ def test_final_per_problem_is_the_last_student_evaluation(tmp_path):
     assert final_by_tag(tmp_path) == {"final/ops3/pass@1": 0.5, "final/ops3/pass@8": 1.0,
                                       "final/ops4/pass@1": 0.25, "final/ops4/pass@8": 0.5}
     assert final_per_problem(tmp_path / "nothing") is None
+    _evals(tmp_path / "many" / "evals", "student_step_000001.csv",
+           [("ops10", 1.0, 1.0), ("ops9", 0.0, 0.0), ("ops11", 1.0, 1.0)])
+    assert list(final_by_tag(tmp_path / "many"))[::2] == ["final/ops9/pass@1", "final/ops10/pass@1",
+                                                         "final/ops11/pass@1"]  # numbers in tags sort as numbers
+    # an evaluation-only run (eval.only) holds one model: its rows are that run's final evaluation
+    only = tmp_path / "only"
+    _evals(only, "eval_per_problem.csv", [("ops3", 0.75, 1.0), ("ops4", 0.0, 0.25)], model="base_student", step=0)
+    assert final_per_problem(only)["pass@1"].tolist() == [0.75, 0.0]
+    assert final_by_tag(only) == {"final/ops3/pass@1": 0.75, "final/ops3/pass@8": 1.0,
+                                  "final/ops4/pass@1": 0.0, "final/ops4/pass@8": 0.25}
 
 
 def test_every_paired_comparison_sets_the_problems_standard_error_beside_the_seeds(tmp_path):
