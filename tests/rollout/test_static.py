@@ -6,13 +6,14 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from opd_lab.learner.heads import response_logits
 from opd_lab.learner.scoring import score_student_old
 from opd_lab.models.loading import load_model, load_tokenizer
 from opd_lab.rollout.base import SamplingSpec
 from opd_lab.rollout.hf import HFEngine
-from opd_lab.rollout.static import StaticEngine, check_supported
+from opd_lab.rollout.static import StaticEngine, check_supported, decode_attention
 from opd_lab.tasks import encode_prompts
 from opd_lab.tasks.arith import ArithmeticTask
 from tests.test_e2e import ROOT
@@ -119,3 +120,26 @@ def test_unsupported_architectures_are_refused():
     with pytest.raises(ValueError, match="rollout.engine=static serves plain Qwen3.*model_type='llama'"):
         check_supported(LlamaConfig())
     check_supported(Qwen3Config())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_decode_attention_is_masked_grouped_query_attention(dtype, tol):
+    """One query per row over a cache with left padding: the two-matmul decode path equals
+    ``scaled_dot_product_attention`` with the boolean mask and ``enable_gqa`` (query head j reads kv head j // 2)."""
+    g = torch.Generator().manual_seed(0)
+    B, N, G, L, D = 3, 4, 2, 7, 16
+    q, k, v = (torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+               for shape in ((B, N, 1, D), (B, G, L, D), (B, G, L, D)))
+    keep = torch.ones(B, L, dtype=torch.bool)
+    keep[1, :2] = keep[2, :5] = False  # left padding of two rows
+    bias = torch.zeros(B, 1, 1, L, dtype=dtype).masked_fill_(~keep[:, None, None], float("-inf"))
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=keep[:, None, None],
+                                         enable_gqa=True)
+    out = decode_attention(q, k, v, bias)
+    assert out.shape == (B, N, 1, D) and out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    k2, v2 = k.clone(), v.clone()
+    k2[2, :, :5], v2[2, :, :5] = 1e3, -1e3  # what the padded slots hold does not matter
+    torch.testing.assert_close(decode_attention(q, k2, v2, bias), out, atol=0, rtol=0)
+    # the grouping is the right one: swapping the kv heads changes the answer
+    assert not torch.allclose(decode_attention(q, k.flip(1), v.flip(1), bias).double(), ref, atol=1e-3)
