@@ -13,8 +13,9 @@ KEPT = (".hydra/overrides.yaml", ".hydra/hydra.yaml", ".hydra/config.yaml", "con
 
 
 def keep_runs(sweep_dirs: list[Path], out: Path) -> list[Path]:
-    """Copy what the report reads of each sweep directory into ``out/runs/<part>/`` (the part named by the sweep
-    directory's own name; a directory already under ``out/runs`` is left where it is), and each ``runs.csv`` source
+    """Copy what the report reads of each sweep directory into ``out/runs/<part>/`` (the part named
+    ``<parent>_<name>`` after the sweep directory, or ``<name>`` for a part an earlier report kept under its own
+    ``runs/``; a directory already under ``out/runs`` is left where it is), and each ``runs.csv`` source
     to ``out/runs/<its folder>_runs.csv``. Returns the kept sources."""
 
     kept = []
@@ -23,7 +24,8 @@ def keep_runs(sweep_dirs: list[Path], out: Path) -> list[Path]:
         if (out / "runs").resolve() in d.parents:
             kept.append(d)
             continue
-        dest = out / "runs" / f"{d.parent.name}_{d.name}"
+        # a part kept by an earlier report (<report>/runs/<part>) keeps its name: parts do not grow "runs_" prefixes
+        dest = out / "runs" / (d.name if d.parent.name == "runs" and not is_csv(d) else f"{d.parent.name}_{d.name}")
         if is_csv(d):  # an earlier report's runs.csv: kept whole, as runs/<its folder>_runs.csv
             if dest.exists() and dest.read_bytes() != d.read_bytes():
                 own = d == (out / "runs.csv").resolve()  # this report's output: it holds every source it was made of

@@ -220,6 +220,11 @@ def test_tiny_sweep_then_report(tmp_path):
     assert rep.returncode == 0, rep.stderr[-3000:]
     pd.testing.assert_frame_equal(pd.read_csv(again / "summary.csv"), pd.read_csv(out / "summary.csv"))
     pd.testing.assert_frame_equal(pd.read_csv(kept_out / "summary.csv"), pd.read_csv(out / "summary.csv"))
+    # a kept part passed to a new report (the next session's) keeps its name there
+    rep = subprocess.run([sys.executable, "-m", "opd_lab.report.cli", str(part), "--out", str(tmp_path / "next"),
+                          "--keep-runs"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "next" / "runs").iterdir()] == [part.name]
 
 
 def test_pairing_ignores_fields_that_older_runs_lack():
