@@ -18,14 +18,17 @@ def keep_runs(sweep_dirs: list[Path], out: Path) -> list[Path]:
     ``runs/``; a directory already under ``out/runs`` is left where it is), and each ``runs.csv`` source
     to ``out/runs/<its folder>_runs.csv``. Returns the kept sources."""
 
-    kept = []
+    kept, written = [], set()
     for d in sweep_dirs:
         d = Path(d).resolve()
         if (out / "runs").resolve() in d.parents:
             kept.append(d)
             continue
         # a part kept by an earlier report (<report>/runs/<part>) keeps its name: parts do not grow "runs_" prefixes
-        dest = out / "runs" / (d.name if d.parent.name == "runs" and not is_csv(d) else f"{d.parent.name}_{d.name}")
+        dest = out / "runs" / (d.name if d.parent.name == "runs" else f"{d.parent.name}_{d.name}")
+        if dest in written:
+            raise ValueError(f"two sources would be kept as {dest} (the second: {d}); rename one sweep directory")
+        written.add(dest)
         if is_csv(d):  # an earlier report's runs.csv: kept whole, as runs/<its folder>_runs.csv
             if dest.exists() and dest.read_bytes() != d.read_bytes():
                 own = d == (out / "runs.csv").resolve()  # this report's output: it holds every source it was made of

@@ -138,7 +138,7 @@ def final_by_tag(run_dir: Path) -> dict[str, float]:
 
 def natural_key(text: str) -> tuple:
     """Sorts ``ops9`` before ``ops10`` (digit runs compare as numbers)."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", text)))
 
 
 PROBLEM_KEY = ["benchmark", "question", "answer"]

@@ -63,7 +63,7 @@ def decode_attention(q_B_N_1_D: torch.Tensor, k_B_G_L_D: torch.Tensor, v_B_G_L_D
     B, N, _, D = q_B_N_1_D.shape
     G = k_B_G_L_D.shape[1]
     scores = torch.matmul(q_B_N_1_D.reshape(B, G, N // G, D), k_B_G_L_D.transpose(-1, -2))
-    scores = scores.mul_(D**-0.5).add_(bias_B_1_1_L)
+    scores = scores.mul_(D**-0.5).add_(bias_B_1_1_L)  # scaled after the product, as the flash kernel does
     p = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))  # bf16: in float32
     return torch.matmul(p.to(v_B_G_L_D.dtype), v_B_G_L_D).view(B, N, 1, D)
 

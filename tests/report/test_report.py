@@ -3,6 +3,7 @@ multirun."""
 
 import json
 import math
+import shutil
 import struct
 import subprocess
 import sys
@@ -444,6 +445,18 @@ def test_an_earlier_reports_runs_csv_is_a_source_equal_to_its_run_directories(tm
     assert (rep / "runs" / "old_report_runs.csv").exists() and (rep / "runs" / f"{tmp_path.name}_new").is_dir()
     assert main(args) == 2
     assert main([*sorted(map(str, (rep / "runs").iterdir())), "--out", str(rep), "--keep-runs", "--force"]) == 0
+    # the kept parts of that report, kept by the next one: their names stay (no "runs_" prefix on the csv either)
+    nxt = tmp_path / "next_report"
+    assert main([*sorted(map(str, (rep / "runs").iterdir())), "--out", str(nxt), "--keep-runs"]) == 0
+    assert sorted(p.name for p in (nxt / "runs").iterdir()) == sorted(p.name for p in (rep / "runs").iterdir())
+    from opd_lab.report.archive import keep_runs
+
+    (tmp_path / "a" / "runs").mkdir(parents=True)
+    (tmp_path / "b" / "runs").mkdir(parents=True)
+    for x in "ab":
+        shutil.copytree(new, tmp_path / x / "runs" / "part")
+    with pytest.raises(ValueError, match="two sources would be kept as"):  # never one silently over the other
+        keep_runs([tmp_path / "a" / "runs" / "part", tmp_path / "b" / "runs" / "part"], tmp_path / "clash")
     pd.testing.assert_frame_equal(pd.read_csv(rep / "summary.csv")[cols], ref[cols])
 
 
