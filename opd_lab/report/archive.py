@@ -29,7 +29,7 @@ def keep_runs(sweep_dirs: list[Path], out: Path) -> list[Path]:
         if dest in written:
             raise ValueError(f"two sources would be kept as {dest} (the second: {d}); rename one sweep directory")
         written.add(dest)
-        if is_csv(d):  # an earlier report's runs.csv: kept whole, as runs/<its folder>_runs.csv
+        if is_csv(d):  # an earlier report's runs.csv: kept whole (as runs/<its folder>_runs.csv, or its kept name)
             if dest.exists() and dest.read_bytes() != d.read_bytes():
                 own = d == (out / "runs.csv").resolve()  # this report's output: it holds every source it was made of
                 raise ValueError(f"{d} is {'the output of an earlier report into ' + str(out) if own else 'not'} "

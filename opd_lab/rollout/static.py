@@ -203,18 +203,18 @@ class StaticEngine:
         cache = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         rope = self._rope(P + T, device, dtype)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        valid = torch.zeros(B, P + T, dtype=torch.bool, device=device)
-        valid[:, :P] = mask.bool()
+        real = mask.bool()  # [B, P]: the prompt slots that hold tokens (not left padding)
         eye = torch.eye(P, dtype=torch.bool, device=device)  # a padding query attends to itself: no all-masked row
-        allowed = (torch.ones(P, P, dtype=torch.bool, device=device).tril() & valid[:, None, :P]) | eye
+        allowed = (torch.ones(P, P, dtype=torch.bool, device=device).tril() & real[:, None]) | eye
         h = self._forward(w, ids, pos, cache, 0, allowed[:, None], rope)[:, -1]
         tokens = torch.full((B, T), self.pad_id, dtype=torch.long)
         logps = torch.zeros(B, T)
         done = torch.zeros(B, dtype=torch.bool)
         stop = torch.tensor(self.stop_ids, device=device)
         next_pos = pos[:, -1] + 1
-        bias = torch.zeros(B, 1, 1, P + T, dtype=dtype, device=device)  # decode_attention's key bias
-        bias.masked_fill_(~valid[:, None, None], float("-inf"))
+        # decode_attention's key bias: 0 at a row's real prompt slots, each response slot set to 0 once written
+        bias = torch.full((B, 1, 1, P + T), float("-inf"), dtype=dtype, device=device)
+        bias[:, 0, 0, :P].masked_fill_(real, 0.0)
         n = 0
         for t in range(T):
             z = self.processed_logits(F.linear(h, w[3]), spec.temperature, spec.top_p)
