@@ -72,6 +72,9 @@ class RolloutConfig:
     teacher_scorer: TeacherScorer = TeacherScorer.hf
     teacher_device: str | None = None  # hf scorer: where the teacher lives (null: the learner's device; e.g. cuda:1)
     teacher_autocast_bf16: bool = False  # hf scorer: bf16 autocast of the teacher forward (log-prob maths float32)
+    # hf scorer: rows scored in order of response length, ≤ this many padded tokens a forward, each group cut to
+    # its own longest response (0: 64 rows a forward, all padded to the batch's longest)
+    teacher_batch_tokens: int = 2048
     teacher_server: TeacherServerConfig = field(default_factory=TeacherServerConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     n_prompts: int = 8
@@ -96,6 +99,8 @@ class RolloutConfig:
         _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "0 < top_p <= 1")
         _check(self.teacher_device is None or self.teacher_device == "cpu" or self.teacher_device.startswith("cuda"),
                "rollout.teacher_device", self.teacher_device, "null, 'cpu' or 'cuda[:i]'")
+        _check(self.teacher_batch_tokens >= 0, "rollout.teacher_batch_tokens", self.teacher_batch_tokens,
+               "an integer >= 0 (0: no length grouping)")
         _check(self.teacher_scorer != TeacherScorer.server or self.teacher_server.url is not None,
                "rollout.teacher_server.url", self.teacher_server.url,
                "the server's URL (http://host:port) when rollout.teacher_scorer=server")

@@ -2,8 +2,9 @@
 support S_t, into one typed :class:`ScoredBatch` that flows unchanged from scoring to the loss.
 
 Teacher scoring never builds a ``[B, T, V]`` tensor: ``batch_size`` sequences at a time and the LM head
-``chunk_size`` positions at a time (heads.py). What is scored is what the loss declares it needs
-(:class:`~opd_lab.core.losses.ScoreNeeds`).
+``chunk_size`` positions at a time (heads.py); the hf scorer takes the rows in order of response length, each
+group cut to its own longest response (``rollout.teacher_batch_tokens``). What is scored is what the loss
+declares it needs (:class:`~opd_lab.core.losses.ScoreNeeds`).
 """
 
 from __future__ import annotations
@@ -35,26 +36,40 @@ def score_teacher(
     chunk_size: int = 256,
     entropy: bool = False,
     autocast_bf16: bool = False,
+    max_tokens: int = 0,
 ) -> TeacherScores:
     """Teacher log-probs of the sampled tokens, its top-K (``top_k`` > 0), log-probs at extra ids and (``entropy``)
     the entropy H(q(·|h_t)) of its distribution at each position.
 
     Runs ``batch_size`` sequences at a time and the LM head ``chunk_size`` positions at a time: the largest
-    tensor is ``[batch_size, chunk_size, V]`` logits, never ``[B, T, V]``. ``autocast_bf16``: the transformer body
-    under bf16 autocast (``rollout.teacher_autocast_bf16``); the LM head and the log-softmax stay in the teacher's
-    precision (at least float32).
+    tensor is ``[batch_size, chunk_size, V]`` logits, never ``[B, T, V]``. ``max_tokens`` > 0
+    (``rollout.teacher_batch_tokens``): the rows are taken in order of response length, in groups of at most
+    ``batch_size`` rows and about ``max_tokens`` padded tokens (:func:`length_groups`), each cut to its own
+    longest response, so short rows are not padded to the batch's longest; the outputs at real positions are the
+    same function of the same tokens (only the kernels' summation order differs), and positions past a group's
+    width hold the padding values of :func:`~opd_lab.rollout.base.scores_from_prompt_logprobs` (log q 0, top-K
+    ids 0 with log-prob −1e30, entropy 0). ``autocast_bf16``: the transformer body under bf16 autocast
+    (``rollout.teacher_autocast_bf16``); the LM head and the log-softmax stay in the teacher's precision (at
+    least float32).
     """
-    logp, tk_ids, tk_logp, q_logp, ent = [], [], [], [], []
     w = teacher.get_output_embeddings().weight
+    B, T = batch.response_mask_B_T.shape
+    Q = query_ids_B_T_Q.shape[-1] if query_ids_B_T_Q is not None else 0
+    f = at_least_f32(torch.empty(0, dtype=w.dtype)).dtype
+    out = {"lp": torch.zeros(B, T, dtype=f), "ti": torch.zeros(B, T, top_k, dtype=torch.long),
+           "tl": torch.full((B, T, top_k), -1e30, dtype=f), "ql": torch.full((B, T, Q), -1e30, dtype=f),
+           "h": torch.zeros(B, T, dtype=f)}
     device_type = w.device.type
-    for s in range(0, batch.size, batch_size):
-        idx = torch.arange(s, min(s + batch_size, batch.size))
-        sub = batch.select(idx)
+    trim = max_tokens > 0
+    groups = (length_groups(batch, batch_size, max_tokens) if trim
+              else [torch.arange(s, min(s + batch_size, B)) for s in range(0, B, batch_size)])
+    for idx in groups:
+        sub = batch.select(idx, trim=trim)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast_bf16):
             h = response_hidden(teacher, sub)
         h = h.to(w.dtype)  # the LM head in the teacher's own precision
         y = sub.response_ids_B_T.to(h.device)
-        q = query_ids_B_T_Q[idx].to(h.device) if query_ids_B_T_Q is not None else None
+        q = query_ids_B_T_Q[idx, : h.shape[1]].to(h.device) if query_ids_B_T_Q is not None else None
         parts: dict[str, list[torch.Tensor]] = {"lp": [], "ti": [], "tl": [], "ql": [], "h": []}
         for c in range(0, h.shape[1], chunk_size):
             logits = head_logits(h[:, c : c + chunk_size], w, temperature)
@@ -69,21 +84,33 @@ def score_teacher(
             if entropy:
                 lp_V = at_least_f32(logits) - lse[..., None]
                 parts["h"].append(-(lp_V.exp() * lp_V).sum(-1))
-        logp.append(torch.cat(parts["lp"], 1).cpu())
-        if top_k > 0:
-            tk_ids.append(torch.cat(parts["ti"], 1).cpu())
-            tk_logp.append(torch.cat(parts["tl"], 1).cpu())
-        if q is not None:
-            q_logp.append(torch.cat(parts["ql"], 1).cpu())
-        if entropy:
-            ent.append(torch.cat(parts["h"], 1).cpu())
+        width = h.shape[1]
+        for key, chunks in parts.items():
+            if chunks:
+                out[key][idx, :width] = torch.cat(chunks, 1).cpu()
     return TeacherScores(
-        logp_B_T=torch.cat(logp),
-        topk_ids_B_T_K=torch.cat(tk_ids) if tk_ids else None,
-        topk_logp_B_T_K=torch.cat(tk_logp) if tk_logp else None,
-        query_logp_B_T_Q=torch.cat(q_logp) if q_logp else None,
-        entropy_B_T=torch.cat(ent) if ent else None,
+        logp_B_T=out["lp"],
+        topk_ids_B_T_K=out["ti"] if top_k > 0 else None,
+        topk_logp_B_T_K=out["tl"] if top_k > 0 else None,
+        query_logp_B_T_Q=out["ql"] if query_ids_B_T_Q is not None else None,
+        entropy_B_T=out["h"] if entropy else None,
     )
+
+
+def length_groups(batch: RolloutBatch, max_rows: int, max_tokens: int) -> list[torch.Tensor]:
+    """Row indices in order of response length, cut into consecutive groups of at most ``max_rows`` rows whose
+    padded size (rows × the group's longest response) stays within ``max_tokens`` (a group holds at least one
+    row), so that each group can be scored cut to its own longest response (``RolloutBatch.select(trim=True)``)."""
+    n_B = batch.response_mask_B_T.sum(1)
+    order = torch.argsort(n_B, stable=True)
+    groups, start = [], 0
+    for end in range(1, len(order) + 1):
+        full = end - start > max_rows or (end - start) * int(n_B[order[end - 1]]) > max_tokens
+        if full and end - 1 > start:
+            groups.append(order[start:end - 1])
+            start = end - 1
+    groups.append(order[start:])
+    return groups
 
 
 class HFTeacherScorer:
@@ -91,14 +118,14 @@ class HFTeacherScorer:
     ``hf`` entry of :data:`SCORERS`."""
 
     def __init__(self, teacher: torch.nn.Module, batch_size: int = 64, chunk_size: int = 256,
-                 autocast_bf16: bool = False) -> None:
+                 autocast_bf16: bool = False, max_tokens: int = 0) -> None:
         self.teacher, self.batch_size, self.chunk_size = teacher, batch_size, chunk_size
-        self.autocast_bf16 = autocast_bf16
+        self.autocast_bf16, self.max_tokens = autocast_bf16, max_tokens
 
     def __call__(self, batch: RolloutBatch, top_k: int, temperature: float,
                  query_ids_B_T_Q: torch.Tensor | None = None, entropy: bool = False) -> TeacherScores:
         return score_teacher(self.teacher, batch, top_k, temperature, query_ids_B_T_Q, self.batch_size,
-                             self.chunk_size, entropy, self.autocast_bf16)
+                             self.chunk_size, entropy, self.autocast_bf16, self.max_tokens)
 
     def close(self) -> None:
         pass
@@ -106,9 +133,11 @@ class HFTeacherScorer:
 
 def build_teacher_scorer(ctx: BuildContext) -> HFTeacherScorer:
     """The ``hf`` teacher scorer: the loaded teacher (``ctx.model``), LM head ``trainer.chunk_size`` positions at a
-    time, bf16 autocast when ``rollout.teacher_autocast_bf16``."""
+    time, bf16 autocast when ``rollout.teacher_autocast_bf16``, rows grouped by length within
+    ``rollout.teacher_batch_tokens``."""
     return HFTeacherScorer(ctx.model, chunk_size=ctx.cfg.trainer.chunk_size,
-                           autocast_bf16=ctx.cfg.rollout.teacher_autocast_bf16)
+                           autocast_bf16=ctx.cfg.rollout.teacher_autocast_bf16,
+                           max_tokens=ctx.cfg.rollout.teacher_batch_tokens)
 
 
 # name (``rollout.teacher_scorer``) → builder(BuildContext); the vLLM ones stay unimported until asked for

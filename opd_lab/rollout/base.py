@@ -68,14 +68,17 @@ class RolloutBatch:
     def size(self) -> int:
         return self.input_ids_B_L.shape[0]
 
-    def select(self, idx: torch.Tensor) -> RolloutBatch:
-        """Rows ``idx`` (a 1-D index tensor) as a new batch; column layout is unchanged."""
+    def select(self, idx: torch.Tensor, trim: bool = False) -> RolloutBatch:
+        """Rows ``idx`` (a 1-D index tensor) as a new batch; column layout is unchanged, or with ``trim`` cut after
+        the longest of these rows' responses (T' ≤ T response columns; response token t stays at column t)."""
+        T = int(self.response_mask_B_T[idx].sum(1).max().clamp(min=1)) if trim else self.response_mask_B_T.shape[1]
+        L = self.prompt_len + T
         return RolloutBatch(
-            input_ids_B_L=self.input_ids_B_L[idx],
-            attention_mask_B_L=self.attention_mask_B_L[idx],
+            input_ids_B_L=self.input_ids_B_L[idx, :L],
+            attention_mask_B_L=self.attention_mask_B_L[idx, :L],
             prompt_len=self.prompt_len,
-            response_mask_B_T=self.response_mask_B_T[idx],
-            sampler_logp_B_T=self.sampler_logp_B_T[idx],
+            response_mask_B_T=self.response_mask_B_T[idx, :T],
+            sampler_logp_B_T=self.sampler_logp_B_T[idx, :T],
             truncated_B=self.truncated_B[idx],
             prompt_index_B=self.prompt_index_B[idx],
             response_text=[self.response_text[i] for i in idx.tolist()] if self.response_text else [],

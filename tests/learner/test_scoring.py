@@ -241,3 +241,56 @@ def test_a_row_without_prompt_tokens_is_refused(tokenizer):
     batch.attention_mask_B_L[1, :2] = 0
     with pytest.raises(ValueError, match="at least one prompt token"):
         response_hidden(model, batch)
+
+
+def test_length_groups_cover_every_row_once_in_length_order_within_the_limits():
+    """``length_groups``: each row once, in order of response length, ≤ max_rows rows and ≤ max_tokens padded
+    tokens per group (a longer row than the budget is a group of its own)."""
+    lens = [5, 1, 9, 3, 3, 7, 2, 8, 30]
+    batch = assemble_batch([[1, 2]] * len(lens), [list(range(10, 10 + n)) for n in lens],
+                           [[0.0] * n for n in lens], [False] * len(lens), 1, 0, [""] * len(lens))
+    from opd_lab.learner.scoring import length_groups
+
+    for max_rows, max_tokens in [(64, 16), (2, 1000), (3, 12), (64, 1)]:
+        groups = length_groups(batch, max_rows, max_tokens)
+        rows = torch.cat(groups).tolist()
+        assert sorted(rows) == list(range(len(lens)))
+        assert [lens[i] for i in rows] == sorted(lens)
+        for g in groups:
+            width = max(lens[i] for i in g.tolist())
+            assert len(g) <= max_rows and (len(g) == 1 or len(g) * width <= max_tokens)
+    assert [len(g) for g in length_groups(batch, 64, 16)] == [4, 2, 1, 1, 1]  # 1,2,3,3 | 5,7 | 8 | 9 | 30
+
+
+def test_length_grouped_teacher_scores_equal_the_padded_ones_and_forward_fewer_tokens(tokenizer, monkeypatch):
+    """``rollout.teacher_batch_tokens``: scoring rows grouped by length, each group cut to its own longest response,
+    gives the scores of the padded layout at every real position (float64: the same function, to 1e-12) for
+    log q(y_t), the top-K, log-probs at query ids and the entropy; past a group's width the scores hold the
+    padding values (log q 0, top-K ids 0 at log-prob −1e30, entropy 0); and the forwards really are narrower."""
+    import opd_lab.learner.scoring as scoring
+
+    model = tiny_model(tokenizer, 32, 2, seed=7).double()
+    lens = [2, 9, 4, 1, 7, 3]
+    prompts = [[1, 5, 6, 7], [1, 8], [1, 9, 10], [1, 11, 12, 13, 14], [1, 15], [1, 16, 17]]
+    responses = [[20 + (3 * i + t) % 50 for t in range(n)] for i, n in enumerate(lens)]
+    batch = assemble_batch(prompts, responses, [[0.0] * n for n in lens], [False] * 6, 1, 0, [""] * 6)
+    q = torch.randint(0, 60, (6, max(lens), 3), generator=torch.Generator().manual_seed(0))
+    widths = []
+    real_hidden = scoring.response_hidden
+    monkeypatch.setattr(scoring, "response_hidden", lambda m, b: widths.append(b.response_mask_B_T.shape[1])
+                        or real_hidden(m, b))
+    kw = dict(top_k=4, temperature=0.8, query_ids_B_T_Q=q, chunk_size=3, entropy=True)
+    padded = score_teacher(model, batch, batch_size=64, **kw)
+    assert widths == [9]
+    widths.clear()
+    grouped = score_teacher(model, batch, batch_size=2, max_tokens=18, **kw)
+    assert sorted(widths) == [2, 4, 9] and sum(w * 2 for w in widths) < 9 * 6  # groups {1, 2} {3, 4} {7, 9}
+    m = batch.response_mask_B_T.bool()
+    for name in ("logp_B_T", "topk_logp_B_T_K", "query_logp_B_T_Q", "entropy_B_T"):
+        a, b = getattr(grouped, name), getattr(padded, name)
+        assert a.dtype == torch.float64 and torch.allclose(a[m], b[m], atol=1e-12, rtol=0), name
+    assert torch.equal(grouped.topk_ids_B_T_K[m], padded.topk_ids_B_T_K[m])
+    short = lens.index(1)  # grouped with the 2-token row: column 1 is inside its group, columns 2.. are past it
+    assert grouped.logp_B_T[short, 2:].eq(0).all() and grouped.entropy_B_T[short, 2:].eq(0).all()
+    assert grouped.topk_ids_B_T_K[short, 2:].eq(0).all() and grouped.topk_logp_B_T_K[short, 2:].eq(-1e30).all()
+    assert grouped.query_logp_B_T_Q[short, 2:].eq(-1e30).all() and grouped.logp_B_T[short, 1] != 0
