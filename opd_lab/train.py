@@ -40,6 +40,9 @@ def main(cfg: Config, run_dir: Path) -> dict[str, float]:
         print(f"opd-lab: {note}", flush=True)
     device = distributed.rank_device(cfg.trainer.device, dist)
     student, teacher = components.load_models(cfg, setup.paths, device)
+    if cfg.trainer.compile and dist.is_main:
+        print("opd-lab: trainer.compile=true → the student's transformer body runs compiled (torch.compile, inductor) "
+              "in the learner's forwards; the first steps include its compilation", flush=True)
     loaded = components.load_teachers(cfg, setup.paths, teacher, device)
     table, frames = evaluate_baselines(cfg, setup, student, loaded, dist)
 

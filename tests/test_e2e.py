@@ -108,6 +108,22 @@ def test_single_run_outputs(cache, tmp_path, engine):
 
 
 @pytest.mark.slow
+def test_compiled_student_body_trains_the_pinned_first_step_and_saves_an_eager_checkpoint(cache, tmp_path):
+    """``trainer.compile=true``: the learner's and π_old's forwards through the inductor-compiled body give the
+    eager run's pinned first step (test_single_run_outputs) and the run saves a checkpoint that loads as is."""
+    run_dir = tmp_path / "run"
+    proc = run_cli([*TINY, f"cache_dir={cache}", f"hydra.run.dir={run_dir}", "trainer.compile=true"])
+    assert "trainer.compile=true → the student's transformer body runs compiled" in proc.stdout
+    train = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2] and train[0]["drift/first_update_mean_abs_delta"] == 0.0
+    assert train[0]["loss"] == pytest.approx(0.0135673, rel=1e-3), train[0]["loss"]
+    assert train[0]["teacher_minus_old_logp"] == pytest.approx(-0.0593876, rel=1e-3), train[0]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(run_dir / "checkpoint")
+
+
+@pytest.mark.slow
 def test_verbose_console_shows_library_lines(cache, tmp_path):
     proc = run_cli([*TINY, f"cache_dir={cache}", f"hydra.run.dir={tmp_path / 'run'}", "logger.verbose=true",
                     "rollout.engine=vllm", "trainer.steps=1", "trainer.warmup_steps=0", "eval.baselines=false"])

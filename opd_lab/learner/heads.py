@@ -22,6 +22,8 @@ student and the teacher alike (docs/methods.md).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from opd_lab.common.distributed import unwrap
@@ -82,9 +84,23 @@ def response_logits(model: torch.nn.Module, batch: RolloutBatch, temperature: fl
 
 
 def response_hidden(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
-    """Final hidden states ``[B, T, H]`` at the positions that predict each response token."""
+    """Final hidden states ``[B, T, H]`` at the positions that predict each response token (through the compiled
+    transformer body when :func:`compile_body` attached one)."""
     inputs, at_B_T = _causal_inputs(model, batch)
-    return _at(model.base_model(**inputs).last_hidden_state, at_B_T)
+    body = _COMPILED.get(model, model.base_model)
+    return _at(body(**inputs).last_hidden_state, at_B_T)
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → its compiled body (compile_body)
+
+
+def compile_body(model: torch.nn.Module) -> torch.nn.Module:
+    """``trainer.compile``: attach ``torch.compile(model.base_model, dynamic=True)`` (inductor) for
+    :func:`response_hidden`, the learner's, π_old's and the hf teacher's forwards. It is kept outside the module
+    (a weak map), so parameter names, state dicts, checkpoints, copies and the engines' weight sync are those of
+    the eager model, and the LM head, the loss path and every engine's sampling stay eager. Returns ``model``."""
+    _COMPILED[model] = torch.compile(model.base_model, dynamic=True)
+    return model
 
 
 def head_logits(h_B_C_H: torch.Tensor, w_V_H: torch.Tensor, temperature: float) -> torch.Tensor:

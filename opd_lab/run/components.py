@@ -174,7 +174,8 @@ def engine_evaluates_in_memory(cfg: Config) -> bool:
 def load_models(cfg: Config, paths: ModelPaths, device: str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """The trainable student on ``device`` and, when an HF forward needs it (the HF teacher scorer, or the HF
     engine evaluating the teacher's baseline), the frozen teacher on ``rollout.teacher_device`` or ``device`` (None
-    with ``model.teachers``: :func:`load_teachers` loads those)."""
+    with ``model.teachers``: :func:`load_teachers` loads those); ``trainer.compile``: the student with a compiled body
+    (:func:`~opd_lab.learner.heads.compile_body`)."""
     with loading("model.student", paths.student):
         student = load_model(paths.student, cfg.model.dtype, device, trainable=True)
     teacher = None
@@ -182,6 +183,10 @@ def load_models(cfg: Config, paths: ModelPaths, device: str) -> tuple[torch.nn.M
         with loading("model.teacher", paths.teacher):
             teacher = load_model(paths.teacher, cfg.model.dtype, cfg.rollout.teacher_device or device,
                                  trainable=False)
+    if cfg.trainer.compile:
+        from opd_lab.learner.heads import compile_body
+
+        student = compile_body(student)
     return student, teacher
 
 
