@@ -57,8 +57,8 @@ class TrainerConfig:
     resume: str = "never"  # never | auto (this run dir, or the latest unfinished run with the same config) | a run dir
     max_bad_updates: int = 3  # abort after this many consecutive updates skipped for a non-finite loss/grad norm
     autocast_bf16: bool = False  # bf16 autocast of the student forward, π_old included (log-prob maths stays float32)
-    # torch.compile (inductor, dynamic shapes) of the student's and the hf teacher's transformer body for the
-    # learner, π_old and teacher forwards; costs a compilation at start-up (docs/speed.md)
+    # torch.compile (inductor, dynamic shapes) of the student's transformer body for the learner's and π_old's
+    # forwards (loss_path=chunked); costs a compilation in the first steps (docs/speed.md)
     compile: bool = False
     parallel: Parallel = Parallel.ddp  # under torchrun: ddp | fsdp2 (docs/scaling.md)
     dist_backend: DistBackend = DistBackend.auto
@@ -78,6 +78,8 @@ class TrainerConfig:
         _check(0 <= self.min_lr_ratio <= 1, "trainer.min_lr_ratio", self.min_lr_ratio, "0 <= min_lr_ratio <= 1")
         _check(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip", self.grad_clip, "null or > 0")
         _check(self.grad_accum >= 1, "trainer.grad_accum", self.grad_accum, "an integer >= 1")
+        _check(not (self.compile and self.loss_path == LossPath.plain), "trainer.compile", self.compile,
+               "false with trainer.loss_path=plain (the plain path runs the whole model eagerly; use chunked)")
         _check(not (self.compile and self.parallel == Parallel.fsdp2), "trainer.compile", self.compile,
                "false with trainer.parallel=fsdp2 (a compiled body under FSDP2 is not tested; ddp or one process)")
         _check(self.checkpoint_every >= 0, "trainer.checkpoint_every", self.checkpoint_every,

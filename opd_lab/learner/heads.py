@@ -96,9 +96,10 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → 
 
 def compile_body(model: torch.nn.Module) -> torch.nn.Module:
     """``trainer.compile``: attach ``torch.compile(model.base_model, dynamic=True)`` (inductor) for
-    :func:`response_hidden`, the learner's, π_old's and the hf teacher's forwards. It is kept outside the module
+    :func:`response_hidden` (the student's: the learner's chunked forward and π_old's). It is kept outside the module
     (a weak map), so parameter names, state dicts, checkpoints, copies and the engines' weight sync are those of
-    the eager model, and the LM head, the loss path and every engine's sampling stay eager. Returns ``model``."""
+    the eager model, and the LM head, the loss path and every engine's sampling stay eager (a module that later
+    replaces ``model.base_model`` would need compiling again). Returns ``model``."""
     _COMPILED[model] = torch.compile(model.base_model, dynamic=True)
     return model
 

@@ -99,10 +99,13 @@ def score_teacher(
 
 def length_groups(batch: RolloutBatch, max_rows: int, max_tokens: int) -> list[torch.Tensor]:
     """Row indices in order of response length, cut into consecutive groups of at most ``max_rows`` rows whose
-    padded size (rows × the group's longest response) stays within ``max_tokens`` (a group holds at least one
-    row), so that each group can be scored cut to its own longest response (``RolloutBatch.select(trim=True)``)."""
+    padded response size (rows × the group's longest response; the forward adds the prompts) stays within
+    ``max_tokens`` (a group holds at least one row), so that each group can be scored cut to its own longest
+    response (``RolloutBatch.select(trim=True)``); no group for an empty batch."""
     n_B = batch.response_mask_B_T.sum(1)
     order = torch.argsort(n_B, stable=True)
+    if len(order) == 0:
+        return []
     groups, start = [], 0
     for end in range(1, len(order) + 1):
         full = end - start > max_rows or (end - start) * int(n_B[order[end - 1]]) > max_tokens

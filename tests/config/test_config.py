@@ -62,6 +62,9 @@ def test_defaults_are_lsm_block64_reuse2():
         ("loss=sampled_token loss.is_cap=0.5", "loss.is_cap=0.5"),
         ("gate=none gate.reduce=max_abs", "gate.reduce='max_abs'"),  # no gate has no statistic
         ("gate.block_size=0", "gate.block_size"),
+        ("rollout.teacher_batch_tokens=-1", "rollout.teacher_batch_tokens"),
+        ("trainer.compile=true trainer.loss_path=plain", "trainer.loss_path=plain"),
+        ("trainer.compile=true trainer.parallel=fsdp2", "trainer.parallel=fsdp2"),
     ],
 )
 def test_range_errors_name_the_field(override, needle):

@@ -260,6 +260,8 @@ def test_length_groups_cover_every_row_once_in_length_order_within_the_limits():
             width = max(lens[i] for i in g.tolist())
             assert len(g) <= max_rows and (len(g) == 1 or len(g) * width <= max_tokens)
     assert [len(g) for g in length_groups(batch, 64, 16)] == [4, 2, 1, 1, 1]  # 1,2,3,3 | 5,7 | 8 | 9 | 30
+    empty = batch.select(torch.zeros(0, dtype=torch.long))
+    assert length_groups(empty, 64, 16) == []
 
 
 def test_length_grouped_teacher_scores_equal_the_padded_ones_and_forward_fewer_tokens(tokenizer, monkeypatch):
