@@ -27,6 +27,7 @@ import yaml
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from opd_lab.core.stats import mean_ci95  # noqa: E402
+from opd_lab.run.tracking import read_metrics  # noqa: E402
 
 METRICS = ["loss", "drift/last_update_mean_abs_delta", "gate/std", "gate/min", "gate/frac_below_0.5",
            "mismatch/sampler_old_abs", "teacher_minus_old_logp", "grad_norm",
@@ -38,8 +39,7 @@ SETTINGS = {(False, False): "float32", (False, True): "teacher bf16", (True, Fal
 def run_row(job: Path) -> dict:
     """One job folder → its seed, precision setting, final pass@k and per-step means."""
     cfg = yaml.safe_load((job / "config.yaml").read_text())
-    steps = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [s for s in steps if "loss" in s]
+    steps = [s for s in read_metrics(job / "metrics.jsonl") if "loss" in s]
     final = json.loads((job / "status.json").read_text())["final"]
     row = {"job": job.name, "seed": cfg["trainer"]["seed"], "steps": len(steps),
            "setting": SETTINGS[(bool(cfg["trainer"]["autocast_bf16"]), bool(cfg["rollout"]["teacher_autocast_bf16"]))],
