@@ -42,6 +42,14 @@ TINY = [
 ]
 
 
+def assert_pinned_first_step(record):
+    """The first training step of the tiny default run (LSM + block64 on the tiny pair, the static engine's
+    streams), measured 2026-12-06, identical on every run of one environment; rel 1e-3 absorbs another CPU's last
+    bits."""
+    assert record["loss"] == pytest.approx(0.0135673, rel=1e-3), record["loss"]
+    assert record["teacher_minus_old_logp"] == pytest.approx(-0.0593876, rel=1e-3), record
+
+
 def run_cli(args, cwd=ROOT, timeout=900):
     proc = subprocess.run([sys.executable, "-m", "opd_lab", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**__import__("os").environ, "WANDB_MODE": "offline"})
@@ -78,11 +86,9 @@ def test_single_run_outputs(cache, tmp_path, engine):
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if "loss" in r]
     assert [r["step"] for r in train] == [1, 2]
-    if engine == "auto":  # the first step pinned (LSM + block64 on the tiny pair, the static engine's streams),
-        # measured 2026-12-06, identical on every run of one environment; rel 1e-3 absorbs another CPU's last bits
+    if engine == "auto":  # the first step pinned (assert_pinned_first_step)
         assert train[0]["response/mean_len"] == 48.0
-        assert train[0]["loss"] == pytest.approx(0.0135673, rel=1e-3), train[0]["loss"]
-        assert train[0]["teacher_minus_old_logp"] == pytest.approx(-0.0593876, rel=1e-3), train[0]
+        assert_pinned_first_step(train[0])
     for key in ("loss", "gate/mean", "gate/min", "gate/max", "gate/std", "gate/frac_below_0.5",
                 "drift/mean_abs_delta", "teacher_minus_old_logp", "teacher_support_mass", "student_support_mass",
                 "special_masked", "response/mean_len", "tokens_per_s", "mismatch/sampler_old_abs"):
@@ -116,8 +122,7 @@ def test_compiled_student_body_trains_the_pinned_first_step_and_saves_an_eager_c
     assert "trainer.compile=true → the student's transformer body runs compiled" in proc.stdout
     train = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in train] == [1, 2] and train[0]["drift/first_update_mean_abs_delta"] == 0.0
-    assert train[0]["loss"] == pytest.approx(0.0135673, rel=1e-3), train[0]["loss"]
-    assert train[0]["teacher_minus_old_logp"] == pytest.approx(-0.0593876, rel=1e-3), train[0]
+    assert_pinned_first_step(train[0])
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(run_dir / "checkpoint")
